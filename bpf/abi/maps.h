@@ -1,0 +1,68 @@
+/* Every map the BPF programs share with user space: names, keys and values. This is an ABI:
+ * never reorder a field; dead fields become reserved; a breaking change is a new _v2 map. */
+#pragma once
+
+#include "abi/addr.h"
+
+/* Map names, as pinned under <pin_dir>/maps/. */
+#define WEFT_MAP_ENROLLED "weft_enrolled"
+#define WEFT_MAP_ORIG_DST "weft_orig_dst"
+#define WEFT_MAP_INBOUND_LISTENERS "weft_inbound_lst"
+#define WEFT_MAP_INBOUND_BYPASS "weft_in_bypass"
+#define WEFT_MAP_EVENTS "weft_events"
+
+#ifndef WEFT_MAX_ENROLLED
+#define WEFT_MAX_ENROLLED 65536
+#endif
+#ifndef WEFT_MAX_ORIG_DST
+#define WEFT_MAX_ORIG_DST 262144
+#endif
+#ifndef WEFT_MAX_INBOUND_LISTENERS
+#define WEFT_MAX_INBOUND_LISTENERS 65536
+#endif
+#ifndef WEFT_MAX_INBOUND_BYPASS
+#define WEFT_MAX_INBOUND_BYPASS 256
+#endif
+#define WEFT_EVENTS_RING_BYTES (256 * 1024)
+
+/* weft_enrolled: netns cookie (__u64) -> struct weft_enrollment. Present = enrolled. */
+#define WEFT_ENROLL_REDIRECT_OUTBOUND (1u << 0)
+struct weft_enrollment {
+	__u32 flags;       /* WEFT_ENROLL_* */
+	__u32 reserved;
+	__u64 workload_id; /* agent-assigned, for events and weftctl */
+};
+
+/* weft_orig_dst (LRU hash): the redirected client socket's own address, inside its netns,
+ * -> the destination the app asked for. Written by sockops once the client port is known;
+ * read by cgroup/getsockopt (SO_ORIGINAL_DST) on the ztunnel's accepted socket. */
+struct weft_orig_dst_key {
+	__u64 netns_cookie;
+	struct weft_sockaddr client;
+	__u32 reserved;
+};
+
+/* weft_inbound_lst (SOCKHASH): pod IP -> the ztunnel's 15006 listener in that pod's netns. */
+/* key: struct weft_ip */
+
+/* weft_in_bypass (HASH): source IP -> __u8, sources never steered inbound (node health probes). */
+/* key: struct weft_ip */
+
+/* weft_events (RINGBUF): struct weft_event records. */
+#define WEFT_EVENT_REDIRECT 1
+#define WEFT_EVENT_INBOUND_STEER 2
+#define WEFT_EVENT_BIND_DENIED 3
+struct weft_event {
+	__u64 timestamp_ns;
+	__u64 netns_cookie;
+	__u32 type; /* WEFT_EVENT_* */
+	__u32 reserved;
+	struct weft_sockaddr src;
+	struct weft_sockaddr dst;
+};
+
+#ifdef __cplusplus
+static_assert(sizeof(struct weft_enrollment) == 16, "weft_enrollment is ABI");
+static_assert(sizeof(struct weft_orig_dst_key) == 32, "weft_orig_dst_key is ABI");
+static_assert(sizeof(struct weft_event) == 64, "weft_event is ABI");
+#endif

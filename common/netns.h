@@ -1,0 +1,41 @@
+// Network namespaces: open by path, read a netns cookie, and create sockets inside another
+// namespace (setns on the calling thread, then back).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/fd.h"
+#include "common/status.h"
+
+namespace weft {
+
+// Opens a netns file (/run/netns/x, /proc/<pid>/ns/net) read-only.
+Result<UniqueFd> openNetns(const std::string& path);
+
+// The kernel's netns cookie (SO_NETNS_COOKIE) of the namespace `netns_fd` refers to.
+Result<uint64_t> netnsCookie(int netns_fd);
+
+// The cookie of the calling thread's current namespace.
+Result<uint64_t> currentNetnsCookie();
+
+// Enters `netns_fd` on this thread for the lifetime of the object, then returns to the
+// namespace the thread was in. Check ok() before relying on it.
+class ScopedNetns {
+ public:
+  explicit ScopedNetns(int netns_fd);
+  ~ScopedNetns();
+  ScopedNetns(const ScopedNetns&) = delete;
+  ScopedNetns& operator=(const ScopedNetns&) = delete;
+  const Status& status() const { return status_; }
+
+ private:
+  UniqueFd original_;
+  Status status_;
+  bool entered_ = false;
+};
+
+// socket(domain, type, protocol) created inside the namespace `netns_fd` (-1 = current).
+Result<UniqueFd> socketIn(int netns_fd, int domain, int type, int protocol = 0);
+
+}  // namespace weft
