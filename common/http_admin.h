@@ -4,6 +4,7 @@
 
 #include <uv.h>
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -28,24 +29,30 @@ struct HttpResponse {
 
 using HttpHandler = std::function<HttpResponse(const HttpRequest&)>;
 
+// Limits for untrusted requests: head + body bytes, and the time a client has to send its whole
+// request (a slow or silent client is closed).
+constexpr size_t kMaxAdminRequestBytes = 64 * 1024;
+constexpr uint64_t kAdminRequestTimeoutMs = 10000;
+
 class HttpAdminServer {
  public:
   virtual ~HttpAdminServer() = default;
   // Binds and listens; the server lives on `loop` until destroyed.
   static Result<std::unique_ptr<HttpAdminServer>> listenTcp(uv_loop_t* loop,
                                                             const SocketAddress& addr,
-                                                            HttpHandler handler);
+                                                            HttpHandler handler,
+                                                            uint64_t timeout_ms =
+                                                                kAdminRequestTimeoutMs);
   // Creates the socket file (replacing a stale one), mode 0600.
   static Result<std::unique_ptr<HttpAdminServer>> listenUnix(uv_loop_t* loop,
                                                              const std::string& path,
-                                                             HttpHandler handler);
+                                                             HttpHandler handler,
+                                                             uint64_t timeout_ms =
+                                                                 kAdminRequestTimeoutMs);
   // The bound address (for port 0 in tests).
   virtual SocketAddress boundAddress() const = 0;
 };
 
 using HttpAdminServerPtr = std::unique_ptr<HttpAdminServer>;
-
-// Limits for untrusted requests.
-constexpr size_t kMaxAdminRequestBytes = 64 * 1024;
 
 }  // namespace weft

@@ -2,11 +2,9 @@
 #pragma once
 
 #ifdef __cplusplus
-#include <cstdint>
-typedef uint8_t __u8;
-typedef uint16_t __u16;
-typedef uint32_t __u32;
-typedef uint64_t __u64;
+/* The kernel's own typedefs: libuv and other system headers pull them in as well, and a second
+ * definition of __u64 (uint64_t is unsigned long, the kernel's is unsigned long long) clashes. */
+#include <linux/types.h>
 #elif !defined(__VMLINUX_H__)
 #include <linux/types.h>
 #endif
