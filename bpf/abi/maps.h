@@ -2,7 +2,7 @@
  * never reorder a field; dead fields become reserved; a breaking change is a new _v2 map. */
 #pragma once
 
-#include "abi/addr.h"
+#include "addr.h" /* same directory: found from BPF (-Ibpf) and C++ (-I.) alike */
 
 /* Map names, as pinned under <pin_dir>/maps/. */
 #define WEFT_MAP_ENROLLED "weft_enrolled"
@@ -10,6 +10,13 @@
 #define WEFT_MAP_INBOUND_LISTENERS "weft_inbound_lst"
 #define WEFT_MAP_INBOUND_BYPASS "weft_in_bypass"
 #define WEFT_MAP_EVENTS "weft_events"
+/* Socket-local storage of a redirected client socket: its original destination, from
+ * cgroup/connect until sockops re-keys it into weft_orig_dst (value: struct weft_sockaddr). */
+#define WEFT_MAP_SK_ORIG_DST "weft_sk_dst"
+
+/* Version of the pinned set (programs + maps). Bump on any change of a map's shape or a program's
+ * behaviour that an adopting agent must not mix with an older pinned set. */
+#define WEFT_BPF_ABI_VERSION "weft-bpf-abi-1"
 
 #ifndef WEFT_MAX_ENROLLED
 #define WEFT_MAX_ENROLLED 65536
@@ -43,7 +50,8 @@ struct weft_orig_dst_key {
 };
 
 /* weft_inbound_lst (SOCKHASH): pod IP -> the ztunnel's 15006 listener in that pod's netns. */
-/* key: struct weft_ip */
+/* key: struct weft_ip; value: __u64 socket fd on update from user space. The socket must be a
+ * TCP socket in LISTEN state when it is added. */
 
 /* weft_in_bypass (HASH): source IP -> __u8, sources never steered inbound (node health probes). */
 /* key: struct weft_ip */

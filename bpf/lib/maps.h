@@ -1,0 +1,64 @@
+/* The maps every Weft BPF object shares. Each object declares all of them; with
+ * LIBBPF_PIN_BY_NAME and the loader's pin_root_path (<pin_dir>/maps) the first object to load
+ * creates and pins each map and every later object reuses the pinned one, so all programs see
+ * the same maps and they outlive the agent. Keys and values: bpf/abi/maps.h. */
+#pragma once
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+
+#include "abi/maps.h"
+
+/* weft_enrolled: netns cookie -> enrollment. Written only by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEFT_MAX_ENROLLED);
+	__type(key, __u64);
+	__type(value, struct weft_enrollment);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_enrolled SEC(".maps");
+
+/* weft_sk_dst: a redirected client socket's original destination, attached to the socket
+ * itself, so it lives and dies with the socket and needs no key of its own. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct weft_sockaddr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_sk_dst SEC(".maps");
+
+/* weft_orig_dst: (netns cookie, client address) -> original destination. LRU so that entries
+ * whose close was never seen cannot fill it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEFT_MAX_ORIG_DST);
+	__type(key, struct weft_orig_dst_key);
+	__type(value, struct weft_sockaddr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_orig_dst SEC(".maps");
+
+/* weft_inbound_lst: pod IP -> the ztunnel's 15006 listener in that pod's netns. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, WEFT_MAX_INBOUND_LISTENERS);
+	__type(key, struct weft_ip);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_inbound_lst SEC(".maps");
+
+/* weft_in_bypass: source IPs that inbound steering never touches (the node: kubelet probes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEFT_MAX_INBOUND_BYPASS);
+	__type(key, struct weft_ip);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_in_bypass SEC(".maps");
+
+/* weft_events: struct weft_event records for weftctl monitor. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, WEFT_EVENTS_RING_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_events SEC(".maps");

@@ -1,0 +1,30 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Re-keys a redirected connection's original destination by the client's address once the
+ * client port is known, and forgets it when the client socket closes. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+
+#include "lib/orig_dst.h"
+
+/* Attaches: sockops at the cgroup root.
+ * Decides: on ACTIVE_ESTABLISHED of a socket that cgroup/connect redirected (it has weft_sk_dst
+ * storage), publish weft_orig_dst[{netns cookie, client addr:port}] and turn on state
+ * callbacks; on its move to TCP_CLOSE, delete that entry. Other sockets: nothing. */
+SEC("sockops")
+int weft_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		weft_orig_dst_publish(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			weft_orig_dst_forget(skops);
+		break;
+	default:
+		break;
+	}
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "GPL";
