@@ -15,6 +15,9 @@ namespace weft::agent {
 struct DataplaneOptions {
   std::string pin_dir;      // e.g. /sys/fs/bpf/weft/<instance>; bpffs mounted if absent
   std::string cgroup_root;  // cgroup v2 directory the cgroup programs attach to
+  // The bpffs mount point to mount when pin_dir is under it and it is not a bpffs yet (the
+  // conventional /sys/fs/bpf). A pin_dir elsewhere must already be on a bpffs.
+  std::string bpffs_mount = "/sys/fs/bpf";
   // Testing mode: no kernel objects at all; enroll/unenroll only update in-memory state, so the
   // agent's C++ logic runs in unit tests without root.
   bool testing = false;
