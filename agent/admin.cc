@@ -1,0 +1,145 @@
+// Admin API handlers: the agent's view of the cluster and of its own enrollment, as JSON.
+#include "agent/admin.h"
+
+#include <nlohmann/json.hpp>
+
+#include "agent/cluster_sync.h"
+#include "weft/version.h"
+
+namespace weft::agent {
+
+namespace {
+
+using nlohmann::json;
+
+HttpResponse jsonResponse(const json& j, int status = 200) {
+  HttpResponse r;
+  r.status = status;
+  r.body = j.dump(2) + "\n";
+  return r;
+}
+
+json status(const AdminSources& s) {
+  json j;
+  j["node"] = s.node_name;
+  j["version"] = WEFT_VERSION;
+  NodeServerStats ns = s.node_stats ? s.node_stats() : NodeServerStats{};
+  j["ztunnel"] = {{"connected", ns.connected},
+                  {"snapshot_done", ns.snapshot_done},
+                  {"version", ns.ztunnel_version},
+                  {"connections", ns.connections},
+                  {"protocol_errors", ns.protocol_errors},
+                  {"ack_timeouts", ns.ack_timeouts},
+                  {"rejected_workloads", ns.rejected_workloads},
+                  {"messages_sent", ns.messages_sent}};
+  j["dataplane_adopted"] = s.dataplane_adopted ? s.dataplane_adopted() : false;
+  const ClusterModel& m = s.enrollment->model();
+  size_t local = 0;
+  for (const auto& [k, p] : m.pods) local += p.node_name == s.node_name ? 1 : 0;
+  j["counts"] = {{"namespaces", m.namespaces.size()},
+                 {"pods", m.pods.size()},
+                 {"local_pods", local},
+                 {"services", m.services.size()},
+                 {"pods_with_netns", s.enrollment->localPods().size()},
+                 {"enrolled", s.enrollment->enrolledCount()},
+                 {"cni_waiting", s.enrollment->waitingCniRequests()},
+                 {"cni_requests", s.cni_requests ? s.cni_requests() : 0}};
+  j["config_errors"] = s.manifests ? s.manifests->errors().size() : 0;
+  j["config_rejections"] = s.manifests ? s.manifests->rejections() : 0;
+  return j;
+}
+
+json workloads(const AdminSources& s) {
+  const ClusterModel& m = s.enrollment->model();
+  std::map<std::string, LocalPodView> local;
+  for (auto& v : s.enrollment->localPods()) local[v.key] = v;
+  json out = json::array();
+  for (const auto& [key, pod] : m.pods) {
+    json w;
+    w["uid"] = pod.meta.uid;
+    w["namespace"] = pod.meta.namespace_;
+    w["name"] = pod.meta.name;
+    w["node"] = pod.node_name;
+    w["service_account"] = pod.service_account;
+    json ips = json::array();
+    for (const IpAddr& ip : pod.ips) ips.push_back(ip.toString());
+    w["ips"] = ips;
+    w["mesh"] = meshEnrolledByLabels(m, pod);  // by labels, cluster-wide
+    auto it = local.find(key);
+    bool enrolled = it != local.end() && it->second.enrolled;
+    w["enrolled"] = pod.node_name == s.node_name ? enrolled : meshEnrolledByLabels(m, pod);
+    if (it != local.end()) {
+      w["netns"] = it->second.netns;
+      w["netns_cookie"] = it->second.cookie;
+      w["container_id"] = it->second.container_id;
+      w["ztunnel_has"] = it->second.ztunnel_has;
+      if (!it->second.error.empty()) w["error"] = it->second.error;
+      local.erase(it);
+    }
+    out.push_back(std::move(w));
+  }
+  // Pods the runtime told us about that the cluster state does not (yet) know.
+  for (const auto& [key, v] : local) {
+    out.push_back({{"uid", v.uid}, {"namespace", key.substr(0, key.find('/'))},
+                   {"name", key.substr(key.find('/') + 1)}, {"node", s.node_name},
+                   {"ips", json::array()}, {"mesh", false}, {"enrolled", v.enrolled},
+                   {"netns", v.netns}, {"netns_cookie", v.cookie},
+                   {"container_id", v.container_id}, {"ztunnel_has", v.ztunnel_has},
+                   {"error", v.error.empty() ? "not in the cluster state" : v.error}});
+  }
+  return out;
+}
+
+json services(const AdminSources& s) {
+  const ClusterModel& m = s.enrollment->model();
+  json out = json::array();
+  for (const auto& [key, svc] : m.services) {
+    json j;
+    j["namespace"] = svc.meta.namespace_;
+    j["name"] = svc.meta.name;
+    j["uid"] = svc.meta.uid;
+    json vips = json::array();
+    for (const IpAddr& ip : svc.cluster_ips) vips.push_back(ip.toString());
+    j["vips"] = vips;
+    j["headless"] = svc.headless;
+    j["selector"] = svc.selector;
+    json ports = json::array();
+    for (const ServicePort& p : svc.ports)
+      ports.push_back({{"name", p.name}, {"port", p.port}, {"target_port", p.target_port},
+                       {"protocol", p.protocol}});
+    j["ports"] = ports;
+    json eps = json::array();
+    for (const Pod* pod : serviceEndpoints(m, svc))
+      for (const IpAddr& ip : pod->ips)
+        eps.push_back({{"workload_uid", pod->meta.uid},
+                       {"workload", pod->meta.namespace_ + "/" + pod->meta.name},
+                       {"ip", ip.toString()}});
+    j["endpoints"] = eps;
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+}  // namespace
+
+HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
+  if (req.method != "GET")
+    return jsonResponse({{"error", "method not allowed; the admin API is read-only"}}, 405);
+  if (req.path == "/healthz") return jsonResponse({{"ok", true}});
+  if (req.path == "/status") return jsonResponse(status(s));
+  if (req.path == "/workloads") return jsonResponse(workloads(s));
+  if (req.path == "/services") return jsonResponse(services(s));
+  if (req.path == "/config-errors") {
+    json errs = json::array();
+    if (s.manifests)
+      for (const auto& e : s.manifests->errors()) errs.push_back(e);
+    return jsonResponse({{"errors", errs},
+                         {"rejections", s.manifests ? s.manifests->rejections() : 0}});
+  }
+  return jsonResponse({{"error", "not found"},
+                       {"paths", {"/status", "/workloads", "/services", "/config-errors",
+                                  "/healthz"}}},
+                      404);
+}
+
+}  // namespace weft::agent

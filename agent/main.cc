@@ -1,0 +1,249 @@
+// weft-agent: one per node. Loads (or adopts) the BPF dataplane, watches the cluster state,
+// enrolls local pods, and serves the ztunnel, the CNI plugin and the admin API on one loop.
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+
+#include <CLI/CLI.hpp>
+
+#include <cerrno>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "agent/admin.h"
+#include "agent/bpf/dataplane.h"
+#include "agent/cni_server.h"
+#include "agent/enrollment.h"
+#include "agent/manifests.h"
+#include "agent/node_server.h"
+#include "agent/pod_store.h"
+#include "common/http_admin.h"
+#include "common/log.h"
+#include "common/uv_handle.h"
+#include "weft/version.h"
+
+namespace {
+
+using namespace weft;
+using namespace weft::agent;
+
+constexpr const char* kFallbackCgroupRoot = "/run/weft/cgroupv2";
+
+// The host's cgroup v2 mount from /proc/mounts; if there is none, mount one of our own.
+Result<std::string> defaultCgroupRoot() {
+  std::ifstream mounts("/proc/mounts");
+  std::string line;
+  while (std::getline(mounts, line)) {
+    std::istringstream fields(line);
+    std::string dev, dir, type;
+    fields >> dev >> dir >> type;
+    if (type == "cgroup2") return dir;
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(kFallbackCgroupRoot, ec);
+  if (ec) return Status::errorf("mkdir {}: {}", kFallbackCgroupRoot, ec.message());
+  if (::mount("none", kFallbackCgroupRoot, "cgroup2", 0, nullptr) != 0)
+    return Status::errorf("no cgroup2 mount found and mounting one at {} failed: {}",
+                          kFallbackCgroupRoot, errnoText(errno));
+  spdlog::info("mounted cgroup2 at {}", kFallbackCgroupRoot);
+  return std::string(kFallbackCgroupRoot);
+}
+
+struct Flags {
+  std::string node;
+  std::string manifests;
+  std::string cgroup_root;
+  std::string bpf_pin_dir;
+  std::string ztunnel_socket = "/var/run/weft/ztunnel.sock";
+  std::string cni_socket = "/var/run/weft/cni.sock";
+  std::string admin_socket = "/var/run/weft/agent.sock";
+  std::string state_dir = "/var/run/weft/state";
+  std::vector<std::string> probe_sources;
+  std::string log_level = "info";
+  bool log_json = false;
+  bool cleanup = false;
+  uint64_t cni_add_timeout_s = 30;
+};
+
+int run(const Flags& flags) {
+  auto cgroup_root = flags.cgroup_root.empty() ? defaultCgroupRoot()
+                                               : Result<std::string>(flags.cgroup_root);
+  if (!cgroup_root) {
+    spdlog::error("cgroup root: {}", cgroup_root.status().message());
+    return 1;
+  }
+  const std::string pin_dir =
+      flags.bpf_pin_dir.empty() ? "/sys/fs/bpf/weft/" + flags.node : flags.bpf_pin_dir;
+
+  std::vector<IpAddr> probe_sources;
+  for (const std::string& s : flags.probe_sources) {
+    auto ip = IpAddr::parse(s);
+    if (!ip) {
+      spdlog::error("--probe-source: \"{}\" is not an IP address", s);
+      return 2;
+    }
+    probe_sources.push_back(*ip);
+  }
+
+  DataplaneOptions dp_opts;
+  dp_opts.pin_dir = pin_dir;
+  dp_opts.cgroup_root = cgroup_root.value();
+  auto dataplane = Dataplane::open(dp_opts);
+  if (!dataplane) {
+    spdlog::error("dataplane: {}", dataplane.status().message());
+    return 1;
+  }
+  if (flags.cleanup) {
+    Status s = dataplane.value()->destroy();
+    if (!s) {
+      spdlog::error("cleanup: {}", s.message());
+      return 1;
+    }
+    spdlog::info("cleanup: detached and unpinned everything under {}", pin_dir);
+    return 0;
+  }
+  spdlog::info("dataplane {} (pins {}, cgroup root {})",
+               dataplane.value()->info().adopted ? "adopted from pins" : "loaded", pin_dir,
+               cgroup_root.value());
+  if (Status s = dataplane.value()->setInboundBypass(probe_sources); !s) {
+    spdlog::error("inbound bypass sources: {}", s.message());
+    return 1;
+  }
+
+  uv_loop_t loop;
+  if (int rc = uv_loop_init(&loop); rc != 0) {
+    spdlog::error("uv_loop_init: {}", uv_strerror(rc));
+    return 1;
+  }
+  int exit_code = 0;
+  {
+    ManifestSource manifests(flags.manifests);
+    manifests.rescan();
+    for (const auto& e : manifests.errors()) spdlog::warn("config error: {}", e);
+
+    PodStore store(flags.state_dir);
+    if (Status s = store.load(); !s)
+      spdlog::error("{} (starting without pod records; CNI ADDs rebuild them)", s.message());
+
+    EnrollmentOptions en_opts;
+    en_opts.node_name = flags.node;
+    en_opts.bpf_pin_dir = pin_dir;
+    en_opts.cni_add_timeout_ms = flags.cni_add_timeout_s * 1000;
+    EnrollmentController enrollment(&loop, en_opts, dataplane.value().get(), &store);
+    ManifestWatcher watcher(&loop, &manifests, [&] { enrollment.setModel(manifests.model()); });
+    enrollment.setRescanHook([&] { watcher.rescanNow(); });
+    enrollment.start(manifests.model());
+
+    NodeServerPtr node_server;
+    CniServerPtr cni_server;
+    HttpAdminServerPtr admin_server;
+    UvHandle<uv_signal_t> sigterm, sigint;
+    auto fail = [&](const Status& s) {
+      spdlog::error("{}", s.message());
+      exit_code = 1;
+    };
+    do {
+      auto ns = NodeServer::listen(&loop, flags.ztunnel_socket, &enrollment);
+      if (!ns) { fail(ns.status()); break; }
+      node_server = std::move(ns.value());
+      enrollment.setNodeServer(node_server.get());
+
+      auto cni = CniServer::listen(&loop, flags.cni_socket,
+                                   [&](const CniRequest& r, CniReply reply) {
+                                     enrollment.handleCni(r, std::move(reply));
+                                   });
+      if (!cni) { fail(cni.status()); break; }
+      cni_server = std::move(cni.value());
+
+      AdminSources sources;
+      sources.node_name = flags.node;
+      sources.enrollment = &enrollment;
+      sources.manifests = &manifests;
+      sources.node_stats = [&] { return node_server->stats(); };
+      bool adopted = dataplane.value()->info().adopted;
+      sources.dataplane_adopted = [adopted] { return adopted; };
+      sources.cni_requests = [&] { return cni_server->requests(); };
+      auto admin = HttpAdminServer::listenUnix(
+          &loop, flags.admin_socket,
+          [sources](const HttpRequest& r) { return handleAdminRequest(sources, r); });
+      if (!admin) { fail(admin.status().context("admin socket " + flags.admin_socket)); break; }
+      admin_server = std::move(admin.value());
+
+      if (Status s = watcher.start(); !s) { fail(s); break; }
+
+      for (auto* sig : {&sigterm, &sigint}) {
+        if (int rc = sig->init(uv_signal_init(&loop, sig->get())); rc != 0) {
+          fail(Status::errorf("uv_signal_init: {}", uv_strerror(rc)));
+          break;
+        }
+        sig->get()->data = &loop;
+        uv_signal_start(
+            sig->get(),
+            [](uv_signal_t* h, int signum) {
+              spdlog::info("signal {}: stopping (BPF pins and enrollment stay)", signum);
+              uv_stop(static_cast<uv_loop_t*>(h->data));
+            },
+            sig == &sigterm ? SIGTERM : SIGINT);
+      }
+      if (exit_code != 0) break;
+      spdlog::info("weft-agent {} on node {} ready", WEFT_VERSION, flags.node);
+      uv_run(&loop, UV_RUN_DEFAULT);
+    } while (false);
+
+    // Orderly stop: answer waiting CNI requests, close servers; pins stay (they are meant to
+    // outlive the agent, so pods keep their redirect while it is away).
+    enrollment.shutdown();
+    enrollment.setNodeServer(nullptr);
+    admin_server.reset();
+    cni_server.reset();
+    node_server.reset();
+  }
+  // Let close callbacks run; bounded so a stuck handle cannot hang the exit.
+  for (int i = 0; i < 100 && uv_run(&loop, UV_RUN_NOWAIT) != 0; i++) {
+  }
+  if (uv_loop_close(&loop) != 0) spdlog::debug("loop still had handles at exit");
+  spdlog::info("weft-agent stopped");
+  return exit_code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Flags flags;
+  CLI::App app{"weft-agent: enrolls this node's pods into the Weft mesh"};
+  app.add_option("--node", flags.node, "this node's name (matches Pod spec.nodeName)")
+      ->required();
+  app.add_option("--manifests", flags.manifests,
+                 "directory of Namespace/Pod/Service YAML manifests (the cluster state)");
+  app.add_option("--cgroup-root", flags.cgroup_root,
+                 "cgroup v2 directory the cgroup programs attach to (default: the host's "
+                 "cgroup2 mount, or one mounted at /run/weft/cgroupv2)");
+  app.add_option("--bpf-pin-dir", flags.bpf_pin_dir, "bpffs pin directory (default "
+                                                     "/sys/fs/bpf/weft/<node>)");
+  app.add_option("--ztunnel-socket", flags.ztunnel_socket, "node protocol socket")
+      ->capture_default_str();
+  app.add_option("--cni-socket", flags.cni_socket, "CNI plugin socket")->capture_default_str();
+  app.add_option("--admin-socket", flags.admin_socket, "admin API (HTTP over unix)")
+      ->capture_default_str();
+  app.add_option("--state-dir", flags.state_dir, "where pods.json lives")->capture_default_str();
+  app.add_option("--probe-source", flags.probe_sources,
+                 "source IP never steered inbound (kubelet probes); repeatable");
+  app.add_option("--cni-add-timeout", flags.cni_add_timeout_s,
+                 "seconds a CNI ADD waits for enrollment")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 600));
+  app.add_option("--log-level", flags.log_level, "trace|debug|info|warn|error")
+      ->capture_default_str();
+  app.add_flag("--log-json", flags.log_json, "JSON log lines");
+  app.add_flag("--cleanup", flags.cleanup,
+               "detach and unpin everything of this instance, then exit");
+  CLI11_PARSE(app, argc, argv);
+  if (!flags.cleanup && flags.manifests.empty()) {
+    std::fprintf(stderr, "--manifests is required (except with --cleanup)\n");
+    return 2;
+  }
+  initLogging("agent", flags.log_level, flags.log_json);
+  ::signal(SIGPIPE, SIG_IGN);
+  return run(flags);
+}

@@ -1,0 +1,556 @@
+// Manifest parsing, validation and the per-file last-good merge of a manifest directory.
+#include "agent/manifests.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <set>
+
+#include "common/fd.h"
+#include "common/log.h"
+
+namespace weft::agent {
+
+namespace {
+
+// Validation failure inside one object; turned into the file-level message by the caller.
+struct FieldError {
+  std::string field;
+  std::string what;
+};
+
+using Check = std::optional<FieldError>;
+
+bool isDns1123Label(const std::string& s) {
+  if (s.empty() || s.size() > 63) return false;
+  for (char c : s)
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) return false;
+  return s.front() != '-' && s.back() != '-';
+}
+
+bool isDns1123Subdomain(const std::string& s) {
+  if (s.empty() || s.size() > 253) return false;
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t dot = s.find('.', start);
+    std::string part = s.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (!isDns1123Label(part)) return false;
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  return true;
+}
+
+// A scalar as a string; nullopt for maps, sequences and null.
+std::optional<std::string> scalar(const YAML::Node& n) {
+  if (!n.IsDefined() || !n.IsScalar()) return std::nullopt;
+  return n.Scalar();
+}
+
+std::optional<int64_t> integer(const YAML::Node& n) {
+  auto s = scalar(n);
+  if (!s || s->empty() || n.Tag() == "!") return std::nullopt;  // "!" = quoted: a string
+  int64_t v = 0;
+  auto [p, ec] = std::from_chars(s->data(), s->data() + s->size(), v);
+  if (ec != std::errc() || p != s->data() + s->size()) return std::nullopt;
+  return v;
+}
+
+Check optionalString(const YAML::Node& parent, const char* key, const std::string& path,
+                     std::string* out) {
+  YAML::Node n = parent[key];
+  if (!n.IsDefined() || n.IsNull()) return std::nullopt;
+  auto s = scalar(n);
+  if (!s) return FieldError{path, "must be a string"};
+  *out = *s;
+  return std::nullopt;
+}
+
+Check stringMap(const YAML::Node& parent, const char* key, const std::string& path, Labels* out) {
+  YAML::Node n = parent[key];
+  if (!n.IsDefined() || n.IsNull()) return std::nullopt;
+  if (!n.IsMap()) return FieldError{path, "must be a mapping of strings"};
+  for (auto it = n.begin(); it != n.end(); ++it) {
+    auto k = scalar(it->first);
+    if (!k || k->empty()) return FieldError{path, "keys must be non-empty strings"};
+    auto v = it->second.IsNull() ? std::optional<std::string>("") : scalar(it->second);
+    if (!v) return FieldError{path + "." + *k, "must be a string"};
+    (*out)[*k] = *v;
+  }
+  return std::nullopt;
+}
+
+Check parseIp(const YAML::Node& n, const std::string& path, IpAddr* out) {
+  auto s = scalar(n);
+  if (!s) return FieldError{path, "required, an IP address"};
+  auto ip = IpAddr::parse(*s);
+  if (!ip) return FieldError{path, "\"" + *s + "\" is not a valid IP address"};
+  *out = *ip;
+  return std::nullopt;
+}
+
+// metadata: name (required), namespace (default "default" if namespaced), labels, annotations,
+// uid (derived if absent).
+Check parseMeta(const YAML::Node& doc, const std::string& kind, bool namespaced,
+                ObjectMeta* meta) {
+  YAML::Node m = doc["metadata"];
+  if (!m.IsDefined() || !m.IsMap()) return FieldError{"metadata", "required, a mapping"};
+  auto name = scalar(m["name"]);
+  if (!name || name->empty()) return FieldError{"metadata.name", "required"};
+  meta->name = *name;
+  if (namespaced) {
+    meta->namespace_ = "default";
+    if (auto e = optionalString(m, "namespace", "metadata.namespace", &meta->namespace_)) return e;
+    if (!isDns1123Label(meta->namespace_))
+      return FieldError{"metadata.namespace", "\"" + meta->namespace_ +
+                                                  "\" is not a valid namespace name"};
+    if (!isDns1123Subdomain(meta->name))
+      return FieldError{"metadata.name", "\"" + meta->name +
+                                             "\" is not a lowercase DNS-1123 name"};
+  } else {
+    if (!isDns1123Label(meta->name))
+      return FieldError{"metadata.name", "\"" + meta->name + "\" is not a lowercase DNS-1123 label"};
+  }
+  if (auto e = stringMap(m, "labels", "metadata.labels", &meta->labels)) return e;
+  if (auto e = stringMap(m, "annotations", "metadata.annotations", &meta->annotations)) return e;
+  if (auto e = optionalString(m, "uid", "metadata.uid", &meta->uid)) return e;
+  if (meta->uid.empty()) meta->uid = deriveUid(kind, meta->namespace_, meta->name);
+  return std::nullopt;
+}
+
+Check parsePod(const YAML::Node& doc, Pod* pod) {
+  YAML::Node spec = doc["spec"];
+  if (!spec.IsDefined() || !spec.IsMap()) return FieldError{"spec", "required, a mapping"};
+  auto node = scalar(spec["nodeName"]);
+  if (!node || node->empty()) return FieldError{"spec.nodeName", "required"};
+  pod->node_name = *node;
+  if (auto e = optionalString(spec, "serviceAccountName", "spec.serviceAccountName",
+                              &pod->service_account))
+    return e;
+  if (pod->service_account.empty()) pod->service_account = "default";
+  if (!isDns1123Subdomain(pod->service_account))
+    return FieldError{"spec.serviceAccountName",
+                      "\"" + pod->service_account + "\" is not a valid service account name"};
+  YAML::Node status = doc["status"];
+  if (!status.IsDefined() || !status.IsMap())
+    return FieldError{"status.podIPs", "required, at least one IP"};
+  YAML::Node ips = status["podIPs"];
+  if (!ips.IsDefined() || !ips.IsSequence() || ips.size() == 0)
+    return FieldError{"status.podIPs", "required, a list of at least one {ip: ...}"};
+  for (size_t i = 0; i < ips.size(); i++) {
+    std::string path = "status.podIPs[" + std::to_string(i) + "].ip";
+    if (!ips[i].IsMap()) return FieldError{"status.podIPs[" + std::to_string(i) + "]",
+                                           "must be a mapping with ip"};
+    IpAddr ip;
+    if (auto e = parseIp(ips[i]["ip"], path, &ip)) return e;
+    for (const IpAddr& seen : pod->ips) {
+      if (seen == ip) return FieldError{path, "duplicate IP " + ip.toString()};
+      if (seen.family() == ip.family())
+        return FieldError{path, "more than one IP of the same family"};
+    }
+    pod->ips.push_back(ip);
+  }
+  return std::nullopt;
+}
+
+Check parsePort(const YAML::Node& n, const std::string& path, ServicePort* port) {
+  if (!n.IsMap()) return FieldError{path, "must be a mapping"};
+  auto p = integer(n["port"]);
+  if (!n["port"].IsDefined()) return FieldError{path + ".port", "required"};
+  if (!p || *p < 1 || *p > 65535)
+    return FieldError{path + ".port", "must be an integer 1-65535"};
+  port->port = static_cast<uint16_t>(*p);
+  port->target_port = port->port;
+  YAML::Node tp = n["targetPort"];
+  if (tp.IsDefined() && !tp.IsNull()) {
+    auto t = integer(tp);
+    if (!t) {
+      auto s = scalar(tp);
+      return FieldError{path + ".targetPort",
+                        s ? "named target port \"" + *s + "\" is not supported; use a number"
+                          : std::string("must be an integer 1-65535")};
+    }
+    if (*t < 1 || *t > 65535) return FieldError{path + ".targetPort", "must be 1-65535"};
+    port->target_port = static_cast<uint16_t>(*t);
+  }
+  if (auto e = optionalString(n, "protocol", path + ".protocol", &port->protocol)) return e;
+  if (port->protocol.empty()) port->protocol = "TCP";
+  if (port->protocol != "TCP" && port->protocol != "UDP")
+    return FieldError{path + ".protocol", "\"" + port->protocol + "\" is not TCP or UDP"};
+  if (auto e = optionalString(n, "name", path + ".name", &port->name)) return e;
+  return std::nullopt;
+}
+
+Check parseService(const YAML::Node& doc, Service* svc) {
+  YAML::Node spec = doc["spec"];
+  if (!spec.IsDefined() || !spec.IsMap()) return FieldError{"spec", "required, a mapping"};
+  if (auto e = stringMap(spec, "selector", "spec.selector", &svc->selector)) return e;
+  YAML::Node ports = spec["ports"];
+  if (ports.IsDefined() && !ports.IsNull()) {
+    if (!ports.IsSequence()) return FieldError{"spec.ports", "must be a list"};
+    for (size_t i = 0; i < ports.size(); i++) {
+      ServicePort port;
+      std::string path = "spec.ports[" + std::to_string(i) + "]";
+      if (auto e = parsePort(ports[i], path, &port)) return e;
+      for (const ServicePort& seen : svc->ports) {
+        if (seen.port == port.port && seen.protocol == port.protocol)
+          return FieldError{path + ".port", "duplicate " + port.protocol + " port " +
+                                                std::to_string(port.port)};
+        if (!port.name.empty() && seen.name == port.name)
+          return FieldError{path + ".name", "duplicate port name \"" + port.name + "\""};
+      }
+      svc->ports.push_back(port);
+    }
+  }
+  std::string cluster_ip;
+  if (auto e = optionalString(spec, "clusterIP", "spec.clusterIP", &cluster_ip)) return e;
+  std::vector<std::string> ips;
+  YAML::Node list = spec["clusterIPs"];
+  if (list.IsDefined() && !list.IsNull()) {
+    if (!list.IsSequence()) return FieldError{"spec.clusterIPs", "must be a list"};
+    for (size_t i = 0; i < list.size(); i++) {
+      auto s = scalar(list[i]);
+      if (!s) return FieldError{"spec.clusterIPs[" + std::to_string(i) + "]", "must be a string"};
+      ips.push_back(*s);
+    }
+    if (!cluster_ip.empty() && !ips.empty() && ips[0] != cluster_ip)
+      return FieldError{"spec.clusterIPs[0]", "must equal spec.clusterIP"};
+  } else if (!cluster_ip.empty()) {
+    ips.push_back(cluster_ip);
+  }
+  for (size_t i = 0; i < ips.size(); i++) {
+    std::string path = list.IsDefined() ? "spec.clusterIPs[" + std::to_string(i) + "]"
+                                        : std::string("spec.clusterIP");
+    if (ips[i] == "None") {
+      if (ips.size() != 1) return FieldError{path, "\"None\" must be the only cluster IP"};
+      svc->headless = true;
+      continue;
+    }
+    auto ip = IpAddr::parse(ips[i]);
+    if (!ip) return FieldError{path, "\"" + ips[i] + "\" is not a valid IP address or \"None\""};
+    for (const IpAddr& seen : svc->cluster_ips)
+      if (seen.family() == ip->family())
+        return FieldError{path, "more than one IP of the same family"};
+    svc->cluster_ips.push_back(*ip);
+  }
+  return std::nullopt;
+}
+
+std::string describe(const std::string& kind, const ObjectMeta& meta) {
+  if (meta.name.empty()) return kind;
+  return meta.namespace_.empty() ? kind + " " + meta.name
+                                 : kind + " " + meta.namespace_ + "/" + meta.name;
+}
+
+// Checks apiVersion for a core kind: absent or "v1".
+Check coreApiVersion(const YAML::Node& doc) {
+  YAML::Node v = doc["apiVersion"];
+  if (!v.IsDefined() || v.IsNull()) return std::nullopt;
+  auto s = scalar(v);
+  if (!s || *s != "v1") return FieldError{"apiVersion", "must be v1"};
+  return std::nullopt;
+}
+
+Status parseDocuments(const std::string& file, const std::vector<YAML::Node>& docs,
+                      ManifestObjects* out) {
+  std::set<std::string> seen;  // "Kind ns/name" within this file
+  for (size_t i = 0; i < docs.size(); i++) {
+    const YAML::Node& doc = docs[i];
+    if (!doc.IsDefined() || doc.IsNull()) continue;  // empty document ("---" at the end)
+    const std::string where = file + ": document " + std::to_string(i + 1);
+    if (!doc.IsMap()) return Status::error(where + ": not a mapping");
+    auto kind = scalar(doc["kind"]);
+    if (!kind || kind->empty()) return Status::error(where + ": kind: required");
+    ObjectMeta meta;
+    Check err;
+    if (*kind == "Namespace") {
+      Namespace ns;
+      err = parseMeta(doc, *kind, false, &ns.meta);
+      if (!err) err = coreApiVersion(doc);
+      meta = ns.meta;
+      if (!err) out->namespaces.push_back(std::move(ns));
+    } else if (*kind == "Pod") {
+      Pod pod;
+      err = parseMeta(doc, *kind, true, &pod.meta);
+      if (!err) err = coreApiVersion(doc);
+      if (!err) err = parsePod(doc, &pod);
+      meta = pod.meta;
+      if (!err) out->pods.push_back(std::move(pod));
+    } else if (*kind == "Service") {
+      Service svc;
+      err = parseMeta(doc, *kind, true, &svc.meta);
+      if (!err) err = coreApiVersion(doc);
+      if (!err) err = parseService(doc, &svc);
+      meta = svc.meta;
+      if (!err) out->services.push_back(std::move(svc));
+    } else {
+      return Status::error(where + ": kind: unknown kind \"" + *kind +
+                           "\" (known: Namespace, Pod, Service)");
+    }
+    const std::string object = describe(*kind, meta);
+    if (err) {
+      const std::string who = meta.name.empty() ? object + " (document " +
+                                                      std::to_string(i + 1) + ")"
+                                                : object;
+      return Status::error(file + ": " + who + ": " + err->field + ": " + err->what);
+    }
+    if (!seen.insert(object).second)
+      return Status::error(file + ": " + object + ": metadata.name: defined twice in this file");
+  }
+  return Status::ok();
+}
+
+int64_t mtimeNs(const struct stat& st) {
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+}
+
+bool isManifestName(const std::string& name) {
+  if (name.empty() || name[0] == '.') return false;  // hidden, editor temp, ConfigMap ..data
+  auto ends = [&](const std::string& suffix) {
+    return name.size() > suffix.size() &&
+           name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  return ends(".yaml") || ends(".yml");
+}
+
+Result<std::string> readBounded(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::errorf("{}: {}", path, errnoText(errno));
+  UniqueFd owner(fd);
+  std::string text;
+  char buf[65536];
+  while (true) {
+    ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::errorf("{}: read: {}", path, errnoText(errno));
+    }
+    if (n == 0) break;
+    if (text.size() + static_cast<size_t>(n) > kMaxManifestFileBytes)
+      return Status::errorf("{}: larger than {} bytes", path, kMaxManifestFileBytes);
+    text.append(buf, static_cast<size_t>(n));
+  }
+  return text;
+}
+
+}  // namespace
+
+Result<ManifestObjects> parseManifest(const std::string& file, const std::string& text) {
+  std::vector<YAML::Node> docs;
+  try {
+    docs = YAML::LoadAll(text);
+  } catch (const YAML::ParserException& e) {
+    return Status::errorf("{}: line {}, column {}: {}", file, e.mark.line + 1, e.mark.column + 1,
+                          e.msg);
+  } catch (const YAML::Exception& e) {
+    return Status::errorf("{}: {}", file, e.what());
+  }
+  ManifestObjects out;
+  try {
+    Status s = parseDocuments(file, docs, &out);
+    if (!s) return s;
+  } catch (const YAML::Exception& e) {
+    // Only reached on a yaml-cpp surprise (the checks above test types before converting).
+    return Status::errorf("{}: {}", file, e.what());
+  }
+  return out;
+}
+
+ManifestSource::ManifestSource(std::string dir) : dir_(std::move(dir)) {}
+
+std::vector<std::string> ManifestSource::errors() const {
+  std::vector<std::string> out;
+  if (!dir_error_.empty()) out.push_back(dir_error_);
+  for (const auto& [file, st] : files_)
+    if (!st.error.empty()) out.push_back(st.error);
+  return out;
+}
+
+std::string ManifestSource::findDuplicate(const std::string& file,
+                                          const ManifestObjects& objects) const {
+  for (const auto& [other, st] : files_) {
+    if (other == file || !st.has_good) continue;
+    for (const Namespace& a : objects.namespaces)
+      for (const Namespace& b : st.good.namespaces)
+        if (a.meta.name == b.meta.name)
+          return file + ": Namespace " + a.meta.name + ": also defined in " + other;
+    for (const Pod& a : objects.pods)
+      for (const Pod& b : st.good.pods)
+        if (a.meta.name == b.meta.name && a.meta.namespace_ == b.meta.namespace_)
+          return file + ": Pod " + objectKey(a.meta.namespace_, a.meta.name) +
+                 ": also defined in " + other;
+    for (const Service& a : objects.services)
+      for (const Service& b : st.good.services)
+        if (a.meta.name == b.meta.name && a.meta.namespace_ == b.meta.namespace_)
+          return file + ": Service " + objectKey(a.meta.namespace_, a.meta.name) +
+                 ": also defined in " + other;
+  }
+  return {};
+}
+
+bool ManifestSource::apply(const std::string& file, FileState& st) {
+  auto parsed = parseManifest(file, st.text);
+  std::string error;
+  if (!parsed) {
+    error = parsed.status().message();
+  } else {
+    error = findDuplicate(file, parsed.value());
+  }
+  if (!error.empty()) {
+    if (error != st.error) {
+      rejections_++;
+      spdlog::warn("manifest rejected ({}): {}",
+                   st.has_good ? "its last good objects stay in force" : "nothing applied", error);
+    }
+    st.error = error;
+    return false;
+  }
+  if (!st.error.empty()) spdlog::info("manifest {} accepted again", file);
+  st.error.clear();
+  st.has_good = true;
+  st.good = std::move(parsed.value());
+  return true;
+}
+
+bool ManifestSource::rescan() {
+  std::map<std::string, struct stat> present;
+  DIR* d = ::opendir(dir_.c_str());
+  if (d == nullptr) {
+    std::string err = "manifest directory " + dir_ + ": " + errnoText(errno);
+    if (err != dir_error_) spdlog::warn("{} (last good state stays in force)", err);
+    dir_error_ = err;
+    return false;
+  }
+  dir_error_.clear();
+  while (dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (!isManifestName(name)) continue;
+    std::string path = dir_ + "/" + name;
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (present.size() >= kMaxManifestFiles) {
+      dir_error_ = "manifest directory " + dir_ + ": more than " +
+                   std::to_string(kMaxManifestFiles) + " files; the rest are ignored";
+      break;
+    }
+    present[path] = st;
+  }
+  ::closedir(d);
+
+  bool changed = false;
+  for (auto it = files_.begin(); it != files_.end();) {
+    if (present.count(it->first) == 0) {
+      spdlog::info("manifest {} removed", it->first);
+      changed = changed || it->second.has_good;
+      it = files_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (const auto& [path, st] : present) {
+    FileState& fs = files_[path];
+    if (fs.mtime_ns == mtimeNs(st) && fs.size == st.st_size && fs.ino == st.st_ino) continue;
+    auto text = readBounded(path);
+    fs.mtime_ns = mtimeNs(st);
+    fs.size = st.st_size;
+    fs.ino = st.st_ino;
+    if (!text) {
+      std::string error = text.status().message();
+      if (error != fs.error) {
+        rejections_++;
+        spdlog::warn("manifest rejected: {}", error);
+      }
+      fs.error = error;
+      fs.hash = 0;
+      fs.text.clear();
+      continue;
+    }
+    size_t hash = std::hash<std::string>{}(text.value());
+    if (hash == fs.hash && fs.text == text.value()) continue;
+    fs.hash = hash;
+    fs.text = std::move(text.value());
+    changed = apply(path, fs) || changed;
+  }
+  // A file rejected as a duplicate may be fine now that another file changed: retry those.
+  if (changed) {
+    for (auto& [path, fs] : files_)
+      if (!fs.error.empty() && !fs.text.empty()) changed = apply(path, fs) || changed;
+  }
+  if (changed) {
+    ClusterModel before = std::move(model_);
+    rebuildModel();
+    return !(before == model_);
+  }
+  return false;
+}
+
+void ManifestSource::rebuildModel() {
+  model_ = ClusterModel{};
+  for (const auto& [path, fs] : files_) {
+    if (!fs.has_good) continue;
+    for (const Namespace& ns : fs.good.namespaces) model_.namespaces[ns.meta.name] = ns;
+    for (const Pod& p : fs.good.pods) model_.pods[objectKey(p.meta.namespace_, p.meta.name)] = p;
+    for (const Service& s : fs.good.services)
+      model_.services[objectKey(s.meta.namespace_, s.meta.name)] = s;
+  }
+}
+
+ManifestWatcher::ManifestWatcher(uv_loop_t* loop, ManifestSource* source,
+                                 std::function<void()> on_change, uint64_t rescan_interval_ms)
+    : loop_(loop), source_(source), on_change_(std::move(on_change)),
+      interval_ms_(rescan_interval_ms) {}
+
+Status ManifestWatcher::start() {
+  int rc = rescan_timer_.init(uv_timer_init(loop_, rescan_timer_.get()));
+  if (rc != 0) return Status::errorf("uv_timer_init: {}", uv_strerror(rc));
+  rc = debounce_timer_.init(uv_timer_init(loop_, debounce_timer_.get()));
+  if (rc != 0) return Status::errorf("uv_timer_init: {}", uv_strerror(rc));
+  rescan_timer_.get()->data = this;
+  debounce_timer_.get()->data = this;
+  rc = uv_timer_start(
+      rescan_timer_.get(),
+      [](uv_timer_t* t) { static_cast<ManifestWatcher*>(t->data)->rescanNow(); }, interval_ms_,
+      interval_ms_);
+  if (rc != 0) return Status::errorf("uv_timer_start: {}", uv_strerror(rc));
+  rc = event_.init(uv_fs_event_init(loop_, event_.get()));
+  if (rc != 0) return Status::errorf("uv_fs_event_init: {}", uv_strerror(rc));
+  event_.get()->data = this;
+  rc = uv_fs_event_start(
+      event_.get(),
+      [](uv_fs_event_t* h, const char*, int, int status) {
+        auto* self = static_cast<ManifestWatcher*>(h->data);
+        if (status != 0) spdlog::warn("manifest watch: {}", uv_strerror(status));
+        self->scheduleDebounced();
+      },
+      source_->dir().c_str(), 0);
+  if (rc != 0) {
+    // The rescan timer still notices changes, only later.
+    spdlog::warn("watching {}: {}; relying on the {} ms rescan", source_->dir(), uv_strerror(rc),
+                 interval_ms_);
+  }
+  return Status::ok();
+}
+
+void ManifestWatcher::scheduleDebounced() {
+  // Editors and kubectl write in several steps; wait for the burst to settle.
+  int rc = uv_timer_start(
+      debounce_timer_.get(),
+      [](uv_timer_t* t) { static_cast<ManifestWatcher*>(t->data)->rescanNow(); }, 50, 0);
+  if (rc != 0) {
+    spdlog::warn("manifest debounce timer: {}", uv_strerror(rc));
+    rescanNow();
+  }
+}
+
+void ManifestWatcher::rescanNow() {
+  if (source_->rescan() && on_change_) on_change_();
+}
+
+}  // namespace weft::agent

@@ -1,0 +1,81 @@
+// Pure helpers over the cluster model: label selection, mesh membership, stable ids.
+#include "agent/model.h"
+
+#include <fmt/format.h>
+
+namespace weft::agent {
+
+namespace {
+
+uint64_t fnv1a(const std::string& s, uint64_t seed) {
+  uint64_t h = seed;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
+constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;
+
+}  // namespace
+
+std::string objectKey(const std::string& ns, const std::string& name) { return ns + "/" + name; }
+
+const Pod* ClusterModel::findPod(const std::string& ns, const std::string& name) const {
+  auto it = pods.find(objectKey(ns, name));
+  return it == pods.end() ? nullptr : &it->second;
+}
+
+const Namespace* ClusterModel::findNamespace(const std::string& name) const {
+  auto it = namespaces.find(name);
+  return it == namespaces.end() ? nullptr : &it->second;
+}
+
+bool meshEnrolledByLabels(const ClusterModel& model, const Pod& pod) {
+  const Namespace* ns = model.findNamespace(pod.meta.namespace_);
+  if (ns == nullptr) return false;
+  auto mode = ns->meta.labels.find(kDataplaneModeLabel);
+  if (mode == ns->meta.labels.end() || mode->second != kDataplaneModeAmbient) return false;
+  auto opt_out = pod.meta.labels.find(kDataplaneModeLabel);
+  return !(opt_out != pod.meta.labels.end() && opt_out->second == kDataplaneModeNone);
+}
+
+bool selectorMatches(const Labels& selector, const Labels& labels) {
+  if (selector.empty()) return false;
+  for (const auto& [k, v] : selector) {
+    auto it = labels.find(k);
+    if (it == labels.end() || it->second != v) return false;
+  }
+  return true;
+}
+
+std::vector<const Pod*> serviceEndpoints(const ClusterModel& model, const Service& service) {
+  std::vector<const Pod*> out;
+  if (service.selector.empty()) return out;
+  // Pods are keyed "ns/name", so the service's namespace is one contiguous range.
+  const std::string prefix = service.meta.namespace_ + "/";
+  for (auto it = model.pods.lower_bound(prefix);
+       it != model.pods.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it) {
+    if (selectorMatches(service.selector, it->second.meta.labels)) out.push_back(&it->second);
+  }
+  return out;
+}
+
+std::string deriveUid(const std::string& kind, const std::string& ns, const std::string& name) {
+  const std::string text = kind + "/" + ns + "/" + name;
+  uint64_t a = fnv1a(text, kFnvOffset);
+  uint64_t b = fnv1a(text, a ^ 0x9e3779b97f4a7c15ULL);
+  // UUID layout, version nibble 5 (name-based) and RFC 4122 variant, so it looks like one.
+  return fmt::format("{:08x}-{:04x}-5{:03x}-{:04x}-{:012x}", static_cast<uint32_t>(a >> 32),
+                     static_cast<uint32_t>((a >> 16) & 0xffff), static_cast<uint32_t>(a & 0xfff),
+                     static_cast<uint32_t>(0x8000 | ((b >> 48) & 0x3fff)),
+                     b & 0xffffffffffffULL);
+}
+
+uint64_t workloadId(const std::string& uid) {
+  uint64_t id = fnv1a(uid, kFnvOffset);
+  return id == 0 ? 1 : id;  // 0 reads as "unknown" in events
+}
+
+}  // namespace weft::agent

@@ -1,0 +1,90 @@
+// The agent's cluster model: Namespaces, Pods and Services as plain values, filled by a cluster
+// source (local manifests today, the Kubernetes API later) and read by enrollment and the ztunnel.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/address.h"
+
+namespace weft::agent {
+
+using Labels = std::map<std::string, std::string>;
+
+// Labels that opt a namespace in, or a pod out (DESIGN §6).
+constexpr const char* kDataplaneModeLabel = "weft.dev/dataplane-mode";
+constexpr const char* kDataplaneModeAmbient = "ambient";
+constexpr const char* kDataplaneModeNone = "none";
+
+struct ObjectMeta {
+  std::string name;
+  std::string namespace_;  // empty for cluster-scoped kinds (Namespace)
+  std::string uid;         // given, or derived stably from kind/namespace/name
+  Labels labels;
+  Labels annotations;
+  bool operator==(const ObjectMeta&) const = default;
+};
+
+struct Namespace {
+  ObjectMeta meta;
+  bool operator==(const Namespace&) const = default;
+};
+
+struct Pod {
+  ObjectMeta meta;
+  std::string node_name;
+  std::string service_account = "default";
+  std::vector<IpAddr> ips;  // status.podIPs, at least one
+  bool operator==(const Pod&) const = default;
+};
+
+struct ServicePort {
+  std::string name;
+  uint16_t port = 0;
+  uint16_t target_port = 0;
+  std::string protocol = "TCP";  // TCP or UDP
+  bool operator==(const ServicePort&) const = default;
+};
+
+struct Service {
+  ObjectMeta meta;
+  Labels selector;             // empty = no endpoints are selected
+  std::vector<ServicePort> ports;
+  std::vector<IpAddr> cluster_ips;  // empty for headless ("None") or unallocated
+  bool headless = false;
+  bool operator==(const Service&) const = default;
+};
+
+// "namespace/name": the key of namespaced objects.
+std::string objectKey(const std::string& ns, const std::string& name);
+
+struct ClusterModel {
+  std::map<std::string, Namespace> namespaces;  // by name
+  std::map<std::string, Pod> pods;              // by namespace/name
+  std::map<std::string, Service> services;      // by namespace/name
+
+  const Pod* findPod(const std::string& ns, const std::string& name) const;
+  const Namespace* findNamespace(const std::string& name) const;
+  bool operator==(const ClusterModel&) const = default;
+};
+
+// True if the pod is part of the mesh by labels alone: its namespace says ambient and the pod
+// does not opt out. Says nothing about whether this node has enrolled it.
+bool meshEnrolledByLabels(const ClusterModel& model, const Pod& pod);
+
+// True if every key/value of `selector` is in `labels` (Kubernetes matchLabels); an empty
+// selector selects nothing, as for a Service.
+bool selectorMatches(const Labels& selector, const Labels& labels);
+
+// Pods of the service's namespace selected by its selector, in key order.
+std::vector<const Pod*> serviceEndpoints(const ClusterModel& model, const Service& service);
+
+// A stable uid for an object that has none: a UUID-shaped hash of kind/namespace/name.
+std::string deriveUid(const std::string& kind, const std::string& ns, const std::string& name);
+
+// A stable 64-bit id for a workload uid (the weft_enrolled map's workload_id).
+uint64_t workloadId(const std::string& uid);
+
+}  // namespace weft::agent
