@@ -40,7 +40,9 @@ int weft_sk_lookup(struct bpf_sk_lookup *ctx)
 	dst.family = local.family;
 	dst.port = bpf_htons((__u16)ctx->local_port);
 	dst.reserved = 0;
-	weft_emit(WEFT_EVENT_INBOUND_STEER, bpf_get_netns_cookie(ctx), &src, &dst);
+	/* sk_lookup programs may not call bpf_get_netns_cookie(): the event names the pod by its
+	 * IP (dst) and carries netns cookie 0. */
+	weft_emit(WEFT_EVENT_INBOUND_STEER, 0, &src, &dst);
 	return SK_PASS;
 }
 

@@ -99,13 +99,23 @@ class MemoryDataplane final : public Dataplane {
 // libbpf plumbing.
 
 int libbpfPrint(enum libbpf_print_level level, const char* format, va_list args) {
-  char buf[2048];
-  int n = vsnprintf(buf, sizeof(buf), format, args);
+  // Verifier logs come as one long message whose reason is at the end: keep the tail.
+  constexpr size_t kMax = 16384;
+  std::string text(kMax, '\0');
+  va_list copy;
+  va_copy(copy, args);
+  int n = vsnprintf(text.data(), text.size(), format, copy);
+  va_end(copy);
   if (n < 0) return 0;
-  size_t len = strnlen(buf, sizeof(buf));
-  while (len > 0 && buf[len - 1] == '\n') buf[--len] = '\0';
-  if (level == LIBBPF_WARN) spdlog::warn("libbpf: {}", buf);
-  else spdlog::debug("libbpf: {}", buf);
+  if (static_cast<size_t>(n) >= kMax) {
+    std::string full(static_cast<size_t>(n) + 1, '\0');
+    vsnprintf(full.data(), full.size(), format, args);
+    text = "..." + full.substr(full.size() - kMax);
+  }
+  text.resize(strnlen(text.c_str(), text.size()));
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  if (level == LIBBPF_WARN) spdlog::warn("libbpf: {}", text);
+  else spdlog::debug("libbpf: {}", text);
   return n;
 }
 
