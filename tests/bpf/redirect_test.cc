@@ -75,7 +75,7 @@ class RedirectTest : public BpfKernelTest {
   // The real destination in the peer netns, dual-stack.
   void startRealServer() {
     spawnServer(peer_fd_.get(), false, [](int out) {
-      return child::serve(out, {"[::]:8080"}, false, "real", 4, 4000);
+      return child::serve(out, {"0.0.0.0:8080", "[::]:8080"}, false, "real", 4, 4000);
     });
   }
 };
