@@ -5,8 +5,12 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
 #include <cstring>
 
+#include "bpf/abi/maps.h"
 #include "common/address.h"
 #include "tests/bpf/bpf_test_env.h"
 
@@ -59,6 +63,32 @@ int ztunnelOutbound(int out, const std::string& listen_addr, int level, socklen_
 
 class RedirectTest : public BpfKernelTest {
  protected:
+  // Every event now in the pinned weft_events ring buffer.
+  std::vector<weft_event> drainEvents() {
+    std::vector<weft_event> events;
+    UniqueFd fd(bpf_obj_get((pin_dir_ + "/maps/" + WEFT_MAP_EVENTS).c_str()));
+    if (!fd.valid()) {
+      ADD_FAILURE() << "open weft_events: " << strerror(errno);
+      return events;
+    }
+    auto cb = [](void* ctx, void* data, size_t size) -> int {
+      if (size >= sizeof(weft_event)) {
+        weft_event ev;
+        memcpy(&ev, data, sizeof(ev));
+        static_cast<std::vector<weft_event>*>(ctx)->push_back(ev);
+      }
+      return 0;
+    };
+    ring_buffer* rb = ring_buffer__new(fd.get(), cb, &events, nullptr);
+    if (!rb) {
+      ADD_FAILURE() << "ring_buffer__new: " << strerror(errno);
+      return events;
+    }
+    ring_buffer__consume(rb);
+    ring_buffer__free(rb);
+    return events;
+  }
+
   void SetUp() override {
     BpfKernelTest::SetUp();
     if (IsSkipped() || HasFailure()) return;
@@ -95,6 +125,12 @@ TEST_F(RedirectTest, Connect4OfEnrolledPodReachesOutboundListenerWithOriginalDst
   EXPECT_EQ(z.get("optlen"), std::to_string(sizeof(sockaddr_in)));
   EXPECT_EQ(z.get("so_type"), std::to_string(SOCK_STREAM) + "/" + std::to_string(sizeof(int)));
   EXPECT_EQ(z.get("tcp_info"), "1");  // TCP_ESTABLISHED
+
+  auto events = drainEvents();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].type, static_cast<uint32_t>(WEFT_EVENT_REDIRECT));
+  EXPECT_EQ(events[0].netns_cookie, pod_cookie_);
+  EXPECT_EQ(SocketAddress::fromAbi(events[0].dst).toString(), kRealV4);
 }
 
 TEST_F(RedirectTest, Connect6OfEnrolledPodReachesV6OutboundListener) {
@@ -146,6 +182,20 @@ TEST_F(RedirectTest, LargerBufferAndSolIpv6ForV4DestinationWork) {
   z = wait(zt);
   EXPECT_EQ(z.get("orig"), kRealV4) << z.raw;  // fromSockaddr folds ::ffff:a.b.c.d to IPv4
   EXPECT_EQ(z.get("optlen"), std::to_string(sizeof(sockaddr_in6)));
+}
+
+TEST_F(RedirectTest, BufferLargerThanAPageWorks) {
+  enrollPod();
+  startRealServer();
+  // The program sees only the first page of the buffer; the answer still fits and comes back.
+  pid_t zt = spawnServer(pod_fd_.get(), true, [](int out) {
+    return ztunnelOutbound(out, "127.0.0.1:15001", IPPROTO_IP, 3 * 4096, 4000);
+  });
+  auto app = run(pod_fd_.get(), true, [](int out) { return child::fetch(out, kRealV4); });
+  EXPECT_EQ(app.get("reply"), "ztunnel") << app.raw;
+  auto z = wait(zt);
+  EXPECT_EQ(z.get("orig"), kRealV4) << z.raw;
+  EXPECT_EQ(z.get("optlen"), std::to_string(sizeof(sockaddr_in)));
 }
 
 TEST_F(RedirectTest, TooSmallBufferIsLeftToTheKernel) {
