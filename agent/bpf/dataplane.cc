@@ -216,6 +216,19 @@ Status detachPinnedLink(const std::string& path) {
   return Status::ok();
 }
 
+// Detaches every pinned link (cgroup and netns) under pin_dir and removes all pins, keeping
+// pin_dir itself.
+Status removePinSet(const std::string& pin_dir) {
+  for (const char* dir : {WEFT_PIN_LINKS, WEFT_PIN_NETNS}) {
+    std::string sub = joinPath(pin_dir, dir);
+    for (const auto& name : listDir(sub))
+      if (auto st = detachPinnedLink(joinPath(sub, name)); !st) return st;
+  }
+  for (const auto& name : listDir(pin_dir))
+    if (auto st = removeTree(joinPath(pin_dir, name)); !st) return st;
+  return Status::ok();
+}
+
 // Makes sure `dir` is on a bpffs, mounting one at `mount_point` when dir lies under it and the
 // mount point is not a bpffs yet.
 Status ensureBpffs(const std::string& dir, const std::string& mount_point) {
@@ -504,15 +517,7 @@ class KernelDataplane final : public Dataplane {
     return true;
   }
 
-  // Detaches every pinned link (cgroup and netns) and removes all pins, keeping pin_dir.
-  Status removePins() {
-    for (const char* dir : {WEFT_PIN_LINKS, WEFT_PIN_NETNS})
-      for (const auto& name : listDir(sub(dir)))
-        if (auto st = detachPinnedLink(joinPath(sub(dir), name)); !st) return st;
-    for (const auto& name : listDir(options_.pin_dir))
-      if (auto st = removeTree(joinPath(options_.pin_dir, name)); !st) return st;
-    return Status::ok();
-  }
+  Status removePins() { return removePinSet(options_.pin_dir); }
 
   Status loadAndPin() {
     for (const char* dir : {WEFT_PIN_MAPS, WEFT_PIN_PROGS, WEFT_PIN_LINKS, WEFT_PIN_NETNS})
@@ -633,6 +638,20 @@ class KernelDataplane final : public Dataplane {
 };
 
 }  // namespace
+
+Status Dataplane::cleanup(const DataplaneOptions& options) {
+  if (options.testing) return Status::ok();
+  std::string dir = options.pin_dir;
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  if (dir.empty() || dir[0] != '/')
+    return Status::errorf("dataplane cleanup: pin dir '{}' must be an absolute path", dir);
+  if (!exists(dir)) return Status::ok();
+  if (auto st = removePinSet(dir); !st) return st.context("dataplane cleanup");
+  if (::rmdir(dir.c_str()) != 0 && errno != ENOENT)
+    return Status::errorf("dataplane cleanup: rmdir {}: {}", dir, errnoText(errno));
+  spdlog::info("dataplane: detached everything and removed {}", dir);
+  return Status::ok();
+}
 
 Result<std::unique_ptr<Dataplane>> Dataplane::open(const DataplaneOptions& options) {
   if (options.testing) return std::unique_ptr<Dataplane>(new MemoryDataplane());

@@ -36,6 +36,10 @@ class Dataplane {
   // a complete set of pins of the same ABI is there, adopts them without loading anything.
   static Result<std::unique_ptr<Dataplane>> open(const DataplaneOptions& options);
 
+  // Detaches and unpins whatever a dataplane left under options.pin_dir, without loading
+  // anything (weft-agent --cleanup). Nothing there is not an error. No-op in testing mode.
+  static Status cleanup(const DataplaneOptions& options);
+
   virtual const DataplaneInfo& info() const = 0;
 
   // Enrolls a pod: inbound steering (sk_lookup link on its netns, pinned as

@@ -184,6 +184,24 @@ TEST_F(LifecycleTest, DestroyDetachesAndRemovesThePinDir) {
   EXPECT_EQ(app.get("connect_err"), strerror(ECONNREFUSED)) << app.raw;
 }
 
+TEST_F(LifecycleTest, CleanupWithoutOpeningDetachesWhatWasPinned) {
+  auto dp = openDataplane();
+  ASSERT_TRUE(dp.isOk()) << dp.status().message();
+  ASSERT_TRUE(dp.value()->enroll(pod_cookie_, pod_fd_.get(), 3).isOk());
+  dp.value().reset();
+  int loaded = countWeftPrograms();
+  Status st = agent::Dataplane::cleanup(options());
+  ASSERT_TRUE(st.isOk()) << st.message();
+  EXPECT_FALSE(pinned(pin_dir_));
+  EXPECT_TRUE(attachedIds(cgroup_dir_).empty());
+  EXPECT_TRUE(cgroupProgIds(cgroup_dir_, BPF_CGROUP_INET4_CONNECT).empty());
+  EXPECT_EQ(countWeftPrograms(), loaded - 7);  // nothing holds them any more
+  auto app = run(pod_fd_.get(), true, [](int out) { return child::fetch(out, "10.250.0.1:9"); });
+  EXPECT_EQ(app.get("connect_err"), strerror(ECONNREFUSED)) << app.raw;
+  // Nothing there: fine.
+  EXPECT_TRUE(agent::Dataplane::cleanup(options()).isOk());
+}
+
 TEST_F(LifecycleTest, PinDirOffBpffsIsAClearError) {
   agent::DataplaneOptions o = options();
   o.pin_dir = "/tmp/weft-bpftest-not-bpffs";
