@@ -1,0 +1,105 @@
+// The ztunnel's HTTP endpoints: admin (config_dump, connections, stats, logging), Prometheus
+// metrics, and readiness.
+#include <spdlog/spdlog.h>
+
+#include "common/log.h"
+#include "ztunnel/ztunnel.h"
+
+namespace weft::ztunnel {
+
+namespace {
+
+HttpResponse json(int status, const nlohmann::json& j) {
+  return HttpResponse{status, "application/json", j.dump(2) + "\n"};
+}
+
+HttpResponse error(int status, const std::string& msg) {
+  return json(status, nlohmann::json{{"error", msg}});
+}
+
+nlohmann::json workloadJson(const WorkloadInfo& w) {
+  nlohmann::json ips = nlohmann::json::array();
+  for (const IpAddr& ip : w.ips) ips.push_back(ip.toString());
+  return {{"uid", w.uid},         {"name", w.name}, {"namespace", w.namespace_},
+          {"service_account", w.service_account}, {"ips", ips},     {"node", w.node},
+          {"enrolled", w.enrolled}};
+}
+
+nlohmann::json serviceJson(const ServiceInfo& s) {
+  nlohmann::json vips = nlohmann::json::array(), ports = nlohmann::json::array(),
+                 eps = nlohmann::json::array();
+  for (const IpAddr& v : s.vips) vips.push_back(v.toString());
+  for (const ServicePortInfo& p : s.ports)
+    ports.push_back({{"port", p.port}, {"target_port", p.target_port},
+                     {"protocol", p.tcp ? "TCP" : "UDP"}, {"name", p.name}});
+  for (const ServiceEndpointInfo& e : s.endpoints)
+    eps.push_back({{"workload_uid", e.workload_uid}, {"ip", e.ip.toString()}});
+  return {{"name", s.name}, {"namespace", s.namespace_}, {"vips", vips}, {"ports", ports},
+          {"endpoints", eps}};
+}
+
+}  // namespace
+
+nlohmann::json Ztunnel::configDump() const {
+  nlohmann::json workloads = nlohmann::json::array(), services = nlohmann::json::array();
+  if (const ClusterStatePtr& st = proxy_.state()) {
+    for (const auto& [uid, w] : st->workloads()) workloads.push_back(workloadJson(*w));
+    for (const auto& [key, s] : st->services()) services.push_back(serviceJson(*s));
+  }
+  nlohmann::json node = nullptr;
+  if (have_node_config_) {
+    node = {{"node_name", node_config_.node_name()},
+            {"bpf_pin_dir", node_config_.bpf_pin_dir()},
+            {"trust_domain", node_config_.trust_domain()},
+            {"cluster_domain", node_config_.cluster_domain()}};
+  }
+  return {{"node_config", node},
+          {"ready", ready_},
+          {"draining", draining_},
+          {"agent_connected", agent_ && agent_->connected()},
+          {"local_workloads", workloads_.toJson()},
+          {"workloads", workloads},
+          {"services", services}};
+}
+
+HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
+  if (req.path == "/logging") {
+    if (req.method != "POST" && req.method != "PUT") return error(405, "POST /logging?level=L");
+    std::string prefix = "level=";
+    if (req.query.rfind(prefix, 0) != 0 || !setLogLevel(req.query.substr(prefix.size())))
+      return error(400, "want level=trace|debug|info|warn|error");
+    return json(200, {{"level", req.query.substr(prefix.size())}});
+  }
+  if (req.method != "GET") return error(405, "GET only");
+  if (req.path == "/config_dump") return json(200, configDump());
+  if (req.path == "/connections") return json(200, proxy_.connectionsJson());
+  if (req.path == "/stats") {
+    refreshGauges();
+    return json(200, proxy_.stats().toJson());
+  }
+  if (req.path == "/" || req.path == "/help") {
+    return json(200, {{"endpoints",
+                       {"GET /config_dump", "GET /connections", "GET /stats",
+                        "POST /logging?level=L"}}});
+  }
+  return error(404, "no such endpoint: " + req.path);
+}
+
+HttpResponse Ztunnel::handleMetrics(const HttpRequest& req) {
+  if (req.method != "GET") return error(405, "GET only");
+  if (req.path != "/metrics" && req.path != "/stats/prometheus")
+    return error(404, "metrics are at /metrics");
+  refreshGauges();
+  return HttpResponse{200, "text/plain; version=0.0.4",
+                      proxy_.renderTcpMetrics() + proxy_.stats().renderPrometheus()};
+}
+
+HttpResponse Ztunnel::handleReadiness(const HttpRequest& req) {
+  if (req.path != "/healthz/ready") return error(404, "readiness is at /healthz/ready");
+  // Ready once a snapshot from the agent was applied; it stays so while the agent is away
+  // (we keep serving what we hold) and ends with the drain.
+  if (ready_ && !draining_) return HttpResponse{200, "text/plain", "ready\n"};
+  return HttpResponse{503, "text/plain", draining_ ? "draining\n" : "not ready\n"};
+}
+
+}  // namespace weft::ztunnel

@@ -1,0 +1,82 @@
+// Inbound plaintext connections: the steered destination, then a connect to the app from
+// 127.0.0.6 (IPv4) or the pod's own address (IPv6) so steering lets it through.
+#include "ztunnel/inbound.h"
+
+#include <netinet/in.h>
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+
+#include "bpf/abi/ports.h"
+#include "ztunnel/connection.h"
+#include "ztunnel/sockets.h"
+
+namespace weft::ztunnel {
+
+namespace {
+
+// Binds the upstream socket to the source the app sees and the sk_lookup program lets pass.
+Status bindInboundSource(int fd, const IpAddr& dst_ip) {
+  SocketAddress src;
+  if (dst_ip.isV4()) {
+    src = SocketAddress(IpAddr::v4(WEFT_INBOUND_PASSTHROUGH_V4), 0);
+    // Pick the port at connect time: many connections share 127.0.0.6 as source.
+    int one = 1;
+    if (setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) != 0)
+      return Status::errorf("IP_BIND_ADDRESS_NO_PORT: {}", errnoText(errno));
+  } else {
+    src = SocketAddress(dst_ip, 0);
+  }
+  sockaddr_storage ss;
+  socklen_t len = src.toSockaddr(&ss);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0)
+    return Status::errorf("bind {}: {}", src.toString(), errnoText(errno));
+  return Status::ok();
+}
+
+}  // namespace
+
+void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) {
+  ProxyConnection* c = ProxyConnection::accept(&proxy, listener, ConnectionDirection::kInbound);
+  if (c == nullptr) return;
+  proxy.stats().inbound_accepted_total++;
+  int fd = c->downstreamFd();
+  if (auto peer = peerAddress(fd)) c->source = *peer;
+  const WorkloadInfo& dst = *pod->info;
+  c->labels.reporter = "destination";
+  c->labels.destination_workload = dst.name;
+  c->labels.destination_workload_namespace = dst.namespace_;
+  if (proxy.state()) {
+    if (WorkloadInfoPtr src = proxy.state()->workloadByIp(c->source.ip())) {
+      c->labels.source_workload = src->name;
+      c->labels.source_workload_namespace = src->namespace_;
+    }
+  }
+
+  // sk_lookup preserves the local address: it is where the caller wanted to go.
+  auto local = localAddress(fd);
+  if (!local || !dst.hasIp(local->ip())) {
+    proxy.stats().inbound_wrong_destination_total++;
+    std::string where = local ? local->toString() : "unknown";
+    spdlog::warn("inbound from {} to {}: not an address of {}/{}", c->source.toString(), where,
+                 dst.namespace_, dst.name);
+    c->refuse("destination " + where + " is not this pod's");
+    return;
+  }
+  c->destination = *local;
+  c->upstream = *local;
+  c->route = "inbound plaintext";
+
+  auto sock = markedTcpSocket(pod->netns.get(), local->family());
+  Status st = sock ? bindInboundSource(sock->get(), local->ip()) : sock.status();
+  if (!st) {
+    proxy.stats().upstream_socket_failures_total++;
+    spdlog::warn("inbound upstream socket for {}/{}: {}", dst.namespace_, dst.name,
+                 st.message());
+    c->refuse(st.message());
+    return;
+  }
+  c->connectUpstream(std::move(sock.value()));
+}
+
+}  // namespace weft::ztunnel

@@ -1,0 +1,102 @@
+// weft-ztunnel: command line, logging, signals, and the event loop.
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+#include <uv.h>
+
+#include <csignal>
+
+#include "common/log.h"
+#include "common/uv_handle.h"
+#include "weft/version.h"
+#include "ztunnel/ztunnel.h"
+
+namespace {
+
+std::optional<weft::SocketAddress> parseAddr(const std::string& flag, const std::string& text) {
+  if (text.empty() || text == "off") return std::nullopt;
+  auto a = weft::SocketAddress::parse(text);
+  if (!a) {
+    fprintf(stderr, "%s: '%s' is not IP:port or [IPv6]:port\n", flag.c_str(), text.c_str());
+    exit(2);
+  }
+  return a;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"weft-ztunnel: the node's shared mesh proxy"};
+  std::string agent_socket, admin = "127.0.0.1:15000", metrics = "0.0.0.0:15020",
+                            readiness = "0.0.0.0:15021", log_level = "info";
+  bool log_json = false;
+  double drain_timeout = 5.0;
+  app.add_option("--agent-socket", agent_socket, "the agent's node-protocol socket")->required();
+  app.add_option("--admin-addr", admin, "admin HTTP (config_dump, connections, stats); off")
+      ->capture_default_str();
+  app.add_option("--metrics-addr", metrics, "Prometheus /metrics; off")->capture_default_str();
+  app.add_option("--readiness-addr", readiness, "GET /healthz/ready; off")->capture_default_str();
+  app.add_option("--drain-timeout", drain_timeout, "seconds open connections get on SIGTERM")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 3600.0));
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
+  app.add_flag("--log-json", log_json, "log JSON lines");
+  app.set_version_flag("--version", WEFT_VERSION);
+  CLI11_PARSE(app, argc, argv);
+
+  weft::initLogging("ztunnel", log_level, log_json);
+  // Writes to a reset peer must come back as EPIPE errors, not kill the process.
+  signal(SIGPIPE, SIG_IGN);
+
+  weft::ztunnel::ZtunnelOptions opts;
+  opts.agent_socket = agent_socket;
+  opts.admin_addr = parseAddr("--admin-addr", admin);
+  opts.metrics_addr = parseAddr("--metrics-addr", metrics);
+  opts.readiness_addr = parseAddr("--readiness-addr", readiness);
+  opts.drain_timeout_ms = static_cast<uint64_t>(drain_timeout * 1000);
+
+  uv_loop_t* loop = uv_default_loop();
+  int exit_code = 0;
+  {
+    weft::ztunnel::Ztunnel zt(loop, opts);
+    weft::Status st = zt.start();
+    if (!st) {
+      spdlog::error("{}", st.message());
+      zt.shutdown();
+      uv_run(loop, UV_RUN_DEFAULT);
+      return 1;
+    }
+    spdlog::info("weft-ztunnel {} started; agent socket {}", WEFT_VERSION, agent_socket);
+
+    struct Signals {
+      weft::UvHandle<uv_signal_t> term, intr;
+      weft::ztunnel::Ztunnel* zt;
+    } sig;
+    sig.zt = &zt;
+    auto on_signal = [](uv_signal_t* h, int signum) {
+      auto* s = static_cast<Signals*>(h->data);
+      spdlog::info("signal {}: draining", signum);
+      s->zt->drain([s] {
+        s->term.close();
+        s->intr.close();
+        s->zt->shutdown();  // the loop ends once every handle closed
+      });
+    };
+    for (auto* h : {&sig.term, &sig.intr}) {
+      if (h->init(uv_signal_init(loop, h->get())) != 0) return 1;
+      h->get()->data = &sig;
+    }
+    if (uv_signal_start(sig.term.get(), on_signal, SIGTERM) != 0 ||
+        uv_signal_start(sig.intr.get(), on_signal, SIGINT) != 0) {
+      spdlog::error("cannot install signal handlers");
+      return 1;
+    }
+    uv_run(loop, UV_RUN_DEFAULT);
+    // Close callbacks of whatever the drain cut.
+    uv_run(loop, UV_RUN_DEFAULT);
+  }
+  uv_run(loop, UV_RUN_DEFAULT);
+  int rc = uv_loop_close(loop);
+  if (rc != 0) spdlog::warn("loop close: {}", uv_strerror(rc));
+  spdlog::info("exiting");
+  return exit_code;
+}

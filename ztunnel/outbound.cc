@@ -1,0 +1,67 @@
+// Outbound connections: SO_ORIGINAL_DST, decideOutbound(), then the upstream connect.
+#include "ztunnel/outbound.h"
+
+#include <spdlog/spdlog.h>
+
+#include "ztunnel/connection.h"
+#include "ztunnel/route.h"
+#include "ztunnel/sockets.h"
+
+namespace weft::ztunnel {
+
+void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) {
+  ProxyConnection* c = ProxyConnection::accept(&proxy, listener, ConnectionDirection::kOutbound);
+  if (c == nullptr) return;
+  proxy.stats().outbound_accepted_total++;
+  int fd = c->downstreamFd();
+  if (auto peer = peerAddress(fd)) c->source = *peer;
+  auto local = localAddress(fd);
+  int family = local ? local->family() : AF_INET;
+  const WorkloadInfo& src = *pod->info;
+  c->labels.reporter = "source";
+  c->labels.source_workload = src.name;
+  c->labels.source_workload_namespace = src.namespace_;
+
+  auto orig = originalDestination(fd, family);
+  if (!orig) {
+    proxy.stats().outbound_original_dst_failures_total++;
+    spdlog::warn("outbound from {} ({}/{}): {}", c->source.toString(), src.namespace_, src.name,
+                 orig.status().message());
+    c->refuse(orig.status().message());
+    return;
+  }
+  c->destination = *orig;
+
+  static const ClusterState kEmpty;
+  const ClusterState& state = proxy.state() ? *proxy.state() : kEmpty;
+  Route route = decideOutbound(*orig, &src, state, proxy.roundRobin());
+  c->route = std::string(routeKindName(route.kind)) + ": " + route.reason;
+  if (route.destination_workload) {
+    c->labels.destination_workload = route.destination_workload->name;
+    c->labels.destination_workload_namespace = route.destination_workload->namespace_;
+  }
+  if (route.destination_service)
+    c->labels.destination_service = route.destination_service->hostname(proxy.clusterDomain());
+  if (route.kind == RouteKind::kRefused) {
+    if (route.no_endpoints) proxy.stats().no_endpoint_total++;
+    else proxy.stats().route_refused_total++;
+    spdlog::info("outbound {} -> {} refused: {}", c->source.toString(), orig->toString(),
+                 route.reason);
+    c->refuse(route.reason);
+    return;
+  }
+  c->upstream = route.next_hop;
+
+  // Created in the source pod's netns, marked, so the connect hook lets it through.
+  auto sock = markedTcpSocket(pod->netns.get(), route.next_hop.family());
+  if (!sock) {
+    proxy.stats().upstream_socket_failures_total++;
+    spdlog::warn("outbound upstream socket for {}/{}: {}", src.namespace_, src.name,
+                 sock.status().message());
+    c->refuse(sock.status().message());
+    return;
+  }
+  c->connectUpstream(std::move(sock.value()));
+}
+
+}  // namespace weft::ztunnel

@@ -1,0 +1,82 @@
+// Per-loop proxy state: live connections, /connections, and the TCP metrics view.
+#include "ztunnel/proxy.h"
+
+#include <vector>
+
+#include "ztunnel/connection.h"
+#include "ztunnel/inbound.h"
+#include "ztunnel/outbound.h"
+
+namespace weft::ztunnel {
+
+Proxy::Proxy(uv_loop_t* loop, RelayOptions relay_options)
+    : loop_(loop), relay_options_(relay_options), state_(std::make_shared<ClusterState>()) {}
+
+Proxy::~Proxy() = default;
+
+void Proxy::acceptOutbound(uv_stream_t* listener, const LocalPodPtr& pod) {
+  handleOutbound(*this, listener, pod);
+}
+
+void Proxy::acceptInbound(uv_stream_t* listener, const LocalPodPtr& pod) {
+  handleInbound(*this, listener, pod);
+}
+
+void Proxy::untrack(ProxyConnection* c) {
+  connections_.erase(c);
+  if (connections_.empty() && on_idle_) {
+    auto cb = std::move(on_idle_);
+    on_idle_ = nullptr;
+    cb();
+  }
+}
+
+void Proxy::abortAll(const std::string& why) {
+  // abort() may close synchronously; iterate over a copy.
+  std::vector<ProxyConnection*> all(connections_.begin(), connections_.end());
+  for (ProxyConnection* c : all) {
+    stats_.drain_aborted_connections_total++;
+    c->abort(why);
+  }
+}
+
+nlohmann::json Proxy::connectionsJson() const {
+  nlohmann::json out = nlohmann::json::array();
+  uint64_t now = uv_now(loop_);
+  for (const ProxyConnection* c : connections_) {
+    out.push_back({
+        {"direction", directionName(c->direction())},
+        {"state", c->stateName()},
+        {"src", c->source.toString()},
+        {"dst", c->destination.toString()},
+        {"upstream", c->upstream.family() ? c->upstream.toString() : ""},
+        {"route", c->route},
+        {"source_workload", c->labels.source_workload_namespace.empty()
+                                ? ""
+                                : c->labels.source_workload_namespace + "/" +
+                                      c->labels.source_workload},
+        {"destination_workload", c->labels.destination_workload_namespace.empty()
+                                     ? ""
+                                     : c->labels.destination_workload_namespace + "/" +
+                                           c->labels.destination_workload},
+        {"destination_service", c->labels.destination_service},
+        {"bytes_received", c->bytesReceived()},
+        {"bytes_sent", c->bytesSent()},
+        {"age_ms", now - c->startedMs()},
+    });
+  }
+  return out;
+}
+
+std::string Proxy::renderTcpMetrics() const {
+  std::map<TcpLabels, TcpCounters> series = tcp_metrics_.series();
+  for (const ProxyConnection* c : connections_) {
+    if (!c->counted()) continue;
+    TcpCounters& s = series[c->labels];
+    s.sent_bytes += c->bytesSent();
+    s.received_bytes += c->bytesReceived();
+  }
+  return TcpMetrics::renderPrometheus(series);
+}
+
+}  // namespace weft::ztunnel

@@ -1,0 +1,76 @@
+// The proxy of one event loop: the cluster snapshot it reads, its round-robin cursors,
+// counters, TCP metrics and live connections. A later multi-loop ztunnel has one per loop.
+#pragma once
+
+#include <uv.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_set>
+
+#include <nlohmann/json.hpp>
+
+#include "common/fd.h"
+#include "ztunnel/cluster_state.h"
+#include "ztunnel/relay.h"
+#include "ztunnel/route.h"
+#include "ztunnel/stats.h"
+
+namespace weft::ztunnel {
+
+class ProxyConnection;
+
+// A local (enrolled, on this node) pod as its listeners and connections see it. Immutable.
+struct LocalPod {
+  WorkloadInfoPtr info;
+  UniqueFd netns;  // the pod's network namespace
+};
+using LocalPodPtr = std::shared_ptr<const LocalPod>;
+
+class Proxy {
+ public:
+  explicit Proxy(uv_loop_t* loop, RelayOptions relay_options = {});
+  ~Proxy();
+
+  uv_loop_t* loop() const { return loop_; }
+  const ClusterStatePtr& state() const { return state_; }
+  void setState(ClusterStatePtr s) { state_ = std::move(s); }
+  const std::string& clusterDomain() const { return cluster_domain_; }
+  void setClusterDomain(std::string d) { cluster_domain_ = std::move(d); }
+  RoundRobin& roundRobin() { return rr_; }
+  ZtunnelStats& stats() { return stats_; }
+  TcpMetrics& tcpMetrics() { return tcp_metrics_; }
+  const RelayOptions& relayOptions() const { return relay_options_; }
+
+  // Accept callbacks of a pod's listeners.
+  void acceptOutbound(uv_stream_t* listener, const LocalPodPtr& pod);
+  void acceptInbound(uv_stream_t* listener, const LocalPodPtr& pod);
+
+  size_t activeConnections() const { return connections_.size(); }
+  // Cuts every connection (drain timeout).
+  void abortAll(const std::string& why);
+  // Runs once the last connection is gone (drain); replaces an earlier one.
+  void onIdle(std::function<void()> cb) { on_idle_ = std::move(cb); }
+
+  nlohmann::json connectionsJson() const;
+  // Istio TCP metrics: closed totals plus what the live connections moved so far.
+  std::string renderTcpMetrics() const;
+
+  // Called by ProxyConnection.
+  void track(ProxyConnection* c) { connections_.insert(c); }
+  void untrack(ProxyConnection* c);
+
+ private:
+  uv_loop_t* loop_;
+  RelayOptions relay_options_;
+  ClusterStatePtr state_;
+  std::string cluster_domain_ = "cluster.local";
+  RoundRobin rr_;
+  ZtunnelStats stats_;
+  TcpMetrics tcp_metrics_;
+  std::unordered_set<ProxyConnection*> connections_;
+  std::function<void()> on_idle_;
+};
+
+}  // namespace weft::ztunnel

@@ -1,0 +1,101 @@
+// Outbound route decisions: service VIPs to endpoints (round robin, targetPort), pod IPs
+// direct, anything else passed through.
+#include "ztunnel/route.h"
+
+#include <vector>
+
+#include "bpf/abi/ports.h"
+
+namespace weft::ztunnel {
+
+const char* routeKindName(RouteKind k) {
+  switch (k) {
+    case RouteKind::kDirectWorkload: return "direct-to-workload";
+    case RouteKind::kServiceEndpoint: return "service-endpoint";
+    case RouteKind::kPassthrough: return "passthrough";
+    case RouteKind::kRefused: return "refused";
+  }
+  return "unknown";
+}
+
+namespace {
+
+Route refuse(std::string reason) {
+  Route r;
+  r.kind = RouteKind::kRefused;
+  r.reason = std::move(reason);
+  return r;
+}
+
+// An endpoint's address in the VIP's family: its own IP, or else its workload's IP of that
+// family (a dual-stack pod listed once).
+const IpAddr* endpointIp(const ServiceEndpointInfo& e, int family, const ClusterState& state,
+                         WorkloadInfoPtr* workload) {
+  *workload =
+      e.workload_uid.empty() ? state.workloadByIp(e.ip) : state.workloadByUid(e.workload_uid);
+  if (e.ip.family() == family) return &e.ip;
+  if (*workload) return (*workload)->ipOfFamily(family);
+  return nullptr;
+}
+
+}  // namespace
+
+Route decideOutbound(const SocketAddress& original_dst, const WorkloadInfo* source,
+                     const ClusterState& state, RoundRobin& rr) {
+  const IpAddr& ip = original_dst.ip();
+  if (ip.family() == 0 || original_dst.port() == 0)
+    return refuse("original destination " + original_dst.toString() + " is not usable");
+  // Our own outbound port on loopback would loop back into us forever.
+  if (ip.isLoopback() && original_dst.port() == WEFT_PORT_OUTBOUND)
+    return refuse("original destination is the outbound listener itself");
+
+  if (ServiceInfoPtr svc = state.serviceByVip(ip)) {
+    const ServicePortInfo* port = nullptr;
+    for (const ServicePortInfo& p : svc->ports)
+      if (p.tcp && p.port == original_dst.port()) port = &p;
+    if (port == nullptr)
+      return refuse("service " + svc->key() + " has no TCP port " +
+                    std::to_string(original_dst.port()));
+    struct Candidate {
+      IpAddr ip;
+      WorkloadInfoPtr workload;
+    };
+    std::vector<Candidate> candidates;
+    for (const ServiceEndpointInfo& e : svc->endpoints) {
+      WorkloadInfoPtr w;
+      const IpAddr* eip = endpointIp(e, ip.family(), state, &w);
+      if (eip != nullptr) candidates.push_back(Candidate{*eip, w});
+    }
+    if (candidates.empty()) {
+      Route r = refuse("service " + svc->key() + " has no endpoints");
+      r.destination_service = svc;
+      r.no_endpoints = true;
+      return r;
+    }
+    const Candidate& c = candidates[rr.next(svc->key()) % candidates.size()];
+    Route r;
+    r.kind = RouteKind::kServiceEndpoint;
+    r.next_hop = SocketAddress(c.ip, port->target_port != 0 ? port->target_port : port->port);
+    r.destination_service = svc;
+    r.destination_workload = c.workload;
+    r.reason = "service " + svc->key();
+    return r;
+  }
+
+  if (WorkloadInfoPtr w = state.workloadByIp(ip)) {
+    Route r;
+    r.kind = RouteKind::kDirectWorkload;
+    r.next_hop = original_dst;
+    r.destination_workload = w;
+    r.reason = "workload " + w->namespace_ + "/" + w->name;
+    return r;
+  }
+
+  Route r;
+  r.kind = RouteKind::kPassthrough;
+  r.next_hop = original_dst;
+  r.reason = "not a known workload or service";
+  return r;
+}
+
+}  // namespace weft::ztunnel

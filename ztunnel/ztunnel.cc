@@ -1,0 +1,139 @@
+// The ztunnel's agent message handling, readiness and drain.
+#include "ztunnel/ztunnel.h"
+
+#include <spdlog/spdlog.h>
+
+#include "weft/version.h"
+
+namespace weft::ztunnel {
+
+Ztunnel::Ztunnel(uv_loop_t* loop, ZtunnelOptions options)
+    : loop_(loop), options_(std::move(options)), proxy_(loop), workloads_(proxy_, options_.ports) {}
+
+Ztunnel::~Ztunnel() { shutdown(); }
+
+Status Ztunnel::start() {
+  auto serve = [this](const std::optional<SocketAddress>& addr, HttpAdminServerPtr* out,
+                      HttpResponse (Ztunnel::*fn)(const HttpRequest&), const char* what) {
+    if (!addr) return Status::ok();
+    auto s = HttpAdminServer::listenTcp(loop_, *addr,
+                                        [this, fn](const HttpRequest& r) { return (this->*fn)(r); });
+    if (!s) return s.status().context(what);
+    *out = std::move(s.value());
+    spdlog::info("{} on {}", what, (*out)->boundAddress().toString());
+    return Status::ok();
+  };
+  Status st = serve(options_.admin_addr, &admin_, &Ztunnel::handleAdmin, "admin");
+  if (st) st = serve(options_.metrics_addr, &metrics_, &Ztunnel::handleMetrics, "metrics");
+  if (st) st = serve(options_.readiness_addr, &readiness_, &Ztunnel::handleReadiness, "readiness");
+  if (!st) return st;
+  int rc = drain_timer_.init(uv_timer_init(loop_, drain_timer_.get()));
+  if (rc != 0) return Status::errorf("drain timer: {}", uv_strerror(rc));
+  drain_timer_.get()->data = this;
+  AgentClientOptions ao;
+  ao.socket_path = options_.agent_socket;
+  ao.ztunnel_version = WEFT_VERSION;
+  agent_ = std::make_unique<AgentClient>(loop_, ao, *this, proxy_.stats());
+  return agent_->start();
+}
+
+void Ztunnel::drain(std::function<void()> done) {
+  if (draining_) return;
+  draining_ = true;
+  drain_done_ = std::move(done);
+  spdlog::info("draining: closing listeners, {} connections open, waiting up to {} ms",
+               proxy_.activeConnections(), options_.drain_timeout_ms);
+  if (agent_) agent_->stop();
+  workloads_.closeAllListeners();
+  auto finish = [this] {
+    uv_timer_stop(drain_timer_.get());
+    spdlog::info("drained");
+    if (drain_done_) {
+      auto cb = std::move(drain_done_);
+      drain_done_ = nullptr;
+      cb();
+    }
+  };
+  if (proxy_.activeConnections() == 0) {
+    finish();
+    return;
+  }
+  proxy_.onIdle(finish);
+  int rc = uv_timer_start(
+      drain_timer_.get(),
+      [](uv_timer_t* t) {
+        auto* self = static_cast<Ztunnel*>(t->data);
+        spdlog::warn("drain timeout: cutting {} connections", self->proxy_.activeConnections());
+        self->proxy_.abortAll("drain timeout");  // onIdle fires once their handles closed
+      },
+      options_.drain_timeout_ms, 0);
+  if (rc != 0) {
+    spdlog::error("drain timer: {}", uv_strerror(rc));
+    proxy_.abortAll("drain");
+  }
+}
+
+void Ztunnel::shutdown() {
+  agent_.reset();
+  admin_.reset();
+  metrics_.reset();
+  readiness_.reset();
+  drain_timer_.close();
+  workloads_.closeAllListeners();
+  proxy_.onIdle(nullptr);
+  proxy_.abortAll("shutdown");
+}
+
+void Ztunnel::onAgentConnected() { snapshot_uids_.clear(); }
+
+void Ztunnel::onAgentDisconnected() {
+  // Keep serving everything we hold; the next connection brings a new snapshot.
+  snapshot_uids_.clear();
+}
+
+Status Ztunnel::onNodeConfig(const node::v1::NodeConfig& config) {
+  node_config_ = config;
+  have_node_config_ = true;
+  if (!config.cluster_domain().empty()) proxy_.setClusterDomain(config.cluster_domain());
+  return workloads_.setPinDir(config.bpf_pin_dir());
+}
+
+Status Ztunnel::onClusterUpdate(const node::v1::ClusterUpdate& update) {
+  auto next = ClusterState::apply(proxy_.state().get(), update);
+  if (!next) return next.status();
+  proxy_.setState(std::move(next.value()));
+  return Status::ok();
+}
+
+Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns) {
+  auto info = workloadFromProto(workload);
+  if (!info) return info.status();
+  snapshot_uids_.insert(info->uid);
+  if (draining_) return Status::error("draining");
+  Status st = workloads_.add(*info, std::move(netns));
+  if (!st) proxy_.stats().workload_listener_failures_total++;
+  return st;
+}
+
+Status Ztunnel::onDelWorkload(const std::string& uid) {
+  snapshot_uids_.erase(uid);
+  return workloads_.remove(uid);
+}
+
+Status Ztunnel::onSnapshotSent() {
+  workloads_.retainOnly(snapshot_uids_);
+  if (!ready_) spdlog::info("snapshot applied: {} local workloads; ready", workloads_.size());
+  ready_ = true;
+  return Status::ok();
+}
+
+void Ztunnel::refreshGauges() {
+  ZtunnelStats& s = proxy_.stats();
+  s.workloads = workloads_.size();
+  s.active_connections = proxy_.activeConnections();
+  s.agent_connected = agent_ && agent_->connected() ? 1 : 0;
+  s.ready = ready_ ? 1 : 0;
+  s.draining = draining_ ? 1 : 0;
+}
+
+}  // namespace weft::ztunnel

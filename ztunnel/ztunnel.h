@@ -1,0 +1,82 @@
+// The ztunnel process: the agent connection, local workloads, the proxy, the admin, metrics
+// and readiness endpoints, and the drain on shutdown — all on one libuv loop.
+#pragma once
+
+#include <uv.h>
+
+#include <functional>
+#include <memory>
+#include <set>
+#include <string>
+
+#include "common/address.h"
+#include "common/http_admin.h"
+#include "common/uv_handle.h"
+#include "ztunnel/agent_client.h"
+#include "ztunnel/proxy.h"
+#include "ztunnel/workloads.h"
+
+namespace weft::ztunnel {
+
+struct ZtunnelOptions {
+  std::string agent_socket;
+  std::optional<SocketAddress> admin_addr;      // unset = no admin server
+  std::optional<SocketAddress> metrics_addr;
+  std::optional<SocketAddress> readiness_addr;
+  uint64_t drain_timeout_ms = 5000;
+  ListenerPorts ports;
+};
+
+class Ztunnel : public AgentHandler {
+ public:
+  Ztunnel(uv_loop_t* loop, ZtunnelOptions options);
+  ~Ztunnel() override;
+
+  // Starts the HTTP endpoints and the agent connection.
+  Status start();
+  // Stops accepting (closes every listener, drops the agent connection), lets open connections
+  // finish for up to the drain timeout, cuts the rest, then calls `done`.
+  void drain(std::function<void()> done);
+  // Closes every handle this object owns so the loop can end.
+  void shutdown();
+
+  bool ready() const { return ready_; }
+  Proxy& proxy() { return proxy_; }
+  LocalWorkloads& workloads() { return workloads_; }
+
+  // HTTP handlers (public for tests).
+  HttpResponse handleAdmin(const HttpRequest& req);
+  HttpResponse handleMetrics(const HttpRequest& req);
+  HttpResponse handleReadiness(const HttpRequest& req);
+
+  // AgentHandler
+  void onAgentConnected() override;
+  void onAgentDisconnected() override;
+  Status onNodeConfig(const node::v1::NodeConfig& config) override;
+  Status onClusterUpdate(const node::v1::ClusterUpdate& update) override;
+  Status onAddWorkload(const node::v1::Workload& workload, UniqueFd netns) override;
+  Status onDelWorkload(const std::string& uid) override;
+  Status onSnapshotSent() override;
+
+ private:
+  void refreshGauges();
+  nlohmann::json configDump() const;
+
+  uv_loop_t* loop_;
+  ZtunnelOptions options_;
+  Proxy proxy_;
+  LocalWorkloads workloads_;
+  node::v1::NodeConfig node_config_;
+  bool have_node_config_ = false;
+  std::set<std::string> snapshot_uids_;  // AddWorkloads since this agent connection began
+  bool ready_ = false;
+  bool draining_ = false;
+  std::function<void()> drain_done_;
+  UvHandle<uv_timer_t> drain_timer_;
+  HttpAdminServerPtr admin_;
+  HttpAdminServerPtr metrics_;
+  HttpAdminServerPtr readiness_;
+  std::unique_ptr<AgentClient> agent_;  // last: destroyed first, while the rest still exists
+};
+
+}  // namespace weft::ztunnel
