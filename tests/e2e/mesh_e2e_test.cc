@@ -202,6 +202,7 @@ class SimSuite : public ::testing::Test {
                   std::string ip6, std::string cmd) {
       PodSpec p;
       p.ns = ns, p.name = name, p.node = node, p.ip4 = ip4, p.ip6 = ip6, p.command = cmd;
+      if (cmd.find("--stream-port") != std::string::npos) p.readyPort = kStreamPort;
       return podYaml(p);
     };
     return {

@@ -34,6 +34,7 @@ std::string podYaml(const PodSpec& p) {
     for (auto& [k, v] : p.labels) y += fmt::format("    {}: \"{}\"\n", k, v);
   }
   y += fmt::format("  annotations:\n    sim.weft.dev/command: \"{}\"\n", p.command);
+  if (p.readyPort) y += fmt::format("    sim.weft.dev/ready-port: \"{}\"\n", p.readyPort);
   y += fmt::format(
       "spec:\n  nodeName: {}\n  serviceAccountName: default\n  containers:\n"
       "  - name: app\n    image: weft-e2e\n",

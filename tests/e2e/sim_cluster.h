@@ -33,7 +33,8 @@ std::string namespaceYaml(const std::string& name, bool ambient);
 struct PodSpec {
   std::string ns, name, node;     // node: "node1", "node2"
   std::string ip4, ip6;           // from status.podIPs
-  std::string command;            // sim.weft.dev/command
+  std::string command;            // sim.weft.dev/command (run with sh -c)
+  int readyPort = 0;              // sim.weft.dev/ready-port: `sim up` waits for a listener
   std::map<std::string, std::string> labels;
 };
 std::string podYaml(const PodSpec& pod);
