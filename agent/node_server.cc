@@ -431,6 +431,8 @@ void NodeServer::closeConnection(const ConnectionPtr& conn, const std::string& w
     active_.reset();
     stats_.snapshot_done = false;
   }
+  // While the server itself shuts down its owner may already be half gone: no callbacks then.
+  if (closed_) return;
   for (auto& cb : pending) cb({AckResult::kDisconnected, "ztunnel disconnected: " + why});
   if (was_active) delegate_->onZtunnelDisconnected();
 }

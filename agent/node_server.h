@@ -86,7 +86,7 @@ class NodeServer {
   bool addWorkload(const nodepb::Workload& workload, int netns_fd, AckCallback on_ack);
   bool delWorkload(const std::string& uid);
 
-  // Stops accepting and closes every connection (pending acks get kDisconnected).
+  // Stops accepting and closes every connection; no callbacks run (the owner is stopping).
   void close();
 
  private:

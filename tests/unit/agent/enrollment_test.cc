@@ -113,8 +113,8 @@ class ControllerTest : public ::testing::Test {
     for (auto name : {"web", "batch", "old", "web2"}) dir_.write("netns-" + std::string(name), "");
   }
   void TearDown() override {
-    controller_.reset();
     server_.reset();
+    controller_.reset();
     for (int i = 0; i < 10; i++) uv_run(&loop_, UV_RUN_NOWAIT);
     EXPECT_EQ(uv_loop_close(&loop_), 0);
   }
