@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <spdlog/spdlog.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -21,8 +22,6 @@
 #include <mutex>
 #include <set>
 
-#include <spdlog/spdlog.h>
-
 #include "bind_guard.skel.h"
 #include "bpf/abi/maps.h"
 #include "bpf/abi/progs.h"
@@ -36,9 +35,9 @@
 namespace weft::agent {
 namespace {
 
-constexpr const char* kMapNames[] = {WEFT_MAP_ENROLLED,          WEFT_MAP_SK_ORIG_DST,
-                                     WEFT_MAP_ORIG_DST,          WEFT_MAP_INBOUND_LISTENERS,
-                                     WEFT_MAP_INBOUND_BYPASS,    WEFT_MAP_EVENTS};
+constexpr const char* kMapNames[] = {WEFT_MAP_ENROLLED,       WEFT_MAP_SK_ORIG_DST,
+                                     WEFT_MAP_ORIG_DST,       WEFT_MAP_INBOUND_LISTENERS,
+                                     WEFT_MAP_INBOUND_BYPASS, WEFT_MAP_EVENTS};
 // Programs attached at the cgroup root, each with a pinned link of the same name.
 constexpr const char* kCgroupProgs[] = {WEFT_PROG_CONNECT4,   WEFT_PROG_CONNECT6, WEFT_PROG_SOCKOPS,
                                         WEFT_PROG_GETSOCKOPT, WEFT_PROG_BIND4,    WEFT_PROG_BIND6};
@@ -114,8 +113,10 @@ int libbpfPrint(enum libbpf_print_level level, const char* format, va_list args)
   }
   text.resize(strnlen(text.c_str(), text.size()));
   while (!text.empty() && text.back() == '\n') text.pop_back();
-  if (level == LIBBPF_WARN) spdlog::warn("libbpf: {}", text);
-  else spdlog::debug("libbpf: {}", text);
+  if (level == LIBBPF_WARN)
+    spdlog::warn("libbpf: {}", text);
+  else
+    spdlog::debug("libbpf: {}", text);
   return n;
 }
 
@@ -243,12 +244,13 @@ Status ensureBpffs(const std::string& dir, const std::string& mount_point) {
     return Status::errorf("statfs {}: {}", probe, errnoText(errno));
   if (static_cast<unsigned long>(sfs.f_type) == BPF_FS_MAGIC) return Status::ok();
 
-  bool under_mount = !mount_point.empty() &&
-                     (dir == mount_point || dir.rfind(joinPath(mount_point, ""), 0) == 0);
+  bool under_mount =
+      !mount_point.empty() && (dir == mount_point || dir.rfind(joinPath(mount_point, ""), 0) == 0);
   if (!under_mount || probe.size() > mount_point.size())
-    return Status::errorf("pin dir {}: {} is not on a bpffs (filesystem magic {:#x}); mount one "
-                          "with `mount -t bpf bpf DIR`",
-                          dir, probe, static_cast<unsigned long>(sfs.f_type));
+    return Status::errorf(
+        "pin dir {}: {} is not on a bpffs (filesystem magic {:#x}); mount one "
+        "with `mount -t bpf bpf DIR`",
+        dir, probe, static_cast<unsigned long>(sfs.f_type));
   if (auto st = mkdirAll(mount_point); !st) return st;
   if (::mount("bpf", mount_point.c_str(), "bpf", 0, "mode=0700") != 0)
     return Status::errorf("mount bpffs at {}: {}", mount_point, errnoText(errno));
@@ -365,12 +367,12 @@ class KernelDataplane final : public Dataplane {
       created = true;
     }
 
-    struct weft_enrollment e{};
+    struct weft_enrollment e {};
     e.flags = WEFT_ENROLL_REDIRECT_OUTBOUND;
     e.workload_id = workload_id;
     if (bpf_map_update_elem(enrolled_fd_.get(), &netns_cookie, &e, BPF_ANY) != 0) {
-      Status err = Status::errorf("map {} update {}: {}", WEFT_MAP_ENROLLED, netns_cookie,
-                                  errnoText(errno));
+      Status err =
+          Status::errorf("map {} update {}: {}", WEFT_MAP_ENROLLED, netns_cookie, errnoText(errno));
       if (created) (void)detachPinnedLink(pin);
       return err;
     }
@@ -422,7 +424,8 @@ class KernelDataplane final : public Dataplane {
         return Status::errorf("map {} update {}: {}", WEFT_MAP_INBOUND_BYPASS,
                               IpAddr::fromAbi(key).toString(), errnoText(errno));
     std::vector<struct weft_ip> stale;
-    struct weft_ip cur{}, next{};
+    struct weft_ip cur {
+    }, next{};
     const void* prev = nullptr;
     for (size_t i = 0; i < WEFT_MAX_INBOUND_BYPASS + want.size(); ++i) {
       if (bpf_map_get_next_key(bypass_fd_.get(), prev, &next) != 0) break;
@@ -539,9 +542,8 @@ class KernelDataplane final : public Dataplane {
     Status st = openSkeleton<redirect_connect>("redirect_connect", &opts, nullptr, &objects);
     if (st) st = openSkeleton<sockops>("sockops", &opts, nullptr, &objects);
     if (st)
-      st = openSkeleton<orig_dst>("orig_dst", &opts,
-                                  [page](orig_dst* s) { s->rodata->weft_page_size = page; },
-                                  &objects);
+      st = openSkeleton<orig_dst>(
+          "orig_dst", &opts, [page](orig_dst* s) { s->rodata->weft_page_size = page; }, &objects);
     if (st) st = openSkeleton<bind_guard>("bind_guard", &opts, nullptr, &objects);
     if (st) st = openSkeleton<inbound_lookup>("inbound_lookup", &opts, nullptr, &objects);
     if (!st) return st;

@@ -24,7 +24,7 @@ struct DataplaneOptions {
 };
 
 struct DataplaneInfo {
-  bool adopted = false;  // true if the programs were found pinned and reused
+  bool adopted = false;               // true if the programs were found pinned and reused
   std::vector<std::string> programs;  // program names attached
 };
 

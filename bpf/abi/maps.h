@@ -62,7 +62,7 @@ struct weft_orig_dst_key {
 #define WEFT_EVENT_BIND_DENIED 3
 struct weft_event {
 	__u64 timestamp_ns;
-	__u64 netns_cookie; /* 0 for WEFT_EVENT_INBOUND_STEER (sk_lookup cannot read it; dst = pod) */
+	__u64 netns_cookie; /* 0 for INBOUND_STEER: sk_lookup cannot read it (dst = the pod) */
 	__u32 type; /* WEFT_EVENT_* */
 	__u32 reserved;
 	struct weft_sockaddr src;

@@ -123,7 +123,9 @@ void report(int out, const std::string& key, const std::string& value) {
   writeAll(out, key + "=" + value + "\n");
 }
 
-std::string errText(int neg_errno) { return strerror(-neg_errno); }
+std::string errText(int neg_errno) {
+  return strerror(-neg_errno);
+}
 
 int listenOn(const std::string& addr, bool ztunnel_mark, bool v6only) {
   auto sa = SocketAddress::parse(addr);
@@ -151,8 +153,7 @@ fail:
   return -err;
 }
 
-int connectTo(const std::string& addr, bool ztunnel_mark, const std::string& source,
-              int family) {
+int connectTo(const std::string& addr, bool ztunnel_mark, const std::string& source, int family) {
   auto sa = SocketAddress::parse(addr);
   if (!sa) return -EINVAL;
   int domain = family ? family : sa->family();

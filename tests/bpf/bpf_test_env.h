@@ -3,6 +3,7 @@
 // run client/server code inside them, reporting key=value lines back over a pipe.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -10,8 +11,6 @@
 #include <map>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "agent/bpf/dataplane.h"
 #include "common/fd.h"
@@ -95,10 +94,10 @@ class BpfKernelTest : public ::testing::Test {
   // Runs a shell command (ip ...); fails the test if it fails.
   void sh(const std::string& cmd);
 
-  std::string tag_;          // unique per test: wbt<pid>x<seq>
-  std::string cgroup_dir_;   // <cgroup2>/weft-bpftest-<tag>
-  std::string pin_dir_;      // /sys/fs/bpf/weft-bpftest-<tag>
-  std::string pod_ns_;       // netns names
+  std::string tag_;         // unique per test: wbt<pid>x<seq>
+  std::string cgroup_dir_;  // <cgroup2>/weft-bpftest-<tag>
+  std::string pin_dir_;     // /sys/fs/bpf/weft-bpftest-<tag>
+  std::string pod_ns_;      // netns names
   std::string peer_ns_;
   UniqueFd pod_fd_;
   UniqueFd peer_fd_;

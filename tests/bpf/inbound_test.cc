@@ -30,22 +30,21 @@ class InboundTest : public BpfKernelTest {
   pid_t startZtunnelInbound(int count, int accept_ms) {
     std::string pin = pin_dir_;
     return spawnServer(pod_fd_.get(), true, [pin, count, accept_ms](int out) {
-      return child::serve(
-          out, {"0.0.0.0:15006", "[::]:15006"}, true, "ztunnel-in", count, accept_ms,
-          [pin](int out, const std::vector<int>& fds) {
-            auto map = InboundListenerMap::open(pin);
-            if (!map) {
-              child::report(out, "map_err", map.status().message());
-              return false;
-            }
-            Status a = map->add(*IpAddr::parse(kPodV4), fds[0]);
-            Status b = map->add(*IpAddr::parse(kPodV6), fds[1]);
-            if (!a || !b) {
-              child::report(out, "map_err", a.message() + " / " + b.message());
-              return false;
-            }
-            return true;
-          });
+      return child::serve(out, {"0.0.0.0:15006", "[::]:15006"}, true, "ztunnel-in", count,
+                          accept_ms, [pin](int out, const std::vector<int>& fds) {
+                            auto map = InboundListenerMap::open(pin);
+                            if (!map) {
+                              child::report(out, "map_err", map.status().message());
+                              return false;
+                            }
+                            Status a = map->add(*IpAddr::parse(kPodV4), fds[0]);
+                            Status b = map->add(*IpAddr::parse(kPodV6), fds[1]);
+                            if (!a || !b) {
+                              child::report(out, "map_err", a.message() + " / " + b.message());
+                              return false;
+                            }
+                            return true;
+                          });
     });
   }
 
@@ -84,9 +83,8 @@ TEST_F(InboundTest, ExemptionsKeepTheNormalLookup) {
   std::string pod8080 = std::string(kPodV4) + ":8080";
 
   // To a ztunnel port (HBONE).
-  auto h = run(peer_fd_.get(), false, [](int out) {
-    return child::fetch(out, std::string(kPodV4) + ":15008");
-  });
+  auto h = run(peer_fd_.get(), false,
+               [](int out) { return child::fetch(out, std::string(kPodV4) + ":15008"); });
   EXPECT_EQ(h.get("reply"), "hbone") << h.raw;
 
   // From 127.0.0.6: the ztunnel's own connection to the app (marked, as the ztunnel's are).
@@ -103,13 +101,14 @@ TEST_F(InboundTest, ExemptionsKeepTheNormalLookup) {
   // From a bypass source (the node's kubelet probes).
   Status st = dp_->setInboundBypass({*IpAddr::parse(kPeerV4)});
   ASSERT_TRUE(st.isOk()) << st.message();
-  auto probe = run(peer_fd_.get(), false, [pod8080](int out) { return child::fetch(out, pod8080); });
+  auto fetchPod = [pod8080](int out) { return child::fetch(out, pod8080); };
+  auto probe = run(peer_fd_.get(), false, fetchPod);
   EXPECT_EQ(probe.get("reply"), "app") << probe.raw;
 
   // Bypass replaced: the peer is steered again.
   st = dp_->setInboundBypass({*IpAddr::parse("10.250.0.99")});
   ASSERT_TRUE(st.isOk()) << st.message();
-  auto again = run(peer_fd_.get(), false, [pod8080](int out) { return child::fetch(out, pod8080); });
+  auto again = run(peer_fd_.get(), false, fetchPod);
   EXPECT_EQ(again.get("reply"), "ztunnel-in") << again.raw;
 
   EXPECT_EQ(wait(app).get("accepted"), "3");

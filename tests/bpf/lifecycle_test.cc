@@ -50,15 +50,14 @@ class LifecycleTest : public BpfKernelTest {
       sockaddr_in sin{};
       socklen_t len = sizeof(sin);
       if (getsockopt(c, IPPROTO_IP, kSoOriginalDst, &sin, &len) == 0)
-        child::report(out, "orig",
-                      SocketAddress::fromSockaddr(reinterpret_cast<sockaddr*>(&sin), len)
-                          ->toString());
+        child::report(
+            out, "orig",
+            SocketAddress::fromSockaddr(reinterpret_cast<sockaddr*>(&sin), len)->toString());
       child::writeAll(c, "ztunnel");
       close(c);
       return 0;
     });
-    auto app =
-        run(pod_fd_.get(), true, [](int out) { return child::fetch(out, "10.250.0.1:9"); });
+    auto app = run(pod_fd_.get(), true, [](int out) { return child::fetch(out, "10.250.0.1:9"); });
     EXPECT_EQ(app.get("reply"), "ztunnel") << what << ": " << app.raw;
     EXPECT_EQ(wait(zt).get("orig"), "10.250.0.1:9") << what;
   }

@@ -1,12 +1,11 @@
 // Outbound redirect (cgroup/connect4|6 + sockops + cgroup/getsockopt) with real sockets: an app
 // in an enrolled pod netns reaches the ztunnel's 15001 listener, which learns the original
 // destination through SO_ORIGINAL_DST; and everything that must not be redirected is not.
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
-
-#include <bpf/bpf.h>
-#include <bpf/libbpf.h>
 
 #include <cstring>
 
@@ -50,8 +49,9 @@ int ztunnelOutbound(int out, const std::string& listen_addr, int level, socklen_
   int type = 0;
   socklen_t tlen = sizeof(type);
   int rc = getsockopt(c, SOL_SOCKET, SO_TYPE, &type, &tlen);
-  child::report(out, "so_type", rc == 0 ? std::to_string(type) + "/" + std::to_string(tlen)
-                                        : std::string("err ") + strerror(errno));
+  child::report(out, "so_type",
+                rc == 0 ? std::to_string(type) + "/" + std::to_string(tlen)
+                        : std::string("err ") + strerror(errno));
   tcp_info ti{};
   socklen_t tilen = sizeof(ti);
   rc = getsockopt(c, IPPROTO_TCP, TCP_INFO, &ti, &tilen);
@@ -257,8 +257,8 @@ TEST_F(RedirectTest, LoopbackDestinationIsNotRedirected) {
 TEST_F(RedirectTest, ProcessOutsideTheCgroupIsNotRedirected) {
   enrollPod();
   startRealServer();
-  auto app = run(pod_fd_.get(), /*in_cgroup=*/false,
-                 [](int out) { return child::fetch(out, kRealV4); });
+  auto app =
+      run(pod_fd_.get(), /*in_cgroup=*/false, [](int out) { return child::fetch(out, kRealV4); });
   EXPECT_EQ(app.get("reply"), "real") << app.raw;
 }
 

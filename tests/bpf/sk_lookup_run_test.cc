@@ -60,9 +60,8 @@ TEST_F(SkLookupRunTest, DecisionTable) {
   auto dp = openDataplane();
   ASSERT_TRUE(dp.isOk()) << dp.status().message();
   dp_ = std::move(dp.value());
-  ASSERT_TRUE(
-      dp_->setInboundBypass({*IpAddr::parse("10.250.0.77"), *IpAddr::parse("fd00:250::77")})
-          .isOk());
+  ASSERT_TRUE(dp_->setInboundBypass({*IpAddr::parse("10.250.0.77"), *IpAddr::parse("fd00:250::77")})
+                  .isOk());
 
   // The ztunnel's inbound listeners, created in the pod netns (port 0: test runs send nothing).
   ScopedNetns in_pod(pod_fd_.get());
