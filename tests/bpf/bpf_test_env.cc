@@ -64,6 +64,45 @@ void removePinTree(const std::string& path, int depth = 0) {
 
 int sequence = 0;
 
+// "wbt<pid>x<seq>..." of a run whose process is gone: left by a crashed run.
+bool staleTag(const std::string& name, const std::string& prefix) {
+  if (name.rfind(prefix + "wbt", 0) != 0) return false;
+  size_t start = prefix.size() + 3;
+  size_t end = name.find('x', start);
+  if (end == std::string::npos || end == start) return false;
+  pid_t pid = 0;
+  for (size_t i = start; i < end; ++i) {
+    if (name[i] < '0' || name[i] > '9') return false;
+    pid = pid * 10 + (name[i] - '0');
+  }
+  return pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH;
+}
+
+std::vector<std::string> entries(const std::string& dir) {
+  std::vector<std::string> names;
+  if (DIR* d = opendir(dir.c_str())) {
+    while (struct dirent* de = readdir(d)) names.emplace_back(de->d_name);
+    closedir(d);
+  }
+  return names;
+}
+
+// Removes what a crashed earlier run of this binary left behind (pins, cgroups, namespaces),
+// once per process. Cgroups that still hold processes are left alone.
+void cleanupStaleRuns(const std::string& cg2) {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  for (const auto& n : entries("/sys/fs/bpf"))
+    if (staleTag(n, "weft-bpftest-")) removePinTree("/sys/fs/bpf/" + n);
+  for (const auto& n : entries(cg2))
+    if (staleTag(n, "weft-bpftest-")) rmdir((cg2 + "/" + n).c_str());
+  for (const auto& n : entries("/run/netns"))
+    if (staleTag(n, "")) {
+      if (system(("ip netns del " + n + " >/dev/null 2>&1").c_str()) != 0) continue;
+    }
+}
+
 }  // namespace
 
 std::string cgroup2Mount() {
@@ -306,6 +345,7 @@ void BpfKernelTest::SetUp() {
   if (geteuid() != 0) GTEST_SKIP() << "needs root (BPF programs, namespaces, cgroups)";
   std::string cg2 = cgroup2Mount();
   if (cg2.empty()) GTEST_SKIP() << "no cgroup v2 mount in /proc/mounts";
+  cleanupStaleRuns(cg2);
 
   tag_ = "wbt" + std::to_string(getpid()) + "x" + std::to_string(sequence++);
   cgroup_dir_ = cg2 + "/weft-bpftest-" + tag_;
