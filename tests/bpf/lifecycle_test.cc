@@ -13,6 +13,7 @@
 #include "bpf/abi/maps.h"
 #include "bpf/abi/progs.h"
 #include "common/address.h"
+#include "common/netns.h"
 #include "tests/bpf/bpf_test_env.h"
 
 namespace weft::bpftest {
@@ -199,6 +200,32 @@ TEST_F(LifecycleTest, CleanupWithoutOpeningDetachesWhatWasPinned) {
   EXPECT_EQ(app.get("connect_err"), strerror(ECONNREFUSED)) << app.raw;
   // Nothing there: fine.
   EXPECT_TRUE(agent::Dataplane::cleanup(options()).isOk());
+}
+
+TEST_F(LifecycleTest, UnenrollAfterThePodNetnsIsGone) {
+  auto dp = openDataplane();
+  ASSERT_TRUE(dp.isOk()) << dp.status().message();
+  dp_ = std::move(dp.value());
+  std::string ns = tag_ + "g";
+  sh("ip netns add " + ns);
+  ASSERT_FALSE(HasFailure());
+  uint64_t cookie = 0;
+  {
+    auto fd = openNetns("/run/netns/" + ns);
+    ASSERT_TRUE(fd.isOk()) << fd.status().message();
+    auto c = netnsCookie(fd.value().get());
+    ASSERT_TRUE(c.isOk());
+    cookie = *c;
+    Status st = dp_->enroll(cookie, fd.value().get(), 11);
+    if (!st) sh("ip netns del " + ns);
+    ASSERT_TRUE(st.isOk()) << st.message();
+  }
+  sh("ip netns del " + ns);  // the pod is gone before the agent unenrolls it
+  EXPECT_TRUE(pinned(pin_dir_ + "/netns/" + std::to_string(cookie)));
+  Status st = dp_->unenroll(cookie);
+  EXPECT_TRUE(st.isOk()) << st.message();
+  EXPECT_FALSE(pinned(pin_dir_ + "/netns/" + std::to_string(cookie)));
+  EXPECT_TRUE(dp_->enrolled().empty());
 }
 
 TEST_F(LifecycleTest, PinDirOffBpffsIsAClearError) {
