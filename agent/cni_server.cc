@@ -55,7 +55,8 @@ Result<CniRequest> parseCniRequest(const std::string& text) {
   if (r.pod_namespace.empty()) return Status::error("pod_namespace: required (K8S_POD_NAMESPACE)");
   if (r.pod_name.empty()) return Status::error("pod_name: required (K8S_POD_NAME)");
   if (r.command != "DEL" && r.netns.empty()) return Status::error("netns: required (CNI_NETNS)");
-  if (!r.netns.empty() && r.netns[0] != '/') return Status::error("netns: must be an absolute path");
+  if (!r.netns.empty() && r.netns[0] != '/')
+    return Status::error("netns: must be an absolute path");
   return r;
 }
 

@@ -116,7 +116,8 @@ Check parseMeta(const YAML::Node& doc, const std::string& kind, bool namespaced,
                                              "\" is not a lowercase DNS-1123 name"};
   } else {
     if (!isDns1123Label(meta->name))
-      return FieldError{"metadata.name", "\"" + meta->name + "\" is not a lowercase DNS-1123 label"};
+      return FieldError{"metadata.name",
+                        "\"" + meta->name + "\" is not a lowercase DNS-1123 label"};
   }
   if (auto e = stringMap(m, "labels", "metadata.labels", &meta->labels)) return e;
   if (auto e = stringMap(m, "annotations", "metadata.annotations", &meta->annotations)) return e;

@@ -149,7 +149,8 @@ INSTANTIATE_TEST_SUITE_P(
                 "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  ports:\n  - name: x\n",
                 "Service ns/s: spec.ports[0].port: required"},
         BadCase{"ServicePortRange",
-                "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  ports:\n  - port: 70000\n",
+                "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  ports:\n"
+                "  - port: 70000\n",
                 "Service ns/s: spec.ports[0].port: must be an integer 1-65535"},
         BadCase{"ServicePortZero",
                 "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  ports:\n  - port: 0\n",
@@ -167,8 +168,8 @@ INSTANTIATE_TEST_SUITE_P(
                 "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.1\n",
                 "Service ns/s: spec.clusterIP: \"10.96.1\" is not a valid IP address or \"None\""},
         BadCase{"ServiceClusterIPs",
-                "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIPs: [10.96.0.1, "
-                "nope]\n",
+                "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n"
+                "  clusterIPs: [10.96.0.1, nope]\n",
                 "Service ns/s: spec.clusterIPs[1]: \"nope\" is not a valid IP address or \"None\""},
         BadCase{"ServiceClusterIPMismatch",
                 "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.1\n"
