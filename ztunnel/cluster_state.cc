@@ -81,7 +81,8 @@ Result<ClusterStatePtr> ClusterState::apply(const ClusterState* base,
   for (const auto& w : update.upsert_workloads()) {
     auto info = workloadFromProto(w);
     if (!info) return info.status().context("cluster update");
-    next->workloads_[info->uid] = std::make_shared<const WorkloadInfo>(std::move(*info));
+    std::string uid = info->uid;  // before the move below
+    next->workloads_[uid] = std::make_shared<const WorkloadInfo>(std::move(*info));
   }
   for (const auto& s : update.upsert_services()) {
     auto info = serviceFromProto(s);

@@ -54,7 +54,13 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
   }
 
   // sk_lookup preserves the local address: it is where the caller wanted to go.
-  auto local = localAddress(fd);
+  std::optional<SocketAddress> local = localAddress(fd);
+  bool hooked = false;
+  if (proxy.destinationHook()) {
+    auto d = proxy.destinationHook()(fd, true);
+    local = d ? std::optional<SocketAddress>(*d) : std::nullopt;
+    hooked = true;
+  }
   if (!local || !dst.hasIp(local->ip())) {
     proxy.stats().inbound_wrong_destination_total++;
     std::string where = local ? local->toString() : "unknown";
@@ -62,6 +68,17 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
                  dst.namespace_, dst.name);
     c->refuse("destination " + where + " is not this pod's");
     return;
+  }
+  // Reached on the listener's own port: nobody steered this (a direct connect to 15006), and
+  // connecting there would loop back into us.
+  uv_os_fd_t lfd;
+  if (!hooked && uv_fileno(reinterpret_cast<uv_handle_t*>(listener), &lfd) == 0) {
+    auto listen_addr = localAddress(lfd);
+    if (listen_addr && listen_addr->port() == local->port()) {
+      proxy.stats().inbound_wrong_destination_total++;
+      c->refuse("connection to the inbound listener port itself");
+      return;
+    }
   }
   c->destination = *local;
   c->upstream = *local;

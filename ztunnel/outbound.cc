@@ -22,7 +22,8 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
   c->labels.source_workload = src.name;
   c->labels.source_workload_namespace = src.namespace_;
 
-  auto orig = originalDestination(fd, family);
+  auto orig = proxy.destinationHook() ? proxy.destinationHook()(fd, false)
+                                      : originalDestination(fd, family);
   if (!orig) {
     proxy.stats().outbound_original_dst_failures_total++;
     spdlog::warn("outbound from {} ({}/{}): {}", c->source.toString(), src.namespace_, src.name,

@@ -57,6 +57,12 @@ class Proxy {
   // Istio TCP metrics: closed totals plus what the live connections moved so far.
   std::string renderTcpMetrics() const;
 
+  // Test seam: where a connection was going, instead of SO_ORIGINAL_DST (outbound) or the
+  // steered local address (inbound) — lets tests run the data path without the BPF programs.
+  using DestinationHook = std::function<Result<SocketAddress>(int fd, bool inbound)>;
+  void setDestinationHookForTest(DestinationHook h) { destination_hook_ = std::move(h); }
+  const DestinationHook& destinationHook() const { return destination_hook_; }
+
   // Called by ProxyConnection.
   void track(ProxyConnection* c) { connections_.insert(c); }
   void untrack(ProxyConnection* c);
@@ -71,6 +77,7 @@ class Proxy {
   TcpMetrics tcp_metrics_;
   std::unordered_set<ProxyConnection*> connections_;
   std::function<void()> on_idle_;
+  DestinationHook destination_hook_;
 };
 
 }  // namespace weft::ztunnel

@@ -27,9 +27,6 @@ Status Ztunnel::start() {
   if (st) st = serve(options_.metrics_addr, &metrics_, &Ztunnel::handleMetrics, "metrics");
   if (st) st = serve(options_.readiness_addr, &readiness_, &Ztunnel::handleReadiness, "readiness");
   if (!st) return st;
-  int rc = drain_timer_.init(uv_timer_init(loop_, drain_timer_.get()));
-  if (rc != 0) return Status::errorf("drain timer: {}", uv_strerror(rc));
-  drain_timer_.get()->data = this;
   AgentClientOptions ao;
   ao.socket_path = options_.agent_socket;
   ao.ztunnel_version = WEFT_VERSION;
@@ -45,8 +42,10 @@ void Ztunnel::drain(std::function<void()> done) {
                proxy_.activeConnections(), options_.drain_timeout_ms);
   if (agent_) agent_->stop();
   workloads_.closeAllListeners();
+  int rc = drain_timer_.init(uv_timer_init(loop_, drain_timer_.get()));
+  drain_timer_.get()->data = this;
   auto finish = [this] {
-    uv_timer_stop(drain_timer_.get());
+    drain_timer_.close();
     spdlog::info("drained");
     if (drain_done_) {
       auto cb = std::move(drain_done_);
@@ -59,7 +58,7 @@ void Ztunnel::drain(std::function<void()> done) {
     return;
   }
   proxy_.onIdle(finish);
-  int rc = uv_timer_start(
+  if (rc == 0) rc = uv_timer_start(
       drain_timer_.get(),
       [](uv_timer_t* t) {
         auto* self = static_cast<Ztunnel*>(t->data);

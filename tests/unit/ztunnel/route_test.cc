@@ -1,0 +1,171 @@
+// decideOutbound(): VIPs to endpoints (round robin, targetPort, IPv6), pod IPs, passthrough,
+// refusals.
+#include "ztunnel/route.h"
+
+#include <gtest/gtest.h>
+
+namespace weft::ztunnel {
+namespace {
+
+IpAddr ip(const char* s) { return *IpAddr::parse(s); }
+SocketAddress addr(const char* s) { return *SocketAddress::parse(s); }
+
+WorkloadInfo pod(const char* uid, const char* name, std::vector<const char*> ips) {
+  WorkloadInfo w;
+  w.uid = uid;
+  w.name = name;
+  w.namespace_ = "default";
+  for (const char* s : ips) w.ips.push_back(ip(s));
+  return w;
+}
+
+class RouteTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    state_.addWorkload(pod("u-a", "client", {"10.244.1.2", "fd00:10:244:1::2"}));
+    state_.addWorkload(pod("u-b1", "server-1", {"10.244.1.3", "fd00:10:244:1::3"}));
+    state_.addWorkload(pod("u-b2", "server-2", {"10.244.2.3", "fd00:10:244:2::3"}));
+    state_.addWorkload(pod("u-b3", "server-3", {"10.244.2.4"}));  // IPv4 only
+    ServiceInfo svc;
+    svc.name = "server";
+    svc.namespace_ = "default";
+    svc.vips = {ip("10.96.0.10"), ip("fd00:10:96::a")};
+    svc.ports = {{80, 8080, true, "http"}, {443, 0, true, "https"}, {53, 5353, false, "dns"}};
+    svc.endpoints = {{"u-b1", ip("10.244.1.3")}, {"u-b2", ip("10.244.2.3")},
+                     {"u-b3", ip("10.244.2.4")}};
+    state_.addService(svc);
+    ServiceInfo empty;
+    empty.name = "nobody";
+    empty.namespace_ = "default";
+    empty.vips = {ip("10.96.0.11")};
+    empty.ports = {{80, 8080, true, ""}};
+    state_.addService(empty);
+    source_ = state_.workloadByUid("u-a");
+  }
+  Route decide(const char* dst) { return decideOutbound(addr(dst), source_.get(), state_, rr_); }
+
+  ClusterState state_;
+  RoundRobin rr_;
+  WorkloadInfoPtr source_;
+};
+
+TEST_F(RouteTest, VipResolvesToEndpointWithTargetPort) {
+  Route r = decide("10.96.0.10:80");
+  EXPECT_EQ(r.kind, RouteKind::kServiceEndpoint);
+  EXPECT_EQ(r.next_hop, addr("10.244.1.3:8080"));
+  ASSERT_TRUE(r.destination_service);
+  EXPECT_EQ(r.destination_service->key(), "default/server");
+  ASSERT_TRUE(r.destination_workload);
+  EXPECT_EQ(r.destination_workload->name, "server-1");
+}
+
+TEST_F(RouteTest, RoundRobinCyclesEndpoints) {
+  std::vector<std::string> hops;
+  for (int i = 0; i < 6; i++) hops.push_back(decide("10.96.0.10:80").next_hop.toString());
+  EXPECT_EQ(hops, (std::vector<std::string>{"10.244.1.3:8080", "10.244.2.3:8080",
+                                             "10.244.2.4:8080", "10.244.1.3:8080",
+                                             "10.244.2.3:8080", "10.244.2.4:8080"}));
+}
+
+TEST_F(RouteTest, TargetPortZeroMeansSamePort) {
+  Route r = decide("10.96.0.10:443");
+  EXPECT_EQ(r.kind, RouteKind::kServiceEndpoint);
+  EXPECT_EQ(r.next_hop.port(), 443);
+}
+
+TEST_F(RouteTest, Ipv6VipUsesEndpointsIpv6Addresses) {
+  Route r1 = decide("[fd00:10:96::a]:80");
+  Route r2 = decide("[fd00:10:96::a]:80");
+  Route r3 = decide("[fd00:10:96::a]:80");
+  EXPECT_EQ(r1.kind, RouteKind::kServiceEndpoint);
+  // The IPv4-only endpoint is skipped for an IPv6 VIP.
+  EXPECT_EQ(r1.next_hop, addr("[fd00:10:244:1::3]:8080"));
+  EXPECT_EQ(r2.next_hop, addr("[fd00:10:244:2::3]:8080"));
+  EXPECT_EQ(r3.next_hop, addr("[fd00:10:244:1::3]:8080"));
+}
+
+TEST_F(RouteTest, NoEndpointsIsRefused) {
+  Route r = decide("10.96.0.11:80");
+  EXPECT_EQ(r.kind, RouteKind::kRefused);
+  EXPECT_TRUE(r.no_endpoints);
+  ASSERT_TRUE(r.destination_service);
+  EXPECT_EQ(r.destination_service->name, "nobody");
+}
+
+TEST_F(RouteTest, UnknownServicePortIsRefused) {
+  Route r = decide("10.96.0.10:81");
+  EXPECT_EQ(r.kind, RouteKind::kRefused);
+  EXPECT_FALSE(r.no_endpoints);
+  // UDP ports do not carry TCP.
+  EXPECT_EQ(decide("10.96.0.10:53").kind, RouteKind::kRefused);
+}
+
+TEST_F(RouteTest, PodIpGoesDirect) {
+  Route r = decide("10.244.2.3:9000");
+  EXPECT_EQ(r.kind, RouteKind::kDirectWorkload);
+  EXPECT_EQ(r.next_hop, addr("10.244.2.3:9000"));
+  ASSERT_TRUE(r.destination_workload);
+  EXPECT_EQ(r.destination_workload->uid, "u-b2");
+  EXPECT_FALSE(r.destination_service);
+  Route r6 = decide("[fd00:10:244:2::3]:9000");
+  EXPECT_EQ(r6.kind, RouteKind::kDirectWorkload);
+  EXPECT_EQ(r6.destination_workload->uid, "u-b2");
+}
+
+TEST_F(RouteTest, UnknownIpPassesThrough) {
+  for (const char* d : {"192.0.2.1:443", "[2001:db8::1]:443", "10.96.0.99:80"}) {
+    Route r = decide(d);
+    EXPECT_EQ(r.kind, RouteKind::kPassthrough) << d;
+    EXPECT_EQ(r.next_hop, addr(d)) << d;
+    EXPECT_FALSE(r.destination_workload);
+    EXPECT_FALSE(r.destination_service);
+  }
+}
+
+TEST_F(RouteTest, OwnOutboundPortIsALoop) {
+  EXPECT_EQ(decide("127.0.0.1:15001").kind, RouteKind::kRefused);
+  EXPECT_EQ(decide("[::1]:15001").kind, RouteKind::kRefused);
+  EXPECT_EQ(decide("127.0.0.1:8080").kind, RouteKind::kPassthrough);
+}
+
+TEST_F(RouteTest, UnsetDestinationRefused) {
+  EXPECT_EQ(decideOutbound(SocketAddress(), source_.get(), state_, rr_).kind,
+            RouteKind::kRefused);
+  EXPECT_EQ(decide("10.244.2.3:0").kind, RouteKind::kRefused);
+}
+
+TEST_F(RouteTest, EndpointWithoutWorkloadStillRoutes) {
+  ServiceInfo ext;
+  ext.name = "external";
+  ext.namespace_ = "ops";
+  ext.vips = {ip("10.96.0.20")};
+  ext.ports = {{5432, 5432, true, ""}};
+  ext.endpoints = {{"", ip("192.0.2.50")}};
+  state_.addService(ext);
+  Route r = decide("10.96.0.20:5432");
+  EXPECT_EQ(r.kind, RouteKind::kServiceEndpoint);
+  EXPECT_EQ(r.next_hop, addr("192.0.2.50:5432"));
+  EXPECT_FALSE(r.destination_workload);
+}
+
+TEST_F(RouteTest, CursorsArePerService) {
+  ServiceInfo other;
+  other.name = "other";
+  other.namespace_ = "default";
+  other.vips = {ip("10.96.0.30")};
+  other.ports = {{80, 80, true, ""}};
+  other.endpoints = {{"u-b1", ip("10.244.1.3")}, {"u-b2", ip("10.244.2.3")}};
+  state_.addService(other);
+  EXPECT_EQ(decide("10.96.0.10:80").next_hop.ip(), ip("10.244.1.3"));
+  EXPECT_EQ(decide("10.96.0.30:80").next_hop.ip(), ip("10.244.1.3"));
+  EXPECT_EQ(decide("10.96.0.10:80").next_hop.ip(), ip("10.244.2.3"));
+  EXPECT_EQ(decide("10.96.0.30:80").next_hop.ip(), ip("10.244.2.3"));
+}
+
+TEST(RouteKind, Names) {
+  EXPECT_STREQ(routeKindName(RouteKind::kPassthrough), "passthrough");
+  EXPECT_STREQ(routeKindName(RouteKind::kServiceEndpoint), "service-endpoint");
+}
+
+}  // namespace
+}  // namespace weft::ztunnel

@@ -1,0 +1,359 @@
+// As root, in a throwaway netns: a workload's listeners come up inside the pod netns, the
+// outbound and inbound data paths relay through real sockets (original destination injected,
+// since no BPF runs here), metrics and /connections report them, and Del/snapshot semantics.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <functional>
+#include <thread>
+
+#include "common/netns.h"
+#include "ztunnel/ztunnel.h"
+
+namespace weft::ztunnel {
+namespace {
+
+constexpr const char* kPodV4 = "10.250.0.5";
+constexpr const char* kPodV6 = "fd00:250::5";
+
+int sh(const std::string& cmd) { return system((cmd + " >/dev/null 2>&1").c_str()); }
+
+// A named netns with lo up carrying the pod's addresses; removed on destruction.
+class TestNetns {
+ public:
+  TestNetns() {
+    name_ = "weft-zt-unit-" + std::to_string(getpid());
+    sh("ip netns del " + name_);
+    ok_ = sh("ip netns add " + name_) == 0 && sh("ip -n " + name_ + " link set lo up") == 0 &&
+          sh("ip -n " + name_ + " addr add " + kPodV4 + "/32 dev lo") == 0 &&
+          sh("ip -n " + name_ + " addr add " + kPodV6 + "/128 dev lo nodad") == 0;
+    if (ok_) {
+      auto fd = openNetns("/run/netns/" + name_);
+      ok_ = fd.isOk();
+      if (ok_) fd_ = std::move(fd.value());
+    }
+  }
+  ~TestNetns() {
+    fd_.reset();
+    sh("ip netns del " + name_);
+  }
+  bool ok() const { return ok_; }
+  int fd() const { return fd_.get(); }
+  UniqueFd dupFd() const { return UniqueFd(fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0)); }
+
+ private:
+  std::string name_;
+  UniqueFd fd_;
+  bool ok_ = false;
+};
+
+// Blocking helpers, run on client threads inside the netns.
+int connectIn(int netns, const std::string& addr) {
+  auto a = SocketAddress::parse(addr);
+  auto s = socketIn(netns, a->family(), SOCK_STREAM);
+  if (!s) return -1;
+  sockaddr_storage ss;
+  socklen_t len = a->toSockaddr(&ss);
+  if (connect(s->get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) return -errno;
+  return s->release();
+}
+
+std::string readToEof(int fd, int* err = nullptr) {
+  std::string out;
+  char buf[16384];
+  for (int i = 0; i < 100; i++) {
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, 100) <= 0) continue;
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) {
+      if (n < 0 && err) *err = errno;
+      break;
+    }
+    out.append(buf, static_cast<size_t>(n));
+  }
+  return out;
+}
+
+// An app in the pod: accepts one connection, answers "<peer ip>|<request>" after EOF.
+class EchoApp {
+ public:
+  EchoApp(int netns, const std::string& addr) {
+    auto a = SocketAddress::parse(addr);
+    auto s = socketIn(netns, a->family(), SOCK_STREAM);
+    int one = 1;
+    setsockopt(s->get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_storage ss;
+    socklen_t len = a->toSockaddr(&ss);
+    EXPECT_EQ(bind(s->get(), reinterpret_cast<sockaddr*>(&ss), len), 0) << addr;
+    EXPECT_EQ(listen(s->get(), 8), 0);
+    fd_ = std::move(s.value());
+    thread_ = std::thread([this] {
+      pollfd p{fd_.get(), POLLIN, 0};
+      if (poll(&p, 1, 5000) != 1) return;
+      int c = accept(fd_.get(), nullptr, nullptr);
+      if (c < 0) return;
+      auto peer = peerAddress(c);
+      std::string req = readToEof(c);
+      std::string resp = (peer ? peer->ip().toString() : "?") + "|" + req;
+      send(c, resp.data(), resp.size(), MSG_NOSIGNAL);
+      close(c);
+    });
+  }
+  ~EchoApp() { thread_.join(); }
+
+ private:
+  UniqueFd fd_;
+  std::thread thread_;
+};
+
+void runWithClient(uv_loop_t* loop, const std::function<void()>& client) {
+  auto* stop = new uv_async_t;
+  ASSERT_EQ(uv_async_init(loop, stop, [](uv_async_t* a) { uv_stop(a->loop); }), 0);
+  std::thread t([&] {
+    client();
+    uv_async_send(stop);
+  });
+  uv_run(loop, UV_RUN_DEFAULT);
+  t.join();
+  uv_close(reinterpret_cast<uv_handle_t*>(stop),
+           [](uv_handle_t* h) { delete reinterpret_cast<uv_async_t*>(h); });
+}
+
+// A request/response exchange: send, half-close, read the answer to EOF.
+std::string exchange(int fd, const std::string& req) {
+  if (fd < 0) return "connect failed: " + std::to_string(-fd);
+  send(fd, req.data(), req.size(), MSG_NOSIGNAL);
+  shutdown(fd, SHUT_WR);
+  std::string r = readToEof(fd);
+  close(fd);
+  return r;
+}
+
+node::v1::Workload podProto(const std::string& uid, const std::string& name) {
+  node::v1::Workload w;
+  w.set_uid(uid);
+  w.set_name(name);
+  w.set_namespace_("default");
+  w.add_ips(kPodV4);
+  w.add_ips(kPodV6);
+  return w;
+}
+
+class ZtunnelNetnsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (geteuid() != 0) GTEST_SKIP() << "needs root: creates a network namespace";
+    netns_ = std::make_unique<TestNetns>();
+    ASSERT_TRUE(netns_->ok()) << "could not create a test netns";
+    ASSERT_EQ(uv_loop_init(&loop_), 0);
+    loop_ok_ = true;
+    ZtunnelOptions o;
+    o.agent_socket = "/nonexistent/weft-test.sock";  // no agent: we call the handler directly
+    zt_ = std::make_unique<Ztunnel>(&loop_, o);
+  }
+  void TearDown() override {
+    if (zt_) {
+      zt_->shutdown();
+      uv_run(&loop_, UV_RUN_DEFAULT);
+      zt_.reset();
+    }
+    if (loop_ok_) {
+      uv_run(&loop_, UV_RUN_DEFAULT);
+      EXPECT_EQ(uv_loop_close(&loop_), 0);
+    }
+    netns_.reset();
+  }
+  uv_loop_t loop_;
+  bool loop_ok_ = false;
+  std::unique_ptr<TestNetns> netns_;
+  std::unique_ptr<Ztunnel> zt_;
+};
+
+TEST_F(ZtunnelNetnsTest, ListenersComeUpAndGoAway) {
+  ASSERT_TRUE(zt_->onNodeConfig({}));
+  Status st = zt_->onAddWorkload(podProto("u1", "app"), netns_->dupFd());
+  ASSERT_TRUE(st) << st.message();
+  EXPECT_TRUE(zt_->workloads().contains("u1"));
+  auto j = zt_->workloads().toJson();
+  ASSERT_EQ(j.size(), 1u);
+  EXPECT_EQ(j[0]["listeners"].size(), 4u) << j.dump();
+  // No BPF here: SO_ORIGINAL_DST has no answer, and a direct connect to 15006 is no steering.
+  std::string out, in;
+  int nfd = netns_->fd();
+  runWithClient(&loop_, [&] {
+    out = exchange(connectIn(nfd, "127.0.0.1:15001"), "x");
+    in = exchange(connectIn(nfd, std::string(kPodV4) + ":15006"), "x");
+    int v6 = connectIn(nfd, "[::1]:15001");
+    EXPECT_GE(v6, 0);
+    exchange(v6, "x");
+  });
+  EXPECT_EQ(out, "");
+  EXPECT_EQ(in, "");
+  EXPECT_EQ(zt_->proxy().stats().outbound_original_dst_failures_total, 2u);
+  EXPECT_EQ(zt_->proxy().stats().inbound_wrong_destination_total, 1u);
+
+  // The same uid again keeps what is there.
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u1", "app"), netns_->dupFd()));
+  EXPECT_EQ(zt_->workloads().toJson(), j);
+  // A missing netns fd is an error.
+  EXPECT_FALSE(zt_->onAddWorkload(podProto("u2", "other"), UniqueFd()));
+
+  ASSERT_TRUE(zt_->onDelWorkload("u1"));
+  EXPECT_FALSE(zt_->workloads().contains("u1"));
+  int after = -1;
+  runWithClient(&loop_, [&] {
+    int fd = connectIn(nfd, "127.0.0.1:15001");
+    after = fd;
+    if (fd >= 0) close(fd);
+  });
+  EXPECT_EQ(after, -ECONNREFUSED);
+}
+
+TEST_F(ZtunnelNetnsTest, SnapshotDropsWorkloadsNotInIt) {
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u1", "a"), netns_->dupFd()));
+  // A second pod sharing the netns would collide on ports only without SO_REUSEPORT.
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u2", "b"), netns_->dupFd()));
+  EXPECT_FALSE(zt_->ready());
+  zt_->onAgentDisconnected();
+  zt_->onAgentConnected();
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u1", "a"), netns_->dupFd()));
+  ASSERT_TRUE(zt_->onSnapshotSent());
+  EXPECT_TRUE(zt_->ready());
+  EXPECT_TRUE(zt_->workloads().contains("u1"));
+  EXPECT_FALSE(zt_->workloads().contains("u2"));
+  EXPECT_EQ(zt_->handleReadiness({"GET", "/healthz/ready", "", ""}).status, 200);
+}
+
+TEST_F(ZtunnelNetnsTest, OutboundRelaysToServiceEndpointFromPodNetns) {
+  node::v1::ClusterUpdate cu;
+  cu.set_full(true);
+  *cu.add_upsert_workloads() = podProto("u1", "app");
+  auto* svc = cu.add_upsert_services();
+  svc->set_name("web");
+  svc->set_namespace_("default");
+  svc->add_vips("10.96.0.10");
+  auto* port = svc->add_ports();
+  port->set_port(80);
+  port->set_target_port(8080);
+  auto* ep = svc->add_endpoints();
+  ep->set_workload_uid("u1");
+  ep->set_ip(kPodV4);
+  ASSERT_TRUE(zt_->onClusterUpdate(cu));
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u1", "app"), netns_->dupFd()));
+  zt_->proxy().setDestinationHookForTest([](int, bool) -> Result<SocketAddress> {
+    return *SocketAddress::parse("10.96.0.10:80");
+  });
+  EchoApp app(netns_->fd(), std::string(kPodV4) + ":8080");
+  std::string resp;
+  int nfd = netns_->fd();
+  runWithClient(&loop_, [&] { resp = exchange(connectIn(nfd, "127.0.0.1:15001"), "ping"); });
+  // The app saw the ztunnel's socket from inside the pod: source is the pod's own address.
+  EXPECT_EQ(resp, std::string(kPodV4) + "|ping");
+  std::string metrics = zt_->handleMetrics({"GET", "/metrics", "", ""}).body;
+  EXPECT_NE(metrics.find("istio_tcp_connections_closed_total{reporter=\"source\","
+                         "source_workload=\"app\",source_workload_namespace=\"default\","
+                         "destination_workload=\"app\",destination_workload_namespace=\"default\","
+                         "destination_service=\"web.default.svc.cluster.local\","
+                         "connection_security_policy=\"none\"} 1"),
+            std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("istio_tcp_received_bytes_total{reporter=\"source\""), std::string::npos);
+  EXPECT_NE(metrics.find("} 4\n"), std::string::npos);  // "ping" upstream
+}
+
+TEST_F(ZtunnelNetnsTest, InboundConnectsToAppFrom127_0_0_6AndPodIpv6) {
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u1", "app"), netns_->dupFd()));
+  std::string target;
+  zt_->proxy().setDestinationHookForTest([&](int, bool inbound) -> Result<SocketAddress> {
+    if (!inbound) return Status::error("not expected");
+    return *SocketAddress::parse(target);
+  });
+  int nfd = netns_->fd();
+  std::string r4, r6;
+  {
+    target = std::string(kPodV4) + ":9090";
+    EchoApp app(nfd, target);
+    runWithClient(&loop_, [&] { r4 = exchange(connectIn(nfd, "127.0.0.1:15006"), "hi4"); });
+  }
+  {
+    target = std::string("[") + kPodV6 + "]:9091";
+    EchoApp app(nfd, target);
+    runWithClient(&loop_, [&] { r6 = exchange(connectIn(nfd, "[::1]:15006"), "hi6"); });
+  }
+  EXPECT_EQ(r4, "127.0.0.6|hi4");
+  EXPECT_EQ(r6, std::string(kPodV6) + "|hi6");
+  EXPECT_EQ(zt_->proxy().stats().inbound_accepted_total, 2u);
+  std::string metrics = zt_->handleMetrics({"GET", "/metrics", "", ""}).body;
+  EXPECT_NE(metrics.find("istio_tcp_connections_opened_total{reporter=\"destination\","
+                         "source_workload=\"unknown\""),
+            std::string::npos)
+      << metrics;
+}
+
+TEST_F(ZtunnelNetnsTest, UpstreamRefusedClosesClientAndCounts) {
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u1", "app"), netns_->dupFd()));
+  zt_->proxy().setDestinationHookForTest([](int, bool) -> Result<SocketAddress> {
+    return *SocketAddress::parse("10.250.0.5:1");  // nothing listens there
+  });
+  int nfd = netns_->fd();
+  std::string resp = "unset";
+  runWithClient(&loop_, [&] { resp = exchange(connectIn(nfd, "127.0.0.1:15001"), "x"); });
+  EXPECT_EQ(resp, "");
+  EXPECT_EQ(zt_->proxy().stats().upstream_connect_failures_total, 1u);
+}
+
+TEST_F(ZtunnelNetnsTest, DrainWaitsForOpenConnectionThenCuts) {
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u1", "app"), netns_->dupFd()));
+  zt_->proxy().setDestinationHookForTest([](int, bool) -> Result<SocketAddress> {
+    return *SocketAddress::parse("10.250.0.5:7070");
+  });
+  // A server that accepts and never answers: the connection stays open.
+  auto srv = socketIn(netns_->fd(), AF_INET, SOCK_STREAM);
+  ASSERT_TRUE(srv);
+  SocketAddress sa = *SocketAddress::parse("10.250.0.5:7070");
+  sockaddr_storage ss;
+  socklen_t len = sa.toSockaddr(&ss);
+  ASSERT_EQ(bind(srv->get(), reinterpret_cast<sockaddr*>(&ss), len), 0);
+  ASSERT_EQ(listen(srv->get(), 4), 0);
+  int nfd = netns_->fd();
+  int client = -1;
+  runWithClient(&loop_, [&] {
+    client = connectIn(nfd, "127.0.0.1:15001");
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  });
+  ASSERT_GE(client, 0);
+  EXPECT_EQ(zt_->proxy().activeConnections(), 1u);
+  auto conns = zt_->handleAdmin({"GET", "/connections", "", ""});
+  EXPECT_NE(conns.body.find("\"dst\": \"10.250.0.5:7070\""), std::string::npos) << conns.body;
+  bool drained = false;
+  uint64_t t0 = uv_now(&loop_);
+  // Shorten the drain for the test through a fresh instance would need options; use default 5 s
+  // but check the listeners close at once.
+  zt_->drain([&] {
+    drained = true;
+    uv_stop(&loop_);
+  });
+  EXPECT_EQ(zt_->handleReadiness({"GET", "/healthz/ready", "", ""}).status, 503);
+  int refused = 0;
+  std::thread probe([&] { refused = connectIn(nfd, "127.0.0.1:15001"); });
+  probe.join();
+  EXPECT_EQ(refused, -ECONNREFUSED);
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  EXPECT_TRUE(drained);
+  uint64_t took = uv_now(&loop_) - t0;
+  EXPECT_GE(took, 4900u);
+  EXPECT_LT(took, 7000u);
+  EXPECT_EQ(zt_->proxy().stats().drain_aborted_connections_total, 1u);
+  int err = 0;
+  readToEof(client, &err);
+  EXPECT_EQ(err, ECONNRESET);
+  close(client);
+}
+
+}  // namespace
+}  // namespace weft::ztunnel
