@@ -2,7 +2,9 @@
 // outbound and inbound data paths relay through real sockets (original destination injected,
 // since no BPF runs here), metrics and /connections report them, and Del/snapshot semantics.
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -27,6 +29,7 @@ int sh(const std::string& cmd) { return system((cmd + " >/dev/null 2>&1").c_str(
 class TestNetns {
  public:
   TestNetns() {
+    removeLeftovers();
     name_ = "weft-zt-unit-" + std::to_string(getpid());
     sh("ip netns del " + name_);
     ok_ = sh("ip netns add " + name_) == 0 && sh("ip -n " + name_ + " link set lo up") == 0 &&
@@ -44,6 +47,21 @@ class TestNetns {
   }
   bool ok() const { return ok_; }
   int fd() const { return fd_.get(); }
+  // Namespaces of earlier runs that crashed before cleaning up (their pid is gone).
+  static void removeLeftovers() {
+    DIR* d = opendir("/run/netns");
+    if (d == nullptr) return;
+    std::vector<std::string> stale;
+    const std::string prefix = "weft-zt-unit-";
+    while (dirent* e = readdir(d)) {
+      std::string n = e->d_name;
+      if (n.rfind(prefix, 0) != 0) continue;
+      pid_t pid = static_cast<pid_t>(atoi(n.c_str() + prefix.size()));
+      if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) stale.push_back(n);
+    }
+    closedir(d);
+    for (const std::string& n : stale) sh("ip netns del " + n);
+  }
   UniqueFd dupFd() const { return UniqueFd(fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0)); }
 
  private:
