@@ -38,6 +38,7 @@ constexpr const char* kPlainClientIp = "10.244.1.20";
 constexpr const char* kMeshServerIp = "10.244.2.10";
 constexpr const char* kMeshServerIp6 = "fd00:10:244:2::10";
 constexpr const char* kPlainServerIp = "10.244.2.20";
+constexpr const char* kMeshWebIp = "10.244.2.11";  // nginx, enrolled, node2
 constexpr const char* kMeshInboundSource = "127.0.0.6";  // ARCHITECTURE.md "Inbound to the app"
 constexpr int kHashPort = 8080;
 constexpr int kHashPort2 = 8081;
@@ -138,6 +139,37 @@ void downOnSignal(int sig) {
   ::raise(sig);
 }
 
+// nginx in a pod, every path under $POD_DIR, answering with the caller's address as nginx saw
+// it: a server nobody here wrote, for a client nobody here wrote (curl).
+constexpr const char* kWebScript = R"(#!/bin/sh
+set -eu
+mkdir -p "$POD_DIR/tmp"
+cat > "$POD_DIR/nginx.conf" <<CONF
+daemon off;
+worker_processes 1;
+pid $POD_DIR/nginx.pid;
+error_log $POD_DIR/nginx-error.log warn;
+events { worker_connections 256; }
+http {
+  access_log $POD_DIR/access.log;
+  client_body_temp_path $POD_DIR/tmp/body;
+  proxy_temp_path $POD_DIR/tmp/proxy;
+  fastcgi_temp_path $POD_DIR/tmp/fastcgi;
+  uwsgi_temp_path $POD_DIR/tmp/uwsgi;
+  scgi_temp_path $POD_DIR/tmp/scgi;
+  server {
+    listen 80;
+    listen [::]:80;
+    location / {
+      default_type text/plain;
+      return 200 "client=\$remote_addr\n";
+    }
+  }
+}
+CONF
+exec nginx -e "$POD_DIR/nginx-error.log" -c "$POD_DIR/nginx.conf"
+)";
+
 // One sim per test suite, shared by its tests to keep the run short.
 class SimSuite : public ::testing::Test {
  protected:
@@ -219,6 +251,16 @@ class SimSuite : public ::testing::Test {
              "---\n" +
              pod("plain", "server", "node2", kPlainServerIp, "fd00:10:244:2::20",
                  server + plainServer_.path())},
+        {"web.sh", kWebScript},
+        {"pods-web.yaml",
+         [&] {
+           PodSpec p;
+           p.ns = "mesh", p.name = "web", p.node = "node2", p.ip4 = kMeshWebIp;
+           p.ip6 = "fd00:10:244:2::11";
+           p.command = "sh $WEFT_SIM_MANIFESTS/web.sh";
+           p.readyPort = 80;
+           return podYaml(p);
+         }()},
         {"pods-live.yaml",
          pod("live", "client", "node1", "10.244.1.30", "fd00:10:244:1::30", "sleep infinity")},
     };
@@ -325,6 +367,19 @@ TEST_F(MeshE2E, CrossNodeConnectionIsMeshed) {
     EXPECT_EQ(a.peerIp, kMeshInboundSource) << "the app must see the mesh's inbound source";
     EXPECT_EQ(a.localPort, kHashPort);
   }
+}
+
+// curl to nginx across nodes from an enrolled pod: meshed, nginx sees the mesh's source.
+TEST_F(MeshE2E, CurlToNginxAcrossNodesIsMeshed) {
+  constexpr int kRequests = 3;
+  double src0 = opened("node1", "source");
+  for (int i = 0; i < kRequests; ++i) {
+    auto r = cluster_->exec(kMeshClient, {"curl", "-sS", "--max-time", "10",
+                                          fmt::format("http://{}:80/", kMeshWebIp)});
+    EXPECT_EQ(r.exitCode, 0) << r.describe();
+    EXPECT_EQ(r.out, fmt::format("client={}\n", kMeshInboundSource)) << r.describe();
+  }
+  EXPECT_EQ(openedReaching("node1", "source", src0 + kRequests), src0 + kRequests);
 }
 
 // A pod of a namespace without the label talks directly: no ztunnel counts it.
@@ -472,12 +527,11 @@ TEST_F(MeshE2E, Ipv6CrossNodeIsMeshed) {
 
 // --- resilience: agent restart and bad input -------------------------------------------------
 
-// What the node's BPF state is, as IDs: every pin (prog or link) and every program attached
-// to the node's cgroup root, plus the programs with Weft names the agent holds open.
+// What the node's BPF state is, as IDs: every pinned prog and link, and every program attached
+// to the node's cgroup root. A second copy shows as new IDs in either.
 struct BpfState {
   std::map<std::string, int> pins;              // path relative to the pin dir -> id
   std::multiset<std::string> cgroupAttachments;  // "attach_type:id"
-  std::set<std::string> names;                  // Weft program names (from the pins)
   bool operator==(const BpfState& o) const {
     return pins == o.pins && cgroupAttachments == o.cgroupAttachments;
   }
@@ -527,7 +581,6 @@ std::optional<BpfState> bpfState(SimCluster& c, const std::string& node, std::st
     std::optional<Json> j;
     if (top == "progs") {
       j = bpftoolJson({"prog", "show", "pinned", it->path().string()}, err);
-      if (j && j->contains("name")) st.names.insert((*j)["name"].get<std::string>());
     } else if (top == "links" || top == "netns") {
       j = bpftoolJson({"link", "show", "pinned", it->path().string()}, err);
     } else {
@@ -562,16 +615,27 @@ std::optional<BpfState> bpfState(SimCluster& c, const std::string& node, std::st
   return st;
 }
 
-// IDs of loaded programs with Weft names that `pid` holds open (bpftool's "pids" field).
-std::set<int> progsHeldBy(int pid, const std::set<std::string>& names, std::string* err) {
+// IDs of the BPF programs `pid` holds open, directly or through a link, read from
+// /proc/<pid>/fdinfo (bpftool's "pids" field needs a bpftool built with that feature).
+std::set<int> progsHeldBy(int pid) {
   std::set<int> ids;
-  auto j = bpftoolJson({"prog", "show"}, err);
-  if (!j) return ids;
-  for (auto& p : *j) {
-    if (!p.contains("name") || !names.count(p["name"].get<std::string>())) continue;
-    if (!p.contains("pids")) continue;
-    for (auto& h : p["pids"]) {
-      if (h.value("pid", -1) == pid) ids.insert(p.value("id", -1));
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(fmt::format("/proc/{}/fd", pid), ec);
+       !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    std::error_code lec;
+    auto target = fs::read_symlink(it->path(), lec).string();
+    if (target.find("bpf-prog") == std::string::npos &&
+        target.find("bpf_link") == std::string::npos) {
+      continue;
+    }
+    std::ifstream info(fmt::format("/proc/{}/fdinfo/{}", pid, it->path().filename().string()));
+    std::string key;
+    while (info >> key) {
+      if (key == "prog_id:") {
+        int id = -1;
+        info >> id;
+        ids.insert(id);
+      }
     }
   }
   return ids;
@@ -595,7 +659,7 @@ TEST_F(ResilienceE2E, AgentKillAndRestartLosesNothing) {
   ASSERT_TRUE(before) << err;
   auto pid = cluster_->agentPid("node1");
   ASSERT_TRUE(pid) << "no nodes[node1].agent.pid in scripts/sim status --json";
-  auto heldBefore = progsHeldBy(*pid, before->names, &err);
+  auto heldBefore = progsHeldBy(*pid);
 
   double src0 = opened("node1", "source");
   Child client;
@@ -627,11 +691,15 @@ TEST_F(ResilienceE2E, AgentKillAndRestartLosesNothing) {
 
   auto after = bpfState(*cluster_, "node1", &err);
   ASSERT_TRUE(after) << err;
+  std::printf("client: %s\nBPF before: %s\nBPF after:  %s\n", j.dump().c_str(),
+              before->describe().c_str(), after->describe().c_str());
   EXPECT_EQ(*before, *after) << "before: " << before->describe()
                              << "\nafter:  " << after->describe();
   auto newPid = cluster_->agentPid("node1");
   if (newPid && *newPid != *pid) {
-    auto held = progsHeldBy(*newPid, before->names, &err);
+    auto held = progsHeldBy(*newPid);
+    std::printf("old agent held %zu Weft programs, restarted agent (pid %d) holds %zu\n",
+                heldBefore.size(), *newPid, held.size());
     std::set<int> known;
     for (auto& [path, id] : before->pins) known.insert(id);
     for (int id : heldBefore) known.insert(id);
