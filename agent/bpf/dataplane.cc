@@ -315,6 +315,7 @@ class KernelDataplane final : public Dataplane {
     std::string why;
     if (pinSetComplete(&why)) {
       if (auto st = adopt(); !st) return st.context("adopting pins under " + options_.pin_dir);
+      if (auto st = pruneNetnsLinks(); !st) return st.context("adopting pins");
       info_.adopted = true;
       spdlog::info("dataplane: adopted pinned programs under {}", options_.pin_dir);
       return Status::ok();
@@ -605,6 +606,21 @@ class KernelDataplane final : public Dataplane {
     if (info_.programs.empty()) {
       info_.programs.assign(std::begin(kCgroupProgs), std::end(kCgroupProgs));
       info_.programs.push_back(WEFT_PROG_SK_LOOKUP);
+    }
+    return Status::ok();
+  }
+
+  // An agent that died between creating a pod's sk_lookup link and its weft_enrolled entry (or
+  // between deleting them on unenroll) left a link that nothing lists: steering without
+  // enrollment. enrolled() is the source of truth, so such links go.
+  Status pruneNetnsLinks() {
+    auto cookies = enrolled();
+    std::set<std::string> keep;
+    for (uint64_t c : cookies) keep.insert(std::to_string(c));
+    for (const auto& name : listDir(sub(WEFT_PIN_NETNS))) {
+      if (keep.count(name)) continue;
+      spdlog::warn("dataplane: removing sk_lookup link of netns {}: not enrolled", name);
+      if (auto st = detachPinnedLink(joinPath(sub(WEFT_PIN_NETNS), name)); !st) return st;
     }
     return Status::ok();
   }

@@ -119,6 +119,18 @@ TEST_F(LifecycleTest, ReopenAdoptsWithoutLoadingASecondCopy) {
   EXPECT_EQ(dp_->enrolled(), std::vector<uint64_t>{pod_cookie_});
   expectRedirect("after adopting");
 
+  // A netns link without its weft_enrolled entry (an agent that died halfway) is pruned on adopt.
+  dp_.reset();
+  UniqueFd enrolled_map(bpf_obj_get((pin_dir_ + "/maps/" + WEFT_MAP_ENROLLED).c_str()));
+  ASSERT_TRUE(enrolled_map.valid());
+  ASSERT_EQ(bpf_map_delete_elem(enrolled_map.get(), &pod_cookie_), 0);
+  auto third = openDataplane();
+  ASSERT_TRUE(third.isOk()) << third.status().message();
+  dp_ = std::move(third.value());
+  EXPECT_TRUE(dp_->info().adopted);
+  EXPECT_FALSE(pinned(pin_dir_ + "/netns/" + std::to_string(pod_cookie_)));
+  ASSERT_TRUE(dp_->enroll(pod_cookie_, pod_fd_.get(), 3).isOk());
+
   // Unenroll through the adopting instance stops redirect.
   ASSERT_TRUE(dp_->unenroll(pod_cookie_).isOk());
   auto app = run(pod_fd_.get(), true, [](int out) { return child::fetch(out, "10.250.0.1:9"); });
