@@ -19,7 +19,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 AgentReply tryAgain(const std::string& socketPath, const std::string& what) {
-  return AgentReply{false, CniError{kErrTryAgainLater, "weft-agent is not reachable; try again later",
+  return AgentReply{false, CniError{kErrTryAgainLater,
+                                    "weft-agent is not reachable; try again later",
                                     socketPath + ": " + what}};
 }
 
@@ -88,9 +89,10 @@ AgentReply callAgent(const std::string& socketPath, const nlohmann::json& reques
   char buf[4096];
   for (;;) {
     if (!waitFor(fd.get(), POLLIN, deadline)) {
-      return tryAgain(socketPath, errno == ETIMEDOUT
-                                      ? "no answer within " + std::to_string(timeout.count()) + " ms"
-                                      : "waiting for the answer: " + errnoText(errno));
+      return tryAgain(socketPath,
+                      errno == ETIMEDOUT
+                          ? "no answer within " + std::to_string(timeout.count()) + " ms"
+                          : "waiting for the answer: " + errnoText(errno));
     }
     ssize_t n = ::recv(fd.get(), buf, sizeof(buf), 0);
     if (n == 0) break;

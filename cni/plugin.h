@@ -63,12 +63,13 @@ using Env = std::map<std::string, std::string>;
 
 // "K8S_POD_NAME=a;K8S_POD_NAMESPACE=b" -> map. Empty pairs are skipped; a pair without '='
 // or with an empty key is an error (code 4).
-std::optional<CniError> parseCniArgs(std::string_view text, std::map<std::string, std::string>* out);
+std::optional<CniError> parseCniArgs(std::string_view text,
+                                     std::map<std::string, std::string>* out);
 
 // Reads and validates CNI_* variables for the command. `netnsExists` is asked whether the
 // CNI_NETNS path exists (ADD and CHECK require it; DEL does not).
-std::optional<CniError> parseEnvironment(const Env& env, Environment* out,
-                                         const std::function<bool(const std::string&)>& netnsExists);
+std::optional<CniError> parseEnvironment(
+    const Env& env, Environment* out, const std::function<bool(const std::string&)>& netnsExists);
 
 // Parses the stdin config. `forVersion` relaxes what VERSION does not need.
 std::optional<CniError> parseConfig(std::string_view text, bool forVersion, Config* out);
