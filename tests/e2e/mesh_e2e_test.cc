@@ -827,6 +827,11 @@ TEST_F(ResilienceE2E, CniAddWithMissingNetnsFails) {
 TEST_F(ResilienceE2E, GarbageOnNodeProtocolSocketIsDropped) {
   auto path = cluster_->agentSocket("node1", "ztunnel");
   ASSERT_TRUE(path) << "no nodes[node1].agent.ztunnel_socket in scripts/sim status --json";
+  std::string err;
+  auto statusBefore = cluster_->agentAdmin("node1", "/status", &err);
+  ASSERT_TRUE(statusBefore) << err;
+  auto sb = Json::parse(*statusBefore, nullptr, false);
+  int protocolErrors0 = sb.is_discarded() ? -1 : sb["ztunnel"].value("protocol_errors", -1);
   int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
   ASSERT_GE(fd, 0);
   sockaddr_un sa{};
@@ -851,8 +856,14 @@ TEST_F(ResilienceE2E, GarbageOnNodeProtocolSocketIsDropped) {
   ::close(fd);
   EXPECT_TRUE(closed) << "the agent kept the connection open after a datagram that does not parse";
 
-  std::string err;
-  EXPECT_TRUE(cluster_->agentAdmin("node1", "/status", &err)) << err;
+  auto statusAfter = cluster_->agentAdmin("node1", "/status", &err);
+  ASSERT_TRUE(statusAfter) << "agent stopped answering after the junk: " << err;
+  // The agent's /status (agent/admin.cc): its real ztunnel is still connected, and the junk
+  // was counted as a protocol error.
+  auto after = Json::parse(*statusAfter, nullptr, false);
+  ASSERT_FALSE(after.is_discarded()) << *statusAfter;
+  EXPECT_EQ(after["ztunnel"].value("connected", false), true) << *statusAfter;
+  EXPECT_GT(after["ztunnel"].value("protocol_errors", -1), protocolErrors0) << *statusAfter;
   auto ready = cluster_->onNode("node1", {"curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                                           "--max-time", "5",
                                           "http://127.0.0.1:15021/healthz/ready"});
