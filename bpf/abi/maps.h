@@ -56,7 +56,9 @@ struct weft_orig_dst_key {
 /* weft_in_bypass (HASH): source IP -> __u8, sources never steered inbound (node health probes). */
 /* key: struct weft_ip */
 
-/* weft_events (RINGBUF): struct weft_event records. */
+/* weft_events (RINGBUF): struct weft_event records. REDIRECT: dst = original destination, src
+ * unset (the client port is not chosen yet). INBOUND_STEER: src = caller, dst = pod addr:port.
+ * BIND_DENIED: src = the address the bind asked for. */
 #define WEFT_EVENT_REDIRECT 1
 #define WEFT_EVENT_INBOUND_STEER 2
 #define WEFT_EVENT_BIND_DENIED 3
