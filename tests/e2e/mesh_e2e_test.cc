@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -122,19 +123,23 @@ std::string tailOf(const std::string& path, size_t lines) {
 
 // Tears the sim down when the run is interrupted (ctest timeout sends SIGTERM first), so no
 // namespaces, cgroups or BPF links outlive us. Only async-signal-safe calls in the handler.
-std::vector<std::string> g_downArgv;
-void downOnSignal(int sig) {
-  if (!g_downArgv.empty()) {
-    std::vector<char*> argv;
-    for (auto& a : g_downArgv) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    if (pid > 0) ::waitpid(pid, nullptr, 0);
+std::vector<std::string> g_downArgv;   // scripts/sim down --name S
+std::vector<std::string> g_cleanArgv;  // rm -rf of our temp dirs
+void runFromSignal(std::vector<std::string>& args) {
+  if (args.empty()) return;
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
   }
+  if (pid > 0) ::waitpid(pid, nullptr, 0);
+}
+void downOnSignal(int sig) {
+  runFromSignal(g_downArgv);
+  runFromSignal(g_cleanArgv);
   ::signal(sig, SIG_DFL);
   ::raise(sig);
 }
@@ -191,7 +196,9 @@ class SimSuite : public ::testing::Test {
     ::signal(SIGTERM, downOnSignal);
     ::signal(SIGINT, downOnSignal);
     std::string err;
-    if (!cluster_->up(2, manifests(), &err)) {
+    bool isUp = cluster_->up(2, manifests(), &err);
+    g_cleanArgv = {"/bin/rm", "-rf", "--", logDir_, cluster_->manifestCopyDir()};
+    if (!isUp) {
       setupError_ = err;
       return;
     }
@@ -208,6 +215,7 @@ class SimSuite : public ::testing::Test {
     if (cluster_) cluster_->down();
     cluster_.reset();
     g_downArgv.clear();
+    g_cleanArgv.clear();
     ::signal(SIGTERM, SIG_DFL);
     ::signal(SIGINT, SIG_DFL);
     if (!logDir_.empty()) {

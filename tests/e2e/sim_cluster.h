@@ -53,6 +53,8 @@ class SimCluster {
   void down();
   bool isUp() const { return up_; }
   const std::string& name() const { return name_; }
+  // Our copy of the manifests given to `sim up` (removed by down()).
+  const std::string& manifestCopyDir() const { return dir_; }
 
   // `scripts/sim status --json`, refreshed on each call.
   std::optional<nlohmann::json> status(std::string* error = nullptr);
