@@ -64,7 +64,11 @@ Route decideOutbound(const SocketAddress& original_dst, const WorkloadInfo* sour
     for (const ServiceEndpointInfo& e : svc->endpoints) {
       WorkloadInfoPtr w;
       const IpAddr* eip = endpointIp(e, ip.family(), state, &w);
-      if (eip != nullptr) candidates.push_back(Candidate{*eip, w});
+      if (eip == nullptr) continue;
+      // A dual-stack pod is often listed once per family; it is one endpoint, not two.
+      bool dup = false;
+      for (const Candidate& c : candidates) dup = dup || c.ip == *eip;
+      if (!dup) candidates.push_back(Candidate{*eip, w});
     }
     if (candidates.empty()) {
       Route r = refuse("service " + svc->key() + " has no endpoints");

@@ -148,6 +148,21 @@ TEST_F(RouteTest, EndpointWithoutWorkloadStillRoutes) {
   EXPECT_FALSE(r.destination_workload);
 }
 
+TEST_F(RouteTest, DualStackEndpointListedTwiceCountsOnce) {
+  ServiceInfo ds;
+  ds.name = "ds";
+  ds.namespace_ = "default";
+  ds.vips = {ip("10.96.0.40")};
+  ds.ports = {{80, 80, true, ""}};
+  ds.endpoints = {{"u-b1", ip("10.244.1.3")}, {"u-b1", ip("fd00:10:244:1::3")},
+                  {"u-b2", ip("10.244.2.3")}, {"u-b2", ip("fd00:10:244:2::3")}};
+  state_.addService(ds);
+  std::vector<std::string> hops;
+  for (int i = 0; i < 4; i++) hops.push_back(decide("10.96.0.40:80").next_hop.toString());
+  EXPECT_EQ(hops, (std::vector<std::string>{"10.244.1.3:80", "10.244.2.3:80", "10.244.1.3:80",
+                                             "10.244.2.3:80"}));
+}
+
 TEST_F(RouteTest, CursorsArePerService) {
   ServiceInfo other;
   other.name = "other";
