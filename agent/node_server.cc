@@ -404,11 +404,10 @@ bool NodeServer::delWorkload(const std::string& uid) {
   return true;
 }
 
-void NodeServer::closeConnection(const ConnectionPtr& conn, const std::string& why,
+void NodeServer::closeConnection(ConnectionPtr conn, const std::string& why,
                                  bool protocol_error) {
   auto it = connections_.find(conn.get());
   if (it == connections_.end()) return;
-  ConnectionPtr keep = it->second;  // alive until this function returns
   connections_.erase(it);
   if (protocol_error) {
     stats_.protocol_errors++;

@@ -107,7 +107,8 @@ class NodeServer {
   void onAck(const ConnectionPtr& conn, const nodepb::Ack& ack);
   void enqueue(Connection& conn, Outgoing out);
   void pump(const ConnectionPtr& conn);
-  void closeConnection(const ConnectionPtr& conn, const std::string& why, bool protocol_error);
+  // By value: callers may pass a reference into connections_, which this erases.
+  void closeConnection(ConnectionPtr conn, const std::string& why, bool protocol_error);
 
   uv_loop_t* loop_;
   std::string path_;
