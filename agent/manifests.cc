@@ -292,7 +292,10 @@ Status parseDocuments(const std::string& file, const std::vector<YAML::Node>& do
       meta = svc.meta;
       if (!err) out->services.push_back(std::move(svc));
     } else {
-      return Status::error(where + ": kind: unknown kind \"" + *kind +
+      // Name the object as well as it can be named, so the user finds it in the file.
+      (void)parseMeta(doc, *kind, true, &meta);
+      const std::string who = meta.name.empty() ? where : file + ": " + describe(*kind, meta);
+      return Status::error(who + ": kind: unknown kind \"" + *kind +
                            "\" (known: Namespace, Pod, Service)");
     }
     const std::string object = describe(*kind, meta);

@@ -175,7 +175,10 @@ INSTANTIATE_TEST_SUITE_P(
                 "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  clusterIP: 10.96.0.1\n"
                 "  clusterIPs: [10.96.0.2]\n",
                 "Service ns/s: spec.clusterIPs[0]: must equal spec.clusterIP"},
-        BadCase{"UnknownKind", "kind: Deployment\nmetadata: {name: d}\n",
+        BadCase{"UnknownKind", "kind: Deployment\nmetadata: {name: d, namespace: ns}\n",
+                "Deployment ns/d: kind: unknown kind \"Deployment\" (known: Namespace, Pod, "
+                "Service)"},
+        BadCase{"UnknownKindNoName", "kind: Deployment\n",
                 "document 1: kind: unknown kind \"Deployment\" (known: Namespace, Pod, Service)"},
         BadCase{"NoKind", "metadata: {name: d}\n", "document 1: kind: required"},
         BadCase{"NotMapping", "- a\n- b\n", "document 1: not a mapping"},
