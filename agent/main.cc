@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "agent/admin.h"
+#include "agent/ca.h"
 #include "agent/bpf/dataplane.h"
 #include "agent/cni_server.h"
 #include "agent/enrollment.h"
@@ -64,7 +65,43 @@ struct Flags {
   bool log_json = false;
   bool cleanup = false;
   uint64_t cni_add_timeout_s = 30;
+  std::string ca_dir = "/var/lib/weft/ca";
+  std::string ca_cert;
+  std::string ca_key;
+  std::string ca_chain;
+  uint64_t cert_ttl_s = 24 * 3600;
+  uint64_t ca_reload_interval_ms = 2000;
 };
+
+// Answers a ztunnel's CertificateRequest: parse the identity, allow only identities of enrolled
+// pods on this node, then sign.
+nodepb::CertificateResponse answerCertificateRequest(CertificateAuthority& ca,
+                                                     const EnrollmentController& enrollment,
+                                                     const nodepb::CertificateRequest& req) {
+  nodepb::CertificateResponse resp;
+  auto id = tls::Identity::parse(req.identity());
+  if (!id) {
+    resp.set_error(id.status().message());
+    return resp;
+  }
+  Status allowed = authorizeIdentity(enrollment.model(), enrollment.localPods(), ca.trustDomain(),
+                                     id.value());
+  if (!allowed) {
+    ca.countRefused();
+    resp.set_error(allowed.message());
+    return resp;
+  }
+  auto issued = ca.sign(req.csr_pem(), id.value());
+  if (!issued) {
+    resp.set_error(issued.status().message());
+    return resp;
+  }
+  spdlog::info("issued certificate {} for {} (until {})", issued->serial, id->toString(),
+               std::chrono::system_clock::to_time_t(issued->not_after));
+  resp.set_cert_chain_pem(issued->leaf_pem + issued->chain_pem);
+  resp.set_roots_pem(issued->roots_pem);
+  return resp;
+}
 
 int run(const Flags& flags) {
   auto cgroup_root = flags.cgroup_root.empty() ? defaultCgroupRoot()
@@ -135,6 +172,7 @@ int run(const Flags& flags) {
     enrollment.setRescanHook([&] { watcher.rescanNow(); });
     enrollment.start(manifests.model());
 
+    std::unique_ptr<CertificateAuthority> ca;
     NodeServerPtr node_server;
     CniServerPtr cni_server;
     HttpAdminServerPtr admin_server;
@@ -144,10 +182,30 @@ int run(const Flags& flags) {
       exit_code = 1;
     };
     do {
+      CaOptions ca_opts;
+      ca_opts.trust_domain = en_opts.trust_domain;
+      ca_opts.ca_dir = flags.ca_dir;
+      ca_opts.ca_cert_file = flags.ca_cert;
+      ca_opts.ca_key_file = flags.ca_key;
+      ca_opts.ca_chain_file = flags.ca_chain;
+      ca_opts.default_ttl = std::chrono::seconds(flags.cert_ttl_s);
+      auto created = CertificateAuthority::create(ca_opts);
+      if (!created) { fail(created.status().context("certificate authority")); break; }
+      ca = std::move(created.value());
+      if (Status s = ca->startWatching(&loop,
+                                       std::chrono::milliseconds(flags.ca_reload_interval_ms));
+          !s) {
+        fail(s);
+        break;
+      }
+
       auto ns = NodeServer::listen(&loop, flags.ztunnel_socket, &enrollment);
       if (!ns) { fail(ns.status()); break; }
       node_server = std::move(ns.value());
       enrollment.setNodeServer(node_server.get());
+      node_server->setCertificateSigner([&](const nodepb::CertificateRequest& req) {
+        return answerCertificateRequest(*ca, enrollment, req);
+      });
 
       auto cni = CniServer::listen(&loop, flags.cni_socket,
                                    [&](const CniRequest& r, CniReply reply) {
@@ -198,6 +256,7 @@ int run(const Flags& flags) {
     admin_server.reset();
     cni_server.reset();
     node_server.reset();
+    ca.reset();
   }
   // Let close callbacks run; bounded so a stuck handle cannot hang the exit.
   for (int i = 0; i < 100 && uv_run(&loop, UV_RUN_NOWAIT) != 0; i++) {
@@ -233,6 +292,22 @@ int main(int argc, char** argv) {
                  "seconds a CNI ADD waits for enrollment")
       ->capture_default_str()
       ->check(CLI::Range(1, 600));
+  app.add_option("--ca-dir", flags.ca_dir,
+                 "embedded CA: where the generated root (ca-key.pem 0600, ca-cert.pem) is kept")
+      ->capture_default_str();
+  app.add_option("--ca-cert", flags.ca_cert,
+                 "CA certificate file (root or intermediate) instead of the embedded root; "
+                 "hot-reloaded when it changes");
+  app.add_option("--ca-key", flags.ca_key, "private key of --ca-cert");
+  app.add_option("--ca-chain", flags.ca_chain,
+                 "certificates above --ca-cert up to the root (for an intermediate)");
+  app.add_option("--cert-ttl", flags.cert_ttl_s, "workload certificate lifetime, seconds")
+      ->capture_default_str()
+      ->check(CLI::Range(uint64_t{2}, uint64_t{366} * 24 * 3600));
+  app.add_option("--ca-reload-interval", flags.ca_reload_interval_ms,
+                 "how often --ca-cert/--ca-key/--ca-chain are checked for changes, ms")
+      ->capture_default_str()
+      ->check(CLI::Range(uint64_t{100}, uint64_t{3600000}));
   app.add_option("--log-level", flags.log_level, "trace|debug|info|warn|error")
       ->capture_default_str();
   app.add_flag("--log-json", flags.log_json, "JSON log lines");

@@ -63,6 +63,7 @@ const char* payloadName(const nodepb::AgentMessage& m) {
     case nodepb::AgentMessage::kDelWorkload: return "DelWorkload";
     case nodepb::AgentMessage::kSnapshotSent: return "SnapshotSent";
     case nodepb::AgentMessage::kClusterUpdate: return "ClusterUpdate";
+    case nodepb::AgentMessage::kCertificateResponse: return "CertificateResponse";
     default: return "empty";
   }
 }
@@ -247,8 +248,12 @@ void NodeServer::onReadable(const ConnectionPtr& conn) {
       onHello(conn, msg.hello());
     } else if (msg.has_ack()) {
       onAck(conn, msg.ack());
+    } else if (msg.has_certificate_request()) {
+      onCertificateRequest(conn, msg.certificate_request());
     } else {
-      closeConnection(conn, msg.has_hello() ? "second Hello" : "message is neither Hello nor Ack",
+      closeConnection(conn,
+                      msg.has_hello() ? "second Hello"
+                                      : "message is neither Hello, Ack nor CertificateRequest",
                       true);
       return;
     }
@@ -299,6 +304,33 @@ void NodeServer::onHello(const ConnectionPtr& conn, const nodepb::Hello& hello) 
   Outgoing done;
   done.msg.mutable_snapshot_sent();
   enqueue(*conn, std::move(done));
+  pump(conn);
+}
+
+void NodeServer::onCertificateRequest(const ConnectionPtr& conn,
+                                      const nodepb::CertificateRequest& req) {
+  // Only the active ztunnel gets certificates; a replaced connection is about to close.
+  if (conn != active_) return;
+  stats_.certificate_requests++;
+  // Bound what one ztunnel can queue: each answer waits its turn behind the one in flight.
+  constexpr size_t kMaxQueued = 4096;
+  nodepb::CertificateResponse resp;
+  if (conn->queue.size() >= kMaxQueued) {
+    resp.set_error("agent busy: too many queued messages");
+  } else if (!signer_) {
+    resp.set_error("this agent has no certificate authority");
+  } else {
+    resp = signer_(req);
+  }
+  resp.set_request_id(req.id());
+  if (!resp.error().empty()) {
+    stats_.certificate_errors++;
+    spdlog::warn("node protocol: certificate request {} for {} refused: {}", req.id(),
+                 req.identity().substr(0, 300), resp.error());
+  }
+  Outgoing o;
+  *o.msg.mutable_certificate_response() = std::move(resp);
+  enqueue(*conn, std::move(o));
   pump(conn);
 }
 

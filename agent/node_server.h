@@ -65,7 +65,13 @@ struct NodeServerStats {
   uint64_t ack_timeouts = 0;
   uint64_t rejected_workloads = 0;  // AddWorkload acked with an error
   uint64_t messages_sent = 0;
+  uint64_t certificate_requests = 0;  // CertificateRequests received from the active ztunnel
+  uint64_t certificate_errors = 0;    // answered with an error (refused identity, bad CSR, no CA)
 };
+
+// Answers one CertificateRequest (request_id is filled in by the server). Runs on the loop.
+using CertificateSigner =
+    std::function<nodepb::CertificateResponse(const nodepb::CertificateRequest&)>;
 
 class NodeServer {
  public:
@@ -85,6 +91,8 @@ class NodeServer {
   bool sendClusterUpdate(nodepb::ClusterUpdate update);
   bool addWorkload(const nodepb::Workload& workload, int netns_fd, AckCallback on_ack);
   bool delWorkload(const std::string& uid);
+  // Who signs CertificateRequests; without one every request is answered with an error.
+  void setCertificateSigner(CertificateSigner signer) { signer_ = std::move(signer); }
 
   // Stops accepting and closes every connection; no callbacks run (the owner is stopping).
   void close();
@@ -105,6 +113,7 @@ class NodeServer {
   void onReadable(const ConnectionPtr& conn);
   void onHello(const ConnectionPtr& conn, const nodepb::Hello& hello);
   void onAck(const ConnectionPtr& conn, const nodepb::Ack& ack);
+  void onCertificateRequest(const ConnectionPtr& conn, const nodepb::CertificateRequest& req);
   void enqueue(Connection& conn, Outgoing out);
   void pump(const ConnectionPtr& conn);
   // By value: callers may pass a reference into connections_, which this erases.
@@ -120,6 +129,7 @@ class NodeServer {
   ConnectionPtr active_;
   uint64_t next_id_ = 1;
   NodeServerStats stats_;
+  CertificateSigner signer_;
   bool closed_ = false;
 };
 
