@@ -45,7 +45,9 @@ IdentityManager::~IdentityManager() {
 }
 
 tls::TimePoint IdentityManager::renewAt(const Certificate& c) const {
-  return c.not_before + (c.not_after - c.not_before) / 2;
+  // Half of the lifetime left when it arrived: robust to clock skew against the agent.
+  tls::TimePoint from = std::max(c.not_before, c.received_at);
+  return from + (c.not_after - from) / 2;
 }
 
 bool IdentityManager::needsRequest(const Entry& e, tls::TimePoint now) const {
@@ -158,6 +160,7 @@ Result<CertificatePtr> IdentityManager::accept(Entry& e, const node::v1::Certifi
   c->not_before = nb.value();
   c->not_after = na.value();
   c->serial = tls::serialHex(c->leaf.get());
+  c->received_at = options_.now();
   if (c->not_after <= options_.now()) return Status::error("certificate already expired");
 
   // It must chain to the roots it came with (what peers will check), at our clock.

@@ -34,6 +34,7 @@ struct Certificate {
   std::string serial;                 // hex
   tls::TimePoint not_before;
   tls::TimePoint not_after;
+  tls::TimePoint received_at;         // our clock; renewal counts from max(not_before, this)
 };
 using CertificatePtr = std::shared_ptr<const Certificate>;
 
