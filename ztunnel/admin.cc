@@ -2,6 +2,8 @@
 // metrics, and readiness.
 #include <spdlog/spdlog.h>
 
+#include <ctime>
+
 #include "common/log.h"
 #include "ztunnel/ztunnel.h"
 
@@ -53,7 +55,33 @@ nlohmann::json Ztunnel::configDump() const {
             {"trust_domain", node_config_.trust_domain()},
             {"cluster_domain", node_config_.cluster_domain()}};
   }
+  // Certificates: public facts only, never key material.
+  nlohmann::json certificates = nlohmann::json::array();
+  if (identities_) {
+    auto iso = [](tls::TimePoint t) -> nlohmann::json {
+      if (t == tls::TimePoint{}) return nullptr;
+      time_t secs = std::chrono::system_clock::to_time_t(t);
+      struct tm tm {};
+      gmtime_r(&secs, &tm);
+      char buf[32];
+      std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+      return std::string(buf);
+    };
+    for (const IdentityView& v : identities_->view()) {
+      certificates.push_back({{"identity", v.identity},
+                              {"state", certStateName(v.state)},
+                              {"serial", v.serial},
+                              {"not_before", iso(v.not_before)},
+                              {"not_after", iso(v.not_after)},
+                              {"renew_at", iso(v.renew_at)},
+                              {"workloads", v.workloads},
+                              {"issued", v.issued},
+                              {"failures", v.failures},
+                              {"last_error", v.last_error}});
+    }
+  }
   return {{"node_config", node},
+          {"certificates", certificates},
           {"ready", ready_},
           {"draining", draining_},
           {"agent_connected", agent_ && agent_->connected()},

@@ -162,6 +162,9 @@ bool AgentClient::handle(const node::v1::AgentMessage& msg, std::vector<UniqueFd
     case AgentMessage::kSnapshotSent:
       st = handler_.onSnapshotSent();
       break;
+    case AgentMessage::kCertificateResponse:
+      st = handler_.onCertificateResponse(msg.certificate_response());
+      break;
     case AgentMessage::PAYLOAD_NOT_SET:
       // A newer agent's message kind: say so instead of dropping the connection.
       st = Status::error("unknown or empty message");
@@ -178,6 +181,18 @@ bool AgentClient::handle(const node::v1::AgentMessage& msg, std::vector<UniqueFd
   Status sent = sendNodeMessage(sock_.get(), ack);
   if (!sent) {
     disconnect("sending ack: " + sent.message());
+    return false;
+  }
+  return true;
+}
+
+bool AgentClient::sendCertificateRequest(const node::v1::CertificateRequest& request) {
+  if (!sock_.valid()) return false;
+  node::v1::ZtunnelMessage msg;
+  *msg.mutable_certificate_request() = request;
+  Status sent = sendNodeMessage(sock_.get(), msg);
+  if (!sent) {
+    disconnect("sending certificate request: " + sent.message());
     return false;
   }
   return true;

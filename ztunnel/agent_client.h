@@ -30,6 +30,10 @@ class AgentHandler {
   virtual Status onAddWorkload(const node::v1::Workload& workload, UniqueFd netns) = 0;
   virtual Status onDelWorkload(const std::string& uid) = 0;
   virtual Status onSnapshotSent() = 0;
+  // The answer to a CertificateRequest we sent (acked like any message).
+  virtual Status onCertificateResponse(const node::v1::CertificateResponse& response) {
+    return Status::error("certificate responses are not handled here");
+  }
 };
 
 struct AgentClientOptions {
@@ -52,6 +56,9 @@ class AgentClient {
   // Closes the connection and stops reconnecting.
   void stop();
   bool connected() const { return sock_.valid(); }
+  // Sends a CertificateRequest now; false if not connected or the send failed (which also
+  // drops the connection, as for a failed ack).
+  bool sendCertificateRequest(const node::v1::CertificateRequest& request);
 
  private:
   void tryConnect();

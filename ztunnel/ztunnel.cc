@@ -8,7 +8,12 @@
 namespace weft::ztunnel {
 
 Ztunnel::Ztunnel(uv_loop_t* loop, ZtunnelOptions options)
-    : loop_(loop), options_(std::move(options)), proxy_(loop), workloads_(proxy_, options_.ports) {}
+    : loop_(loop), options_(std::move(options)), proxy_(loop), workloads_(proxy_, options_.ports) {
+  identities_ = std::make_unique<IdentityManager>(
+      loop_, [this](const node::v1::CertificateRequest& req) {
+        return agent_ && agent_->sendCertificateRequest(req);
+      });
+}
 
 Ztunnel::~Ztunnel() { shutdown(); }
 
@@ -74,6 +79,7 @@ void Ztunnel::drain(std::function<void()> done) {
 
 void Ztunnel::shutdown() {
   agent_.reset();
+  identities_.reset();
   admin_.reset();
   metrics_.reset();
   readiness_.reset();
@@ -83,11 +89,15 @@ void Ztunnel::shutdown() {
   proxy_.abortAll("shutdown");
 }
 
-void Ztunnel::onAgentConnected() { snapshot_uids_.clear(); }
+void Ztunnel::onAgentConnected() {
+  snapshot_uids_.clear();
+  if (identities_) identities_->onAgentConnected();
+}
 
 void Ztunnel::onAgentDisconnected() {
   // Keep serving everything we hold; the next connection brings a new snapshot.
   snapshot_uids_.clear();
+  if (identities_) identities_->onAgentDisconnected();
 }
 
 Status Ztunnel::onNodeConfig(const node::v1::NodeConfig& config) {
@@ -110,17 +120,39 @@ Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns
   snapshot_uids_.insert(info->uid);
   if (draining_) return Status::error("draining");
   Status st = workloads_.add(*info, std::move(netns));
-  if (!st) proxy_.stats().workload_listener_failures_total++;
+  if (!st) {
+    proxy_.stats().workload_listener_failures_total++;
+    return st;
+  }
+  // Fetch its certificate ahead of its first connection.
+  if (identities_) {
+    Identity id{node_config_.trust_domain().empty() ? "cluster.local" : node_config_.trust_domain(),
+                workload.namespace_(),
+                workload.service_account().empty() ? "default" : workload.service_account()};
+    auto checked = Identity::parse(id.toString());
+    if (!checked) {
+      spdlog::warn("workload {}: no certificate: {}", info->uid, checked.status().message());
+    } else {
+      identities_->addWorkload(info->uid, checked.value());
+    }
+  }
   return st;
 }
 
 Status Ztunnel::onDelWorkload(const std::string& uid) {
   snapshot_uids_.erase(uid);
+  if (identities_) identities_->removeWorkload(uid);
   return workloads_.remove(uid);
+}
+
+Status Ztunnel::onCertificateResponse(const node::v1::CertificateResponse& response) {
+  if (!identities_) return Status::error("shutting down");
+  return identities_->onCertificateResponse(response);
 }
 
 Status Ztunnel::onSnapshotSent() {
   workloads_.retainOnly(snapshot_uids_);
+  if (identities_) identities_->retainOnly(snapshot_uids_);
   if (!ready_) spdlog::info("snapshot applied: {} local workloads; ready", workloads_.size());
   ready_ = true;
   return Status::ok();

@@ -13,6 +13,7 @@
 #include "common/http_admin.h"
 #include "common/uv_handle.h"
 #include "ztunnel/agent_client.h"
+#include "ztunnel/identity.h"
 #include "ztunnel/proxy.h"
 #include "ztunnel/workloads.h"
 
@@ -43,6 +44,8 @@ class Ztunnel : public AgentHandler {
   bool ready() const { return ready_; }
   Proxy& proxy() { return proxy_; }
   LocalWorkloads& workloads() { return workloads_; }
+  // Workload certificates for the TLS side; null after shutdown().
+  IdentityManager* identities() { return identities_.get(); }
 
   // HTTP handlers (public for tests).
   HttpResponse handleAdmin(const HttpRequest& req);
@@ -57,6 +60,7 @@ class Ztunnel : public AgentHandler {
   Status onAddWorkload(const node::v1::Workload& workload, UniqueFd netns) override;
   Status onDelWorkload(const std::string& uid) override;
   Status onSnapshotSent() override;
+  Status onCertificateResponse(const node::v1::CertificateResponse& response) override;
 
  private:
   void refreshGauges();
@@ -76,6 +80,7 @@ class Ztunnel : public AgentHandler {
   HttpAdminServerPtr admin_;
   HttpAdminServerPtr metrics_;
   HttpAdminServerPtr readiness_;
+  std::unique_ptr<IdentityManager> identities_;  // before agent_: it sends through it
   std::unique_ptr<AgentClient> agent_;  // last: destroyed first, while the rest still exists
 };
 
