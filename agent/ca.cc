@@ -1,11 +1,14 @@
 // CertificateAuthority: root generation and storage, file-backed CA with hot reload, CSR signing.
 #include "agent/ca.h"
 
+#include "common/fd.h"
+
 #include <fcntl.h>
 #include <openssl/err.h>
 #include <openssl/rand.h>
 #include <openssl/x509v3.h>
 #include <spdlog/spdlog.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -151,6 +154,12 @@ Status CertificateAuthority::loadEmbedded() {
   if (ec) return Status::errorf("mkdir {}: {}", parent.string(), ec.message());
   if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
     return Status::error("mkdir " + dir + ": " + errnoText(errno));
+  // Agents sharing one --ca-dir may start together: one generates, the others wait and load.
+  UniqueFd lock(::open((dir + "/.lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (!lock.valid()) return Status::error("open " + dir + "/.lock: " + errnoText(errno));
+  while (::flock(lock.get(), LOCK_EX) != 0) {
+    if (errno != EINTR) return Status::error("flock " + dir + "/.lock: " + errnoText(errno));
+  }
   std::string key_path = dir + "/" + kKeyFile;
   std::string cert_path = dir + "/" + kCertFile;
   struct stat st {};

@@ -65,7 +65,7 @@ struct Flags {
   bool log_json = false;
   bool cleanup = false;
   uint64_t cni_add_timeout_s = 30;
-  std::string ca_dir = "/var/lib/weft/ca";
+  std::string ca_dir;  // default <state-dir>/ca
   std::string ca_cert;
   std::string ca_key;
   std::string ca_chain;
@@ -184,7 +184,7 @@ int run(const Flags& flags) {
     do {
       CaOptions ca_opts;
       ca_opts.trust_domain = en_opts.trust_domain;
-      ca_opts.ca_dir = flags.ca_dir;
+      ca_opts.ca_dir = flags.ca_dir.empty() ? flags.state_dir + "/ca" : flags.ca_dir;
       ca_opts.ca_cert_file = flags.ca_cert;
       ca_opts.ca_key_file = flags.ca_key;
       ca_opts.ca_chain_file = flags.ca_chain;
@@ -293,8 +293,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 600));
   app.add_option("--ca-dir", flags.ca_dir,
-                 "embedded CA: where the generated root (ca-key.pem 0600, ca-cert.pem) is kept")
-      ->capture_default_str();
+                 "embedded CA: where the generated root (ca-key.pem 0600, ca-cert.pem) is kept "
+                 "(default <state-dir>/ca; give every node the same directory or files)");
   app.add_option("--ca-cert", flags.ca_cert,
                  "CA certificate file (root or intermediate) instead of the embedded root; "
                  "hot-reloaded when it changes");
