@@ -248,6 +248,56 @@ TEST_F(NodeServerTest, NewerZtunnelReplacesOlder) {
   EXPECT_TRUE(server_->active());
 }
 
+// A CertificateRequest is not an ack: it is answered by a CertificateResponse queued behind the
+// message in flight, which keeps the one-in-flight rule.
+TEST_F(NodeServerTest, CertificateRequestAnsweredInTurn) {
+  listen();
+  std::vector<std::string> asked;
+  server_->setCertificateSigner([&](const nodepb::CertificateRequest& r) {
+    asked.push_back(r.identity());
+    nodepb::CertificateResponse resp;
+    if (r.identity().find("/sa/evil") != std::string::npos)
+      resp.set_error("identity " + r.identity() + " has no workload on this node");
+    else
+      resp.set_cert_chain_pem("CHAIN:" + r.csr_pem());
+    return resp;
+  });
+  FakeZtunnel z;
+  ASSERT_TRUE(z.connect(path()));
+  ASSERT_TRUE(z.hello());
+  nodepb::AgentMessage m;
+  std::vector<UniqueFd> fds;
+  ASSERT_TRUE(z.recv(&loop_, &m, &fds));
+  ASSERT_TRUE(m.has_node_config());  // in flight, not acked yet
+  nodepb::ZtunnelMessage req;
+  req.mutable_certificate_request()->set_id(7);
+  req.mutable_certificate_request()->set_identity("spiffe://cluster.local/ns/a/sa/b");
+  req.mutable_certificate_request()->set_csr_pem("csr");
+  ASSERT_TRUE(z.send(req));
+  req.mutable_certificate_request()->set_id(8);
+  req.mutable_certificate_request()->set_identity("spiffe://cluster.local/ns/a/sa/evil");
+  ASSERT_TRUE(z.send(req));
+  ASSERT_TRUE(testing::runUntil(&loop_, [&] { return asked.size() == 2; }));
+  EXPECT_FALSE(z.recv(&loop_, &m, &fds, 200));  // still one in flight
+  ASSERT_TRUE(z.ack(m.id()));
+  // The snapshot continues; the two responses come in order after what was already queued.
+  std::vector<nodepb::CertificateResponse> responses;
+  for (int i = 0; i < 10 && responses.size() < 2; i++) {
+    nodepb::AgentMessage next = z.recvAndAck(&loop_, &fds);
+    if (next.has_certificate_response()) responses.push_back(next.certificate_response());
+  }
+  ASSERT_EQ(responses.size(), 2u);
+  EXPECT_EQ(responses[0].request_id(), 7u);
+  EXPECT_EQ(responses[0].cert_chain_pem(), "CHAIN:csr");
+  EXPECT_TRUE(responses[0].error().empty());
+  EXPECT_EQ(responses[1].request_id(), 8u);
+  EXPECT_NE(responses[1].error().find("has no workload on this node"), std::string::npos);
+  auto st = server_->stats();
+  EXPECT_EQ(st.certificate_requests, 2u);
+  EXPECT_EQ(st.certificate_errors, 1u);
+  EXPECT_EQ(st.protocol_errors, 0u);
+}
+
 TEST(SplitClusterUpdate, KeepsEverythingAndFullOnlyFirst) {
   nodepb::ClusterUpdate u;
   u.set_full(true);

@@ -93,6 +93,9 @@ class FakeZtunnel {
     m.mutable_ack()->set_error(error);
     return sendNodeMessage(fd_.get(), m).isOk();
   }
+  bool send(const weft::node::v1::ZtunnelMessage& m) {
+    return sendNodeMessage(fd_.get(), m).isOk();
+  }
   bool sendRaw(const std::string& bytes) {
     return ::send(fd_.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL) ==
            static_cast<ssize_t>(bytes.size());
