@@ -247,14 +247,14 @@ TEST_F(IdentityTest, WaitForResolvesOrTimesOut) {
   // No answer: nullptr after the (real-time) timeout, bounded.
   Identity other{"cluster.local", "shop", "other"};
   mgr_->addWorkload("uid-2", other);
+  // No wall-clock bounds here (shared machines are noisy): the wait must not end at once, and
+  // must end with nullptr once the loop has run its timer.
   bool timed_out = false;
-  auto start = std::chrono::steady_clock::now();
   mgr_->waitFor(other, [&](CertificatePtr c) { timed_out = (c == nullptr); }, 150ms);
+  EXPECT_FALSE(timed_out);
+  EXPECT_EQ(mgr_->pendingWaits(), 1u);
   for (int i = 0; i < 200 && !timed_out; i++) uv_run(&loop_, UV_RUN_ONCE);
-  auto took = std::chrono::steady_clock::now() - start;
   EXPECT_TRUE(timed_out);
-  EXPECT_GE(took, 140ms);
-  EXPECT_LT(took, 2s);
   EXPECT_EQ(mgr_->waitsTimedOut(), 1u);
   EXPECT_EQ(mgr_->pendingWaits(), 0u);
 
