@@ -306,6 +306,31 @@ TEST_F(HboneTest, HundredSequentialStreamsOneHandshake) {
   EXPECT_EQ(server_->stats().handshakes, 1u);
 }
 
+TEST_F(HboneTest, IdlePooledConnectionDropped) {
+  ClientConfig cc;
+  cc.settings.idleTimeout = std::chrono::milliseconds(300);
+  client_ = std::make_unique<HboneClient>(&loop_, cc);
+  Listener up;
+  std::thread upstream = echoUpstream(up);
+  JoinUpstream guard(up, upstream);
+  std::string err;
+  auto [status, app] = open(request(up.port()), &err);
+  ASSERT_EQ(status, 200) << err;
+  std::string back;
+  withThread([&, fd = app.get()] {
+    writeAll(fd, "x");
+    ::shutdown(fd, SHUT_WR);
+    back = readToEof(fd);
+  });
+  EXPECT_EQ(back, "x");
+  EXPECT_EQ(client_->connections(), 1u);
+  // No streams for the idle timeout: GOAWAY and close, on both sides.
+  EXPECT_TRUE(runUntil(&loop_, [&] { return client_->connections() == 0; },
+                       std::chrono::seconds(5)));
+  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->connections() == 0; },
+                       std::chrono::seconds(5)));
+}
+
 TEST(HboneSpiffe, TrustDomainParsing) {
   EXPECT_EQ(spiffeTrustDomain("spiffe://cluster.local/ns/a/sa/b"), "cluster.local");
   EXPECT_EQ(spiffeTrustDomain("spiffe://cluster.local/ns/a/sa/"), "");
