@@ -1,6 +1,7 @@
 // HBONE client <-> server on loopback with real certificates: CONNECT, bytes both ways (8 MiB
 // too), half-close, 400/401/503, identity refusals, and pooling.
 #include <atomic>
+#include <iostream>
 #include <random>
 #include <thread>
 
@@ -304,6 +305,49 @@ TEST_F(HboneTest, HundredSequentialStreamsOneHandshake) {
   EXPECT_EQ(client_->handshakes(), 1u);
   EXPECT_EQ(client_->connections(), 1u);
   EXPECT_EQ(server_->stats().handshakes, 1u);
+}
+
+TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
+  // The upstream does not read for a while: the tunnel must stop taking the sender's bytes
+  // after about one stream window plus the kernel socket buffers on the way (tens of MiB on
+  // loopback), not buffer all 128 MiB.
+  constexpr size_t kTotal = 128u << 20;
+  Listener up;
+  std::atomic<bool> startReading{false};
+  std::atomic<size_t> upstreamGot{0};
+  std::thread upstream([&] {
+    UniqueFd c = up.accept();
+    while (!startReading) ::usleep(1000);
+    upstreamGot = readToEof(c.get()).size();
+  });
+  JoinUpstream guard(up, upstream);
+  std::string err;
+  auto [status, app] = open(request(up.port()), &err);
+  ASSERT_EQ(status, 200) << err;
+  std::atomic<size_t> written{0};
+  std::atomic<bool> writerDone{false};
+  std::thread writer([&, fd = app.get()] {
+    std::string chunk(64 * 1024, 'w');
+    while (written < kTotal) {
+      ssize_t n = ::write(fd, chunk.data(), chunk.size());
+      if (n <= 0) break;
+      written += static_cast<size_t>(n);
+    }
+    ::shutdown(fd, SHUT_WR);
+    writerDone = true;
+  });
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  size_t stalledAt = written;
+  std::cout << "accepted while the upstream was stalled: " << stalledAt << " bytes\n";
+  EXPECT_LT(stalledAt, 64u << 20) << "bytes accepted while the upstream was not reading";
+  EXPECT_FALSE(writerDone.load());
+  startReading = true;
+  EXPECT_TRUE(runUntil(&loop_, [&] { return upstreamGot.load() != 0 && writerDone.load(); },
+                       std::chrono::seconds(60)));
+  writer.join();
+  upstream.join();
+  EXPECT_EQ(upstreamGot.load(), kTotal);
 }
 
 TEST_F(HboneTest, IdlePooledConnectionDropped) {
