@@ -56,7 +56,8 @@ class CertDir {
               d + "/ca.key -out " + d + "/ca.crt -days 2 -subj /CN=" + name) &&
            sh("touch " + d + "/index.txt && echo 01 > " + d + "/serial") &&
            sh("printf '[ca]\\ndefault_ca=d\\n[d]\\ndatabase=" + d + "/index.txt\\nnew_certs_dir=" +
-              d + "\\nserial=" + d + "/serial\\ndefault_md=sha256\\npolicy=p\\nunique_subject=no\\n" +
+              d + "\\nserial=" + d + "/serial\\ndefault_md=sha256\\npolicy=p\\n" +
+              "unique_subject=no\\n" +
               "[p]\\ncommonName=supplied\\n' > " + d + "/ca.cnf");
   }
   // A leaf of `ca` with URI SAN `uri`; dates: "" = valid now for a day, or "expired".
