@@ -1,0 +1,395 @@
+// HBONE client <-> server on loopback with real certificates: CONNECT, bytes both ways (8 MiB
+// too), half-close, 400/401/503, identity refusals, and pooling.
+#include <atomic>
+#include <iostream>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "tests/unit/ztunnel/hbone_test_util.h"
+#include "ztunnel/hbone/client.h"
+#include "ztunnel/hbone/server.h"
+
+namespace weft::hbone {
+namespace {
+
+using namespace weft::hbone::testing;
+
+const std::string kServerId = "spiffe://cluster.local/ns/default/sa/server";
+const std::string kClientId = "spiffe://cluster.local/ns/default/sa/client";
+
+class HboneTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    certs_ = new CertDir();
+    bool ok = certs_->ok() && certs_->makeLeaf("ca", "server", kServerId) &&
+              certs_->makeLeaf("ca", "client", kClientId) &&
+              certs_->makeLeaf("ca2", "foreign", kClientId) &&
+              certs_->makeLeaf("ca", "expired", kClientId, "expired") &&
+              certs_->makeLeaf("ca", "otherdomain", "spiffe://other.domain/ns/default/sa/client");
+    certsOk_ = ok;
+  }
+  static void TearDownTestSuite() {
+    delete certs_;
+    certs_ = nullptr;
+  }
+
+  void SetUp() override {
+    ASSERT_EQ(uv_loop_init(&loop_), 0);
+    ASSERT_TRUE(certsOk_) << "openssl CLI could not make the test certificates";
+    auto sctx = makeTlsContext(TlsRole::kServer, certs_->creds("server"));
+    ASSERT_TRUE(sctx) << sctx.status().message();
+    ServerConfig sc;
+    sc.ctx = sctx.value();
+    sc.decide = [this](const InboundConnect& req) {
+      lastRequest_ = req;
+      InboundDecision d;
+      d.verdict = deny_ ? InboundDecision::Verdict::kDeny : InboundDecision::Verdict::kAllow;
+      return d;
+    };
+    server_ = std::make_unique<HboneServer>(&loop_, sc);
+    Listener l;
+    hbonePort_ = l.port();
+    ASSERT_TRUE(server_->listen(l.release()));
+    client_ = std::make_unique<HboneClient>(&loop_);
+  }
+
+  void TearDown() override {
+    client_.reset();
+    server_.reset();
+    drainLoop(&loop_);
+    uv_loop_close(&loop_);
+  }
+
+  OutboundConnect request(uint16_t targetPort, const std::string& leaf = "client") {
+    OutboundConnect r;
+    r.sourceIdentity = kClientId;
+    auto ctx = makeTlsContext(TlsRole::kClient, certs_->creds(leaf));
+    EXPECT_TRUE(ctx) << ctx.status().message();
+    if (ctx) r.ctx = ctx.value();
+    r.destinationIdentity = kServerId;
+    r.hboneAddress = *SocketAddress::parse("127.0.0.1:" + std::to_string(hbonePort_));
+    r.target = *SocketAddress::parse("127.0.0.1:" + std::to_string(targetPort));
+    r.forwardedFor = *SocketAddress::parse("10.1.2.3:4567");
+    r.baggage = "k8s.namespace.name=default";
+    return r;
+  }
+
+  // Opens a tunnel; returns the :status and (for 200) the app's end of the local socket.
+  std::pair<int, UniqueFd> open(const OutboundConnect& r, std::string* error = nullptr) {
+    auto [local, app] = tcpPair();
+    int status = -1;
+    Status err;
+    client_->open(r, std::move(local), [&](int st, const Status& e) {
+      status = st;
+      err = e;
+    });
+    EXPECT_TRUE(runUntil(&loop_, [&] { return status != -1; }));
+    if (error != nullptr) *error = err.message();
+    return {status, std::move(app)};
+  }
+
+  // Runs fn on a thread while the loop turns; waits for it (bounded).
+  void withThread(const std::function<void()>& fn) {
+    std::atomic<bool> done{false};
+    std::thread t([&] {
+      fn();
+      done = true;
+    });
+    bool finished = runUntil(&loop_, [&] { return done.load(); }, std::chrono::seconds(60));
+    t.join();
+    EXPECT_TRUE(finished);
+  }
+
+  static CertDir* certs_;
+  static bool certsOk_;
+  uv_loop_t loop_{};
+  std::unique_ptr<HboneServer> server_;
+  std::unique_ptr<HboneClient> client_;
+  uint16_t hbonePort_ = 0;
+  bool deny_ = false;
+  InboundConnect lastRequest_;
+};
+
+CertDir* HboneTest::certs_ = nullptr;
+bool HboneTest::certsOk_ = false;
+
+// Upstream that echoes everything until EOF, then closes its write side.
+std::thread echoUpstream(Listener& up) {
+  return std::thread([&up] {
+    UniqueFd c = up.accept();
+    std::string got = readToEof(c.get());
+    writeAll(c.get(), got);
+    ::shutdown(c.get(), SHUT_WR);
+    readToEof(c.get());
+  });
+}
+
+TEST_F(HboneTest, ConnectGets200AndEchoesWithHalfClose) {
+  Listener up;
+  std::thread upstream = echoUpstream(up);
+  JoinUpstream guard(up, upstream);
+  std::string err;
+  auto [status, app] = open(request(up.port()), &err);
+  ASSERT_EQ(status, 200) << err;
+  std::string back;
+  withThread([&, fd = app.get()] {
+    writeAll(fd, "hello through hbone");
+    ::shutdown(fd, SHUT_WR);  // the upstream echoes only after this FIN arrived as END_STREAM
+    back = readToEof(fd);     // and its FIN comes back as END_STREAM -> EOF here
+  });
+  upstream.join();
+  EXPECT_EQ(back, "hello through hbone");
+  // Headers and identity seen by the server's decision.
+  EXPECT_EQ(lastRequest_.peerIdentity, kClientId);
+  EXPECT_EQ(lastRequest_.authority, "127.0.0.1:" + std::to_string(up.port()));
+  bool fwd = false, bag = false, trace = false;
+  for (const auto& [k, v] : lastRequest_.headers) {
+    if (k == "forwarded") fwd = v == "for=\"10.1.2.3:4567\"";
+    if (k == "baggage") bag = v == "k8s.namespace.name=default";
+    if (k == "traceparent") trace = v.size() == 55 && v.rfind("00-", 0) == 0;
+  }
+  EXPECT_TRUE(fwd && bag && trace);
+  EXPECT_EQ(server_->stats().ok200, 1u);
+}
+
+TEST_F(HboneTest, UpstreamHalfCloseFirstKeepsTheOtherDirection) {
+  Listener up;
+  std::string upstreamGot;
+  std::atomic<bool> upstreamDone{false};
+  std::thread upstream([&] {
+    UniqueFd c = up.accept();
+    writeAll(c.get(), "server speaks first");
+    ::shutdown(c.get(), SHUT_WR);
+    upstreamGot = readToEof(c.get());
+    upstreamDone = true;
+  });
+  JoinUpstream guard(up, upstream);
+  std::string err;
+  auto [status, app] = open(request(up.port()), &err);
+  ASSERT_EQ(status, 200) << err;
+  std::string got;
+  withThread([&, fd = app.get()] {
+    got = readToEof(fd);                  // EOF: the upstream's FIN came through
+    writeAll(fd, "client answers after"); // our direction still open
+    ::shutdown(fd, SHUT_WR);
+  });
+  // The loop keeps relaying until the upstream saw our bytes and FIN.
+  EXPECT_TRUE(runUntil(&loop_, [&] { return upstreamDone.load(); }));
+  upstream.join();
+  EXPECT_EQ(got, "server speaks first");
+  EXPECT_EQ(upstreamGot, "client answers after");
+}
+
+TEST_F(HboneTest, EightMebibytesBothWays) {
+  Listener up;
+  std::thread upstream = echoUpstream(up);
+  JoinUpstream guard(up, upstream);
+  std::string err;
+  auto [status, app] = open(request(up.port()), &err);
+  ASSERT_EQ(status, 200) << err;
+  std::string payload(8u << 20, '\0');
+  std::mt19937 rng(42);
+  for (auto& c : payload) c = static_cast<char>(rng());
+  std::string back;
+  withThread([&, fd = app.get()] {
+    std::thread writer([&] {
+      writeAll(fd, payload);
+      ::shutdown(fd, SHUT_WR);
+    });
+    back = readToEof(fd);
+    writer.join();
+  });
+  upstream.join();
+  EXPECT_EQ(back.size(), payload.size());
+  EXPECT_TRUE(back == payload);
+}
+
+TEST_F(HboneTest, DeniedIs401) {
+  deny_ = true;
+  Listener up;
+  std::string err;
+  auto [status, app] = open(request(up.port()), &err);
+  EXPECT_EQ(status, 401) << err;
+  EXPECT_EQ(server_->stats().denied401, 1u);
+}
+
+TEST_F(HboneTest, UpstreamRefusedIs503) {
+  uint16_t closedPort;
+  {
+    Listener gone;
+    closedPort = gone.port();
+  }
+  auto [status, app] = open(request(closedPort));
+  EXPECT_EQ(status, 503);
+  EXPECT_EQ(server_->stats().failed503, 1u);
+}
+
+TEST_F(HboneTest, MalformedDecisionIs400) {
+  // The decision reports the authority is not this pod's: 400 as Istio.
+  server_.reset();
+  auto sctx = makeTlsContext(TlsRole::kServer, certs_->creds("server"));
+  ASSERT_TRUE(sctx);
+  ServerConfig sc;
+  sc.ctx = sctx.value();
+  sc.decide = [](const InboundConnect&) {
+    InboundDecision d;
+    d.verdict = InboundDecision::Verdict::kMalformed;
+    return d;
+  };
+  server_ = std::make_unique<HboneServer>(&loop_, sc);
+  Listener l;
+  hbonePort_ = l.port();
+  ASSERT_TRUE(server_->listen(l.release()));
+  auto [status, app] = open(request(1234));
+  EXPECT_EQ(status, 400);
+}
+
+TEST_F(HboneTest, WrongServerIdentityRefusedByClient) {
+  OutboundConnect r = request(1);
+  r.destinationIdentity = "spiffe://cluster.local/ns/default/sa/someone-else";
+  std::string err;
+  auto [status, app] = open(r, &err);
+  EXPECT_EQ(status, 0);
+  EXPECT_NE(err.find("server identity is not"), std::string::npos) << err;
+  EXPECT_EQ(client_->handshakes(), 0u);
+  EXPECT_EQ(client_->handshakeFailures(), 1u);
+}
+
+class HboneRefusedClientTest : public HboneTest,
+                               public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(HboneRefusedClientTest, ServerRefusesClientCertificate) {
+  Listener up;
+  std::string err;
+  auto [status, app] = open(request(up.port(), GetParam()), &err);
+  EXPECT_EQ(status, 0) << GetParam();
+  EXPECT_FALSE(err.empty());
+  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
+  EXPECT_EQ(server_->stats().handshakes, 0u);
+  EXPECT_EQ(server_->stats().streams, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Certs, HboneRefusedClientTest,
+                         ::testing::Values("foreign", "expired", "otherdomain"));
+
+TEST_F(HboneTest, HundredSequentialStreamsOneHandshake) {
+  Listener up;
+  std::atomic<int> served{0};
+  std::thread upstream([&] {
+    for (int i = 0; i < 100; ++i) {
+      UniqueFd c = up.accept();
+      std::string got = readToEof(c.get());
+      writeAll(c.get(), got);
+      ::shutdown(c.get(), SHUT_WR);
+      ++served;
+    }
+  });
+  JoinUpstream guard(up, upstream);
+  OutboundConnect r = request(up.port());
+  for (int i = 0; i < 100; ++i) {
+    std::string err;
+    auto [status, app] = open(r, &err);
+    ASSERT_EQ(status, 200) << i << " " << err;
+    std::string back;
+    withThread([&, fd = app.get()] {
+      writeAll(fd, "n" + std::to_string(i));
+      ::shutdown(fd, SHUT_WR);
+      back = readToEof(fd);
+    });
+    ASSERT_EQ(back, "n" + std::to_string(i));
+  }
+  upstream.join();
+  EXPECT_EQ(served.load(), 100);
+  EXPECT_EQ(client_->handshakes(), 1u);
+  EXPECT_EQ(client_->connections(), 1u);
+  EXPECT_EQ(server_->stats().handshakes, 1u);
+}
+
+TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
+  // The upstream does not read for a while: the tunnel must stop taking the sender's bytes
+  // after about one stream window plus the kernel socket buffers on the way (tens of MiB on
+  // loopback), not buffer all 128 MiB.
+  constexpr size_t kTotal = 128u << 20;
+  Listener up;
+  std::atomic<bool> startReading{false};
+  std::atomic<size_t> upstreamGot{0};
+  std::thread upstream([&] {
+    UniqueFd c = up.accept();
+    while (!startReading) ::usleep(1000);
+    upstreamGot = readToEof(c.get()).size();
+  });
+  JoinUpstream guard(up, upstream);
+  std::string err;
+  auto [status, app] = open(request(up.port()), &err);
+  ASSERT_EQ(status, 200) << err;
+  std::atomic<size_t> written{0};
+  std::atomic<bool> writerDone{false};
+  std::thread writer([&, fd = app.get()] {
+    std::string chunk(64 * 1024, 'w');
+    while (written < kTotal) {
+      ssize_t n = ::write(fd, chunk.data(), chunk.size());
+      if (n <= 0) break;
+      written += static_cast<size_t>(n);
+    }
+    ::shutdown(fd, SHUT_WR);
+    writerDone = true;
+  });
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  size_t stalledAt = written;
+  std::cout << "accepted while the upstream was stalled: " << stalledAt << " bytes\n";
+  EXPECT_LT(stalledAt, 64u << 20) << "bytes accepted while the upstream was not reading";
+  EXPECT_FALSE(writerDone.load());
+  startReading = true;
+  EXPECT_TRUE(runUntil(&loop_, [&] { return upstreamGot.load() != 0 && writerDone.load(); },
+                       std::chrono::seconds(60)));
+  writer.join();
+  upstream.join();
+  EXPECT_EQ(upstreamGot.load(), kTotal);
+}
+
+TEST_F(HboneTest, IdlePooledConnectionDropped) {
+  ClientConfig cc;
+  cc.settings.idleTimeout = std::chrono::milliseconds(300);
+  client_ = std::make_unique<HboneClient>(&loop_, cc);
+  Listener up;
+  std::thread upstream = echoUpstream(up);
+  JoinUpstream guard(up, upstream);
+  std::string err;
+  auto [status, app] = open(request(up.port()), &err);
+  ASSERT_EQ(status, 200) << err;
+  std::string back;
+  withThread([&, fd = app.get()] {
+    writeAll(fd, "x");
+    ::shutdown(fd, SHUT_WR);
+    back = readToEof(fd);
+  });
+  EXPECT_EQ(back, "x");
+  EXPECT_EQ(client_->connections(), 1u);
+  // No streams for the idle timeout: GOAWAY and close, on both sides.
+  EXPECT_TRUE(runUntil(&loop_, [&] { return client_->connections() == 0; },
+                       std::chrono::seconds(5)));
+  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->connections() == 0; },
+                       std::chrono::seconds(5)));
+}
+
+TEST(HboneSpiffe, TrustDomainParsing) {
+  EXPECT_EQ(spiffeTrustDomain("spiffe://cluster.local/ns/a/sa/b"), "cluster.local");
+  EXPECT_EQ(spiffeTrustDomain("spiffe://cluster.local/ns/a/sa/"), "");
+  EXPECT_EQ(spiffeTrustDomain("spiffe://cluster.local/ns/a/sa/b/c"), "");
+  EXPECT_EQ(spiffeTrustDomain("https://cluster.local/ns/a/sa/b"), "");
+  EXPECT_EQ(spiffeTrustDomain("spiffe://td/xx/a/sa/b"), "");
+}
+
+TEST(HboneTraceparent, Format) {
+  std::string t = HboneClient::makeTraceparent();
+  ASSERT_EQ(t.size(), 55u);
+  EXPECT_EQ(t.substr(0, 3), "00-");
+  EXPECT_EQ(t[35], '-');
+  EXPECT_EQ(t.substr(52), "-00");
+}
+
+}  // namespace
+}  // namespace weft::hbone

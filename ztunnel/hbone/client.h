@@ -1,0 +1,102 @@
+// HBONE client: CONNECT streams over pooled TLS+HTTP/2 connections, one pool per
+// (source identity, destination identity, destination address), each stream bridged to a local
+// TCP socket once the server answered 200.
+#pragma once
+
+#include <uv.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/address.h"
+#include "common/fd.h"
+#include "common/status.h"
+#include "ztunnel/hbone/session.h"
+#include "ztunnel/hbone/tls_stream.h"
+
+namespace weft::hbone {
+
+struct OutboundConnect {
+  std::string sourceIdentity;       // whose certificate we present (part of the pool key)
+  SslCtxPtr ctx;                    // makeTlsContext(TlsRole::kClient, source's credentials)
+  std::string destinationIdentity;  // the server must present this URI SAN
+  SocketAddress hboneAddress;       // <dest pod IP>:15008
+  SocketAddress target;             // :authority, <dest pod IP>:<port>
+  SocketAddress forwardedFor;       // forwarded: for="ip:port" (omitted when port 0)
+  std::string baggage;              // omitted when empty
+  std::string traceparent;          // generated when empty
+  // Creates the socket for a new pooled connection (e.g. in the pod netns with the mark);
+  // null = a plain non-blocking socket. The client connects it.
+  std::function<Result<UniqueFd>(const SocketAddress& to)> makeSocket;
+};
+
+struct ClientConfig {
+  H2Settings settings = [] {
+    H2Settings s;
+    s.maxHeaderList = 16u << 10;
+    return s;
+  }();
+  size_t maxStreamsPerConnection = 100;
+};
+
+// status: the server's :status (200 = tunnel up), 0 when no response (error says why).
+using ConnectDone = std::function<void(int status, const Status& error)>;
+
+class HboneClient {
+ public:
+  HboneClient(uv_loop_t* loop, ClientConfig config = {});
+  ~HboneClient();
+  HboneClient(const HboneClient&) = delete;
+  HboneClient& operator=(const HboneClient&) = delete;
+
+  // Opens a CONNECT stream and, on 200, relays `local` (a connected socket, owned from now on)
+  // through it. done runs exactly once, on the loop, never inside open().
+  void open(const OutboundConnect& req, UniqueFd local, ConnectDone done);
+
+  uint64_t handshakes() const { return handshakes_; }
+  uint64_t handshakeFailures() const { return handshakeFailures_; }
+  size_t connections() const { return conns_.size(); }
+
+  static std::string poolKey(const OutboundConnect& req);
+  static std::string makeTraceparent();
+
+ private:
+  struct Waiter {
+    Headers headers;
+    UniqueFd local;
+    ConnectDone done;
+  };
+  struct Conn {
+    uint64_t serial = 0;
+    std::string key;
+    std::unique_ptr<H2Session> session;
+    bool connected = false;  // TCP connected
+    bool ready = false;      // TLS done
+    bool dead = false;
+    uv_tcp_t* connecting = nullptr;
+    std::vector<Waiter> waiting;
+    std::map<int32_t, ConnectDone> streams;  // awaiting their response
+    size_t load() const;
+  };
+  Conn* pick(const OutboundConnect& req);
+  Conn* dial(const OutboundConnect& req, Status* err);
+  void onTcpConnected(uint64_t serial, int status, UniqueFd fd, OutboundConnect req);
+  void submitWaiting(Conn* c);
+  void fail(uint64_t serial, const Status& why);
+  static void later(uv_loop_t* loop, std::function<void()> fn);
+
+  uv_loop_t* loop_;
+  ClientConfig config_;
+  uint64_t nextSerial_ = 1;
+  std::map<uint64_t, std::unique_ptr<Conn>> conns_;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  uint64_t handshakes_ = 0;
+  uint64_t handshakeFailures_ = 0;
+};
+
+}  // namespace weft::hbone

@@ -1,0 +1,624 @@
+// HBONE connection core: nghttp2 session fed from TlsStream, CONNECT tunnels bridged to TCP.
+// Flow control: automatic WINDOW_UPDATEs are off; received DATA is "consumed" only once the TCP
+// write of it completed, so a slow upstream stops the peer after one window (4 MiB per stream).
+#include "ztunnel/hbone/session.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/log.h"
+
+namespace weft::hbone {
+namespace {
+
+struct TcpWrite {
+  uv_write_t req;
+  std::vector<uint8_t> buf;
+  int32_t streamId;
+};
+
+void closeAndDelete(uv_tcp_t* tcp, bool reset) {
+  tcp->data = nullptr;
+  auto* h = reinterpret_cast<uv_handle_t*>(tcp);
+  if (uv_is_closing(h)) return;
+  auto cb = [](uv_handle_t* x) { delete reinterpret_cast<uv_tcp_t*>(x); };
+  if (reset && uv_tcp_close_reset(tcp, cb) == 0) return;
+  uv_close(h, cb);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Tunnel
+
+Tunnel::Tunnel(H2Session* session, int32_t streamId) : session_(session), streamId_(streamId) {}
+
+Tunnel::~Tunnel() {
+  // Writes cancelled by the close never reach their callback's consume: give the connection
+  // window back here so the other streams do not starve.
+  if (tcpQueued_ > 0 && session_->h2_ != nullptr) {
+    nghttp2_session_consume_connection(session_->h2_, tcpQueued_);
+  }
+  if (tcp_ != nullptr) closeAndDelete(tcp_, resetTcp_);
+}
+
+Status Tunnel::attach(uv_tcp_t* tcp) {
+  tcp_ = tcp;
+  tcp_->data = this;
+  uv_tcp_nodelay(tcp_, 1);
+  relaying_ = true;
+  startReading();
+  maybeShutdownTcp();
+  return Status::ok();
+}
+
+void Tunnel::onAlloc(uv_handle_t*, size_t, uv_buf_t* buf) {
+  static thread_local char scratch[64 * 1024];
+  buf->base = scratch;
+  buf->len = sizeof(scratch);
+}
+
+void Tunnel::startReading() {
+  if (reading_ || tcpEof_ || tcp_ == nullptr) return;
+  if (uv_read_start(reinterpret_cast<uv_stream_t*>(tcp_), onAlloc, onRead) == 0) reading_ = true;
+}
+
+void Tunnel::stopReading() {
+  if (!reading_ || tcp_ == nullptr) return;
+  uv_read_stop(reinterpret_cast<uv_stream_t*>(tcp_));
+  reading_ = false;
+}
+
+void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
+  auto* self = static_cast<Tunnel*>(s->data);
+  if (self == nullptr) return;
+  H2Session* session = self->session_;
+  if (n > 0) {
+    self->toH2_.emplace_back(buf->base, buf->base + n);
+    self->toH2Bytes_ += static_cast<size_t>(n);
+    if (self->toH2Bytes_ >= session->settings_.tcpReadBound) self->stopReading();
+  } else if (n == UV_EOF) {
+    self->tcpEof_ = true;
+    self->stopReading();
+  } else if (n < 0) {
+    // The TCP side reset or failed: reset the stream, and the socket.
+    self->stopReading();
+    self->resetTcp_ = true;
+    nghttp2_submit_rst_stream(session->h2_, NGHTTP2_FLAG_NONE, self->streamId_, NGHTTP2_CANCEL);
+    session->flush();
+    return;
+  } else {
+    return;
+  }
+  if (self->dataDeferred_) {
+    self->dataDeferred_ = false;
+    nghttp2_session_resume_data(session->h2_, self->streamId_);
+  }
+  session->flush();
+}
+
+void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
+  if (tcp_ == nullptr || tcpShutdown_) {
+    nghttp2_session_consume(session_->h2_, streamId_, len);
+    return;
+  }
+  auto* w = new TcpWrite{};
+  w->buf.assign(data, data + len);
+  w->streamId = streamId_;
+  uv_buf_t b = uv_buf_init(reinterpret_cast<char*>(w->buf.data()),
+                           static_cast<unsigned>(w->buf.size()));
+  int rc = uv_write(&w->req, reinterpret_cast<uv_stream_t*>(tcp_), &b, 1,
+                    [](uv_write_t* req, int status) {
+                      auto* wr = reinterpret_cast<TcpWrite*>(req);
+                      size_t sz = wr->buf.size();
+                      auto* self = static_cast<Tunnel*>(req->handle->data);
+                      delete wr;
+                      if (self == nullptr) return;
+                      self->tcpQueued_ -= sz;
+                      H2Session* session = self->session_;
+                      if (status != 0) {
+                        self->resetTcp_ = true;
+                        nghttp2_session_consume_connection(session->h2_, sz);
+                        nghttp2_submit_rst_stream(session->h2_, NGHTTP2_FLAG_NONE,
+                                                  self->streamId_, NGHTTP2_CANCEL);
+                      } else {
+                        nghttp2_session_consume(session->h2_, self->streamId_, sz);
+                      }
+                      session->flush();
+                    });
+  if (rc != 0) {
+    delete w;
+    nghttp2_session_consume(session_->h2_, streamId_, len);
+    resetTcp_ = true;
+    nghttp2_submit_rst_stream(session_->h2_, NGHTTP2_FLAG_NONE, streamId_, NGHTTP2_CANCEL);
+    return;
+  }
+  tcpQueued_ += len;
+}
+
+void Tunnel::maybeShutdownTcp() {
+  if (!h2EndReceived_ || tcpShutdown_ || tcp_ == nullptr) return;
+  tcpShutdown_ = true;
+  auto* req = new uv_shutdown_t{};
+  // uv_shutdown waits for the queued writes, then shutdown(SHUT_WR): the peer's FIN, exactly.
+  int rc = uv_shutdown(req, reinterpret_cast<uv_stream_t*>(tcp_), [](uv_shutdown_t* r, int) {
+    auto* self = static_cast<Tunnel*>(r->handle->data);
+    delete r;
+    if (self == nullptr) return;
+    self->shutdownDone_ = true;
+    if (self->streamClosed_) self->session_->eraseTunnel(self->streamId_);  // destroys self
+  });
+  if (rc != 0) {
+    delete req;
+    shutdownDone_ = true;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// H2Session
+
+Result<std::unique_ptr<H2Session>> H2Session::create(uv_loop_t* loop, UniqueFd fd, Role role,
+                                                     SslCtxPtr ctx, TlsStream::PeerCheck check,
+                                                     H2Settings settings, Callbacks callbacks) {
+  std::unique_ptr<H2Session> s(new H2Session());
+  s->loop_ = loop;
+  s->role_ = role;
+  s->settings_ = settings;
+  s->cb_ = std::move(callbacks);
+  H2Session* raw = s.get();
+  TlsStream::Callbacks tcb;
+  tcb.onHandshake = [raw](const Status& st) { raw->onTlsHandshake(st); };
+  tcb.onData = [raw](const uint8_t* d, size_t n) { raw->onTlsData(d, n); };
+  tcb.onWritable = [raw]() { raw->flush(); };
+  tcb.onClosed = [raw](const Status& st) { raw->onTlsClosed(st); };
+  auto tls = TlsStream::create(loop, std::move(fd), std::move(ctx),
+                               role == Role::kClient ? TlsRole::kClient : TlsRole::kServer,
+                               std::move(check), std::move(tcb));
+  if (!tls) return tls.status();
+  s->tls_ = std::move(tls.value());
+
+  nghttp2_session_callbacks* cbs = nullptr;
+  if (nghttp2_session_callbacks_new(&cbs) != 0) return Status::error("nghttp2: out of memory");
+  nghttp2_session_callbacks_set_on_header_callback(cbs, onHeader);
+  nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, onBeginHeaders);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, onFrameRecv);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, onDataChunk);
+  nghttp2_session_callbacks_set_on_stream_close_callback(cbs, onStreamClose);
+  nghttp2_option* opt = nullptr;
+  if (nghttp2_option_new(&opt) != 0) {
+    nghttp2_session_callbacks_del(cbs);
+    return Status::error("nghttp2: out of memory");
+  }
+  nghttp2_option_set_no_auto_window_update(opt, 1);
+  nghttp2_option_set_max_send_header_block_length(opt, settings.maxHeaderList);
+  int rc = role == Role::kClient ? nghttp2_session_client_new2(&s->h2_, cbs, raw, opt)
+                                 : nghttp2_session_server_new2(&s->h2_, cbs, raw, opt);
+  nghttp2_session_callbacks_del(cbs);
+  nghttp2_option_del(opt);
+  if (rc != 0) return Status::errorf("nghttp2 session: {}", nghttp2_strerror(rc));
+
+  std::vector<nghttp2_settings_entry> iv = {
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, settings.streamWindow},
+      {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, settings.maxFrameSize},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, settings.maxHeaderList},
+      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+  };
+  if (role == Role::kServer) {
+    iv.push_back({NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, settings.maxConcurrentStreams});
+  }
+  rc = nghttp2_submit_settings(s->h2_, NGHTTP2_FLAG_NONE, iv.data(), iv.size());
+  if (rc != 0) return Status::errorf("nghttp2 settings: {}", nghttp2_strerror(rc));
+  rc = nghttp2_session_set_local_window_size(s->h2_, NGHTTP2_FLAG_NONE, 0,
+                                             static_cast<int32_t>(settings.connectionWindow));
+  if (rc != 0) return Status::errorf("nghttp2 connection window: {}", nghttp2_strerror(rc));
+  return s;
+}
+
+H2Session::~H2Session() {
+  tunnels_.clear();
+  if (timer_ != nullptr) {
+    timer_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(timer_),
+             [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+  }
+  tls_.reset();
+  if (h2_ != nullptr) nghttp2_session_del(h2_);
+}
+
+Status H2Session::start() {
+  timer_ = new uv_timer_t{};
+  int rc = uv_timer_init(loop_, timer_);
+  if (rc != 0) {
+    delete timer_;
+    timer_ = nullptr;
+    return Status::errorf("uv_timer_init: {}", uv_strerror(rc));
+  }
+  timer_->data = this;
+  auto shortest = std::min(settings_.pingInterval, settings_.idleTimeout);
+  uint64_t tick = std::clamp<uint64_t>(static_cast<uint64_t>(shortest.count()) / 4, 10, 1000);
+  uv_timer_start(timer_, [](uv_timer_t* t) {
+    auto* self = static_cast<H2Session*>(t->data);
+    if (self != nullptr) self->onTimer();
+  }, tick, tick);
+  lastPingMs_ = uv_now(loop_);
+  return tls_->start();
+}
+
+void H2Session::onTimer() {
+  if (closing_) return;
+  uint64_t now = uv_now(loop_);
+  if (!tls_->established()) {
+    if (now - lastPingMs_ > static_cast<uint64_t>(settings_.pingTimeout.count())) {
+      close(Status::error("TLS handshake timed out"));
+    }
+    return;
+  }
+  if (pingSentMs_ != 0 &&
+      now - pingSentMs_ > static_cast<uint64_t>(settings_.pingTimeout.count())) {
+    close(Status::error("HTTP/2 PING not answered"));
+    return;
+  }
+  if (pingSentMs_ == 0 &&
+      now - lastPingMs_ >= static_cast<uint64_t>(settings_.pingInterval.count())) {
+    if (nghttp2_submit_ping(h2_, NGHTTP2_FLAG_NONE, nullptr) == 0) {
+      pingSentMs_ = now;
+      lastPingMs_ = now;
+      flush();
+      if (closing_) return;
+    }
+  }
+  if (activeStreams() == 0) {
+    if (idleSinceMs_ == 0) {
+      idleSinceMs_ = now;
+    } else if (now - idleSinceMs_ >= static_cast<uint64_t>(settings_.idleTimeout.count())) {
+      nghttp2_submit_goaway(h2_, NGHTTP2_FLAG_NONE,
+                            nghttp2_session_get_last_proc_stream_id(h2_), NGHTTP2_NO_ERROR,
+                            nullptr, 0);
+      flush();
+      close(Status::error("idle timeout"));
+    }
+  } else {
+    idleSinceMs_ = 0;
+  }
+}
+
+void H2Session::onTlsHandshake(const Status& st) {
+  if (cb_.onHandshake) cb_.onHandshake(st);
+  if (st) flush();
+}
+
+void H2Session::onTlsData(const uint8_t* data, size_t len) {
+  if (closing_) return;
+  // Callbacks may submit frames (responses, resets); they go out in the flush below, never
+  // from inside nghttp2's receive.
+  inFlush_ = true;
+  ssize_t rc = nghttp2_session_mem_recv(h2_, data, len);
+  inFlush_ = false;
+  if (closing_) return;
+  if (rc < 0) {
+    close(Status::errorf("HTTP/2 from peer: {}", nghttp2_strerror(static_cast<int>(rc))));
+    return;
+  }
+  flush();
+}
+
+void H2Session::flush() {
+  if (inFlush_ || closing_ || !tls_->established()) return;
+  inFlush_ = true;
+  while (!closing_ && !tls_->writeBlocked()) {
+    const uint8_t* out = nullptr;
+    ssize_t n = nghttp2_session_mem_send(h2_, &out);
+    if (n < 0) {
+      inFlush_ = false;
+      close(Status::errorf("HTTP/2 send: {}", nghttp2_strerror(static_cast<int>(n))));
+      return;
+    }
+    if (n == 0) break;
+    Status st = tls_->write(out, static_cast<size_t>(n));
+    if (!st) {
+      inFlush_ = false;
+      close(st);
+      return;
+    }
+  }
+  inFlush_ = false;
+  if (!closing_ && !nghttp2_session_want_read(h2_) && !nghttp2_session_want_write(h2_)) {
+    close(Status::error("HTTP/2 session finished"));
+  }
+}
+
+Tunnel* H2Session::tunnel(int32_t id) {
+  auto it = tunnels_.find(id);
+  return it == tunnels_.end() ? nullptr : it->second.get();
+}
+
+void H2Session::eraseTunnel(int32_t id) {
+  tunnels_.erase(id);
+  if (cb_.onStreamCountChanged) cb_.onStreamCountChanged();
+}
+
+ssize_t H2Session::readData(nghttp2_session*, int32_t streamId, uint8_t* buf, size_t len,
+                            uint32_t* flags, nghttp2_data_source* src, void* user) {
+  auto* self = static_cast<H2Session*>(user);
+  Tunnel* t = self->tunnel(streamId);
+  if (t == nullptr) {
+    // Client: the CONNECT's body waits for the 200 and the tunnel behind it.
+    if (self->pendingLocal_.count(streamId)) return NGHTTP2_ERR_DEFERRED;
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  }
+  size_t copied = 0;
+  while (copied < len && !t->toH2_.empty()) {
+    auto& front = t->toH2_.front();
+    size_t n = std::min(len - copied, front.size() - t->toH2Offset_);
+    std::memcpy(buf + copied, front.data() + t->toH2Offset_, n);
+    copied += n;
+    t->toH2Offset_ += n;
+    if (t->toH2Offset_ == front.size()) {
+      t->toH2_.pop_front();
+      t->toH2Offset_ = 0;
+    }
+  }
+  t->toH2Bytes_ -= copied;
+  if (t->toH2Bytes_ < self->settings_.tcpReadBound) t->startReading();
+  if (t->toH2_.empty() && t->tcpEof_) {
+    *flags |= NGHTTP2_DATA_FLAG_EOF;  // the TCP FIN becomes END_STREAM
+    return static_cast<ssize_t>(copied);
+  }
+  if (copied == 0) {
+    t->dataDeferred_ = true;
+    return NGHTTP2_ERR_DEFERRED;
+  }
+  return static_cast<ssize_t>(copied);
+}
+
+int H2Session::onBeginHeaders(nghttp2_session*, const nghttp2_frame* f, void* user) {
+  auto* self = static_cast<H2Session*>(user);
+  if (self->role_ == Role::kServer && f->hd.type == NGHTTP2_HEADERS &&
+      f->headers.cat == NGHTTP2_HCAT_REQUEST) {
+    self->pending_[f->hd.stream_id] = {};
+    self->headerBytes_[f->hd.stream_id] = 0;
+  }
+  return 0;
+}
+
+int H2Session::onHeader(nghttp2_session*, const nghttp2_frame* f, const uint8_t* name,
+                        size_t namelen, const uint8_t* value, size_t valuelen, uint8_t,
+                        void* user) {
+  auto* self = static_cast<H2Session*>(user);
+  int32_t id = f->hd.stream_id;
+  if (f->hd.type != NGHTTP2_HEADERS) return 0;
+  if (self->role_ == Role::kServer) {
+    auto it = self->pending_.find(id);
+    if (it == self->pending_.end()) return 0;  // trailers: ignored
+    size_t& total = self->headerBytes_[id];
+    total += namelen + valuelen + 32;
+    if (total > self->settings_.maxHeaderList || it->second.size() >= 100) {
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // resets the stream
+    }
+    it->second.emplace_back(std::string(reinterpret_cast<const char*>(name), namelen),
+                            std::string(reinterpret_cast<const char*>(value), valuelen));
+    return 0;
+  }
+  if (namelen == 7 && std::memcmp(name, ":status", 7) == 0 && valuelen == 3) {
+    int st = 0;
+    for (size_t i = 0; i < 3; ++i) {
+      if (value[i] < '0' || value[i] > '9') return 0;
+      st = st * 10 + (value[i] - '0');
+    }
+    self->responseStatus_[id] = st;
+  }
+  return 0;
+}
+
+int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* user) {
+  auto* self = static_cast<H2Session*>(user);
+  int32_t id = f->hd.stream_id;
+  bool endStream = (f->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+  switch (f->hd.type) {
+    case NGHTTP2_PING:
+      if (f->hd.flags & NGHTTP2_FLAG_ACK) self->pingSentMs_ = 0;
+      return 0;
+    case NGHTTP2_GOAWAY:
+      self->goingAway_ = true;
+      return 0;
+    case NGHTTP2_HEADERS: {
+      if (self->role_ == Role::kServer && f->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        auto it = self->pending_.find(id);
+        if (it == self->pending_.end()) return 0;
+        self->headerBytes_.erase(id);
+        if (endStream) self->pendingEnd_[id] = true;
+        Headers h = it->second;
+        if (self->cb_.onRequest) self->cb_.onRequest(id, h);
+        return 0;
+      }
+      if (self->role_ == Role::kClient && f->headers.cat == NGHTTP2_HCAT_RESPONSE) {
+        int st = self->responseStatus_.count(id) ? self->responseStatus_[id] : 0;
+        self->responseStatus_.erase(id);
+        if (st >= 100 && st < 200) return 0;  // informational: wait for the final one
+        auto local = self->pendingLocal_.find(id);
+        if (local == self->pendingLocal_.end()) return 0;
+        UniqueFd fd = std::move(local->second);
+        self->pendingLocal_.erase(local);
+        if (st == 200 && !endStream) {
+          auto tun = std::make_unique<Tunnel>(self, id);
+          auto* tcp = new uv_tcp_t{};
+          int rc = uv_tcp_init(self->loop_, tcp);
+          if (rc != 0) {
+            delete tcp;
+            tcp = nullptr;
+          } else {
+            rc = uv_tcp_open(tcp, fd.get());
+          }
+          if (rc != 0) {
+            if (tcp != nullptr) closeAndDelete(tcp, false);
+            nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
+            if (self->cb_.onStreamFailed) {
+              self->cb_.onStreamFailed(id, Status::errorf("local socket: {}", uv_strerror(rc)));
+            }
+            return 0;
+          }
+          fd.release();
+          Tunnel* t = tun.get();
+          self->tunnels_[id] = std::move(tun);
+          // The request was submitted with a deferred body (see submitConnect); start the TCP
+          // side and let nghttp2 pull from it.
+          t->attach(tcp);
+          nghttp2_session_resume_data(h2, id);
+          if (self->cb_.onResponse) self->cb_.onResponse(id, 200);
+          return 0;
+        }
+        // Not a tunnel: end our side; the local socket closes with fd.
+        nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
+        if (self->cb_.onResponse) self->cb_.onResponse(id, st == 200 ? 502 : st);
+        return 0;
+      }
+      break;
+    }
+    default:
+      break;
+  }
+  if (endStream && (f->hd.type == NGHTTP2_DATA || f->hd.type == NGHTTP2_HEADERS)) {
+    if (Tunnel* t = self->tunnel(id)) {
+      t->h2EndReceived_ = true;  // the peer's FIN: shutdown(SHUT_WR) once writes are done
+      t->maybeShutdownTcp();
+    } else if (self->pending_.count(id)) {
+      self->pendingEnd_[id] = true;
+    }
+  }
+  return 0;
+}
+
+int H2Session::onDataChunk(nghttp2_session* h2, uint8_t, int32_t streamId, const uint8_t* data,
+                           size_t len, void* user) {
+  auto* self = static_cast<H2Session*>(user);
+  if (Tunnel* t = self->tunnel(streamId); t != nullptr && t->relaying_) {
+    t->writeToTcp(data, len);
+    return 0;
+  }
+  // DATA before the tunnel exists (before our 200): not part of the HBONE exchange.
+  nghttp2_session_consume(h2, streamId, len);
+  nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, streamId, NGHTTP2_PROTOCOL_ERROR);
+  return 0;
+}
+
+int H2Session::onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorCode,
+                             void* user) {
+  auto* self = static_cast<H2Session*>(user);
+  bool hadPending = self->pending_.erase(streamId) > 0;
+  self->pendingEnd_.erase(streamId);
+  self->headerBytes_.erase(streamId);
+  self->responseStatus_.erase(streamId);
+  auto local = self->pendingLocal_.find(streamId);
+  if (local != self->pendingLocal_.end()) {
+    self->pendingLocal_.erase(local);
+    if (self->cb_.onStreamFailed) {
+      self->cb_.onStreamFailed(streamId,
+                               Status::errorf("stream closed before a response ({})",
+                                              nghttp2_http2_strerror(errorCode)));
+    }
+    hadPending = true;
+  }
+  Tunnel* t = self->tunnel(streamId);
+  if (t == nullptr) {
+    if (hadPending && self->cb_.onStreamCountChanged) self->cb_.onStreamCountChanged();
+    return 0;
+  }
+  t->streamClosed_ = true;
+  if (errorCode != NGHTTP2_NO_ERROR || !t->h2EndReceived_) {
+    t->resetTcp_ = true;  // RST_STREAM: reset the TCP side too
+    self->eraseTunnel(streamId);
+  } else if (t->shutdownDone_ || !t->tcpShutdown_) {
+    self->eraseTunnel(streamId);
+  }
+  // else: erased when the shutdown (after the queued writes) completes
+  return 0;
+}
+
+Result<int32_t> H2Session::submitConnect(const Headers& headers, UniqueFd local) {
+  if (!acceptingStreams()) return Status::error("HBONE connection is closing");
+  std::vector<nghttp2_nv> nva;
+  nva.reserve(headers.size());
+  for (const auto& [k, v] : headers) {
+    nva.push_back({const_cast<uint8_t*>(reinterpret_cast<const uint8_t*>(k.data())),
+                   const_cast<uint8_t*>(reinterpret_cast<const uint8_t*>(v.data())), k.size(),
+                   v.size(), NGHTTP2_NV_FLAG_NONE});
+  }
+  // The request body is the tunnel: its data provider defers until the tunnel has bytes.
+  nghttp2_data_provider prd{};
+  prd.source.ptr = nullptr;
+  prd.read_callback = readData;
+  int32_t id = nghttp2_submit_request(h2_, nullptr, nva.data(), nva.size(), &prd, nullptr);
+  if (id < 0) return Status::errorf("CONNECT submit: {}", nghttp2_strerror(id));
+  pendingLocal_[id] = std::move(local);
+  idleSinceMs_ = 0;
+  flush();
+  return id;
+}
+
+Status H2Session::respond(int32_t streamId, int status, uv_tcp_t* upstream) {
+  auto it = pending_.find(streamId);
+  if (it == pending_.end() || closing_) {
+    if (upstream != nullptr) closeAndDelete(upstream, true);
+    return Status::error("stream is gone");
+  }
+  pending_.erase(it);
+  bool ended = pendingEnd_.erase(streamId) > 0;
+  std::string code = std::to_string(status);
+  nghttp2_nv nv = {const_cast<uint8_t*>(reinterpret_cast<const uint8_t*>(":status")),
+                   const_cast<uint8_t*>(reinterpret_cast<const uint8_t*>(code.data())), 7,
+                   code.size(), NGHTTP2_NV_FLAG_NONE};
+  int rc;
+  if (status == 200 && upstream != nullptr) {
+    auto tun = std::make_unique<Tunnel>(this, streamId);
+    Tunnel* t = tun.get();
+    tunnels_[streamId] = std::move(tun);
+    t->h2EndReceived_ = ended;
+    nghttp2_data_provider prd{};
+    prd.source.ptr = t;
+    prd.read_callback = readData;
+    rc = nghttp2_submit_response(h2_, streamId, &nv, 1, &prd);
+    if (rc == 0) t->attach(upstream);
+  } else {
+    if (upstream != nullptr) closeAndDelete(upstream, true);
+    rc = nghttp2_submit_response(h2_, streamId, &nv, 1, nullptr);
+  }
+  if (rc != 0) {
+    tunnels_.erase(streamId);
+    return Status::errorf("response: {}", nghttp2_strerror(rc));
+  }
+  flush();
+  return Status::ok();
+}
+
+void H2Session::resetStream(int32_t streamId, uint32_t errorCode) {
+  if (closing_) return;
+  nghttp2_submit_rst_stream(h2_, NGHTTP2_FLAG_NONE, streamId, errorCode);
+  flush();
+}
+
+void H2Session::cleanup(const Status& why) {
+  closing_ = true;
+  for (auto& [id, t] : tunnels_) t->resetTcp_ = true;
+  tunnels_.clear();
+  pending_.clear();
+  auto local = std::move(pendingLocal_);
+  pendingLocal_.clear();
+  if (cb_.onStreamFailed) {
+    for (auto& [id, fd] : local) cb_.onStreamFailed(id, why);
+  }
+  if (timer_ != nullptr) uv_timer_stop(timer_);
+}
+
+void H2Session::close(const Status& why) {
+  if (closing_) return;
+  cleanup(why);
+  tls_->close(why);
+}
+
+void H2Session::onTlsClosed(const Status& st) {
+  if (!closing_) cleanup(st);
+  auto cb = std::move(cb_.onClosed);
+  if (cb) cb(st);  // may destroy this
+}
+
+}  // namespace weft::hbone

@@ -1,0 +1,160 @@
+// One HBONE HTTP/2 connection (nghttp2 over TlsStream) and its CONNECT tunnels, each bridged to
+// a TCP socket with HTTP/2 flow control, half-close and reset mapping. Shared by client and server.
+#pragma once
+
+#include <nghttp2/nghttp2.h>
+#include <uv.h>
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/address.h"
+#include "common/fd.h"
+#include "common/status.h"
+#include "ztunnel/hbone/tls_stream.h"
+
+namespace weft::hbone {
+
+struct H2Settings {
+  uint32_t streamWindow = 4u << 20;       // SETTINGS_INITIAL_WINDOW_SIZE
+  uint32_t connectionWindow = 16u << 20;  // connection-level receive window
+  uint32_t maxFrameSize = 1u << 20;       // SETTINGS_MAX_FRAME_SIZE
+  uint32_t maxHeaderList = 64u << 10;     // SETTINGS_MAX_HEADER_LIST_SIZE
+  uint32_t maxConcurrentStreams = 200;    // advertised (server)
+  std::chrono::milliseconds pingInterval{10000};
+  std::chrono::milliseconds pingTimeout{20000};
+  std::chrono::milliseconds idleTimeout{300000};  // no streams for this long: close
+  // Bytes read from a tunnel's TCP socket and not yet sent as DATA; reading pauses above this.
+  size_t tcpReadBound = 1u << 20;
+};
+
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
+class H2Session;
+
+// One CONNECT stream bridged to a TCP socket.
+class Tunnel {
+ public:
+  Tunnel(H2Session* session, int32_t streamId);
+  ~Tunnel();
+  // Takes a connected socket (or a uv handle already connected) and starts relaying.
+  Status attach(uv_tcp_t* tcp);
+  int32_t streamId() const { return streamId_; }
+  void setStreamId(int32_t id) { streamId_ = id; }
+
+ private:
+  friend class H2Session;
+  static void onAlloc(uv_handle_t* h, size_t suggested, uv_buf_t* buf);
+  static void onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf);
+  void startReading();
+  void stopReading();
+  void writeToTcp(const uint8_t* data, size_t len);
+  void maybeShutdownTcp();
+  void closeTcp(bool reset);
+
+  H2Session* session_;
+  int32_t streamId_;
+  uv_tcp_t* tcp_ = nullptr;
+  bool reading_ = false;
+  std::deque<std::vector<uint8_t>> toH2_;  // TCP bytes waiting to go out as DATA
+  size_t toH2Bytes_ = 0;
+  size_t toH2Offset_ = 0;  // consumed part of toH2_.front()
+  bool tcpEof_ = false;    // TCP peer sent FIN: END_STREAM after toH2_ drains
+  bool dataDeferred_ = false;
+  bool h2EndReceived_ = false;  // END_STREAM from the peer: shutdown(SHUT_WR) after writes
+  bool tcpShutdown_ = false;
+  size_t tcpQueued_ = 0;  // bytes handed to uv_write, not yet written
+  bool relaying_ = false;
+  bool shutdownDone_ = false;
+  bool streamClosed_ = false;
+  bool resetTcp_ = false;
+};
+
+// An established (or establishing) HBONE connection.
+class H2Session {
+ public:
+  enum class Role { kClient, kServer };
+  struct Callbacks {
+    // Server: a complete request header block on a new stream.
+    std::function<void(int32_t streamId, const Headers& headers)> onRequest;
+    // Client: the response to a CONNECT.
+    std::function<void(int32_t streamId, int status)> onResponse;
+    // Client: a stream ended before a response (reset, connection lost).
+    std::function<void(int32_t streamId, const Status& why)> onStreamFailed;
+    std::function<void(const Status&)> onHandshake;
+    std::function<void()> onStreamCountChanged;
+    std::function<void(const Status&)> onClosed;  // may destroy the session
+  };
+
+  static Result<std::unique_ptr<H2Session>> create(uv_loop_t* loop, UniqueFd fd, Role role,
+                                                   SslCtxPtr ctx, TlsStream::PeerCheck check,
+                                                   H2Settings settings, Callbacks callbacks);
+  ~H2Session();
+  Status start();
+  void close(const Status& why);
+
+  // Client: opens a CONNECT stream; the returned id identifies it in callbacks.
+  Result<int32_t> submitConnect(const Headers& headers, UniqueFd local);
+  // Server: answer with status; for 200 the upstream socket is bridged.
+  Status respond(int32_t streamId, int status, uv_tcp_t* upstream);
+  void resetStream(int32_t streamId, uint32_t errorCode);
+
+  const std::string& peerIdentity() const { return tls_->peerIdentity(); }
+  bool established() const { return tls_->established() && !goingAway_; }
+  bool closing() const { return closing_; }
+  size_t activeStreams() const { return tunnels_.size() + pending_.size(); }
+  uv_loop_t* loop() const { return loop_; }
+  bool acceptingStreams() const { return !closing_ && !goingAway_; }
+
+ private:
+  friend class Tunnel;
+  H2Session() = default;
+  void onTlsHandshake(const Status& st);
+  void onTlsData(const uint8_t* data, size_t len);
+  void flush();
+  void onTimer();
+  void touch();
+  Tunnel* tunnel(int32_t id);
+  void eraseTunnel(int32_t id);
+  static ssize_t readData(nghttp2_session*, int32_t streamId, uint8_t* buf, size_t len,
+                                uint32_t* flags, nghttp2_data_source* src, void* user);
+
+  static int onHeader(nghttp2_session*, const nghttp2_frame* f, const uint8_t* name,
+                      size_t namelen, const uint8_t* value, size_t valuelen, uint8_t flags,
+                      void* user);
+  static int onBeginHeaders(nghttp2_session*, const nghttp2_frame* f, void* user);
+  static int onFrameRecv(nghttp2_session*, const nghttp2_frame* f, void* user);
+  static int onDataChunk(nghttp2_session*, uint8_t flags, int32_t streamId, const uint8_t* data,
+                         size_t len, void* user);
+  static int onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorCode, void* user);
+
+  uv_loop_t* loop_ = nullptr;
+  Role role_ = Role::kClient;
+  H2Settings settings_;
+  Callbacks cb_;
+  std::unique_ptr<TlsStream> tls_;
+  nghttp2_session* h2_ = nullptr;
+  std::map<int32_t, std::unique_ptr<Tunnel>> tunnels_;
+  std::map<int32_t, Headers> pending_;        // server: requests awaiting a decision
+  std::map<int32_t, UniqueFd> pendingLocal_;  // client: local sockets awaiting the 200
+  std::map<int32_t, int> responseStatus_;     // client: :status seen
+  std::map<int32_t, bool> pendingEnd_;        // server: request already carried END_STREAM
+  std::map<int32_t, size_t> headerBytes_;     // bound on a request header block
+  void onTlsClosed(const Status& st);
+  void cleanup(const Status& why);
+  uv_timer_t* timer_ = nullptr;
+  bool closing_ = false;
+  bool goingAway_ = false;
+  bool inFlush_ = false;
+  uint64_t pingSentMs_ = 0;  // 0: no ping outstanding
+  uint64_t lastPingMs_ = 0;
+  uint64_t idleSinceMs_ = 0;
+};
+
+}  // namespace weft::hbone

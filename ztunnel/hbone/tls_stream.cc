@@ -1,0 +1,443 @@
+// TLS over libuv through memory BIOs: the socket's bytes go into rbio, SSL's output comes out of
+// wbio and is written with uv_write. Peer identity is checked in the verify callback so a wrong
+// identity fails the handshake with an alert.
+#include "ztunnel/hbone/tls_stream.h"
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+#include <cstring>
+#include <vector>
+
+namespace weft::hbone {
+namespace {
+
+constexpr char kCiphers[] = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256";
+constexpr unsigned char kAlpnH2[] = {2, 'h', '2'};
+
+std::string sslErrors() {
+  std::string out;
+  unsigned long e;
+  while ((e = ERR_get_error()) != 0) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof(buf));
+    if (!out.empty()) out += "; ";
+    out += buf;
+  }
+  return out.empty() ? "unknown TLS error" : out;
+}
+
+int exIndex() {
+  static int idx = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return idx;
+}
+
+std::vector<std::string> uriSans(X509* cert) {
+  std::vector<std::string> out;
+  auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name,
+                                                             nullptr, nullptr));
+  if (names == nullptr) return out;
+  for (int i = 0; i < sk_GENERAL_NAME_num(names); ++i) {
+    GENERAL_NAME* n = sk_GENERAL_NAME_value(names, i);
+    if (n->type != GEN_URI) continue;
+    const ASN1_IA5STRING* s = n->d.uniformResourceIdentifier;
+    out.emplace_back(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
+                     static_cast<size_t>(ASN1_STRING_length(s)));
+  }
+  GENERAL_NAMES_free(names);
+  return out;
+}
+
+// Chain verification is OpenSSL's; at the leaf we add the SPIFFE identity rule.
+int verifyCallback(int preverifyOk, X509_STORE_CTX* store) {
+  auto* ssl = static_cast<SSL*>(
+      X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
+  auto* self = static_cast<TlsStream*>(SSL_get_ex_data(ssl, exIndex()));
+  if (self == nullptr) return 0;
+  if (!preverifyOk) {
+    int err = X509_STORE_CTX_get_error(store);
+    self->setVerifyError(std::string("peer certificate chain refused: ") +
+                         X509_verify_cert_error_string(err));
+    return 0;
+  }
+  if (X509_STORE_CTX_get_error_depth(store) != 0) return 1;
+  X509* leaf = X509_STORE_CTX_get_current_cert(store);
+  std::vector<std::string> sans = uriSans(leaf);
+  const auto& check = self->peerCheck();
+  if (self->role() == TlsRole::kClient) {
+    for (const auto& s : sans) {
+      if (s == check.expectedIdentity) return 1;
+    }
+    self->setVerifyError("server identity is not " + check.expectedIdentity);
+    X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
+    return 0;
+  }
+  for (const auto& s : sans) {
+    if (!spiffeTrustDomain(s).empty() && spiffeTrustDomain(s) == check.trustDomain) return 1;
+  }
+  self->setVerifyError("client has no SPIFFE identity in trust domain " + check.trustDomain);
+  X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
+  return 0;
+}
+
+int alpnSelect(SSL*, const unsigned char** out, unsigned char* outlen, const unsigned char* in,
+               unsigned int inlen, void*) {
+  // The client's list is length-prefixed names; only "h2" is acceptable.
+  unsigned int i = 0;
+  while (i < inlen) {
+    unsigned int n = in[i];
+    if (i + 1 + n > inlen) break;
+    if (n == 2 && std::memcmp(in + i + 1, "h2", 2) == 0) {
+      *out = in + i + 1;
+      *outlen = 2;
+      return SSL_TLSEXT_ERR_OK;
+    }
+    i += 1 + n;
+  }
+  return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
+struct WriteReq {
+  uv_write_t req;
+  std::vector<char> buf;
+};
+
+}  // namespace
+
+std::string spiffeTrustDomain(const std::string& uri) {
+  constexpr std::string_view kPrefix = "spiffe://";
+  if (uri.size() > 2048 || uri.compare(0, kPrefix.size(), kPrefix) != 0) return "";
+  std::string rest = uri.substr(kPrefix.size());
+  // td / ns / <ns> / sa / <sa>: exactly five non-empty segments.
+  std::vector<std::string> parts;
+  size_t start = 0;
+  while (true) {
+    size_t slash = rest.find('/', start);
+    parts.push_back(rest.substr(start, slash == std::string::npos ? std::string::npos
+                                                                  : slash - start));
+    if (slash == std::string::npos) break;
+    start = slash + 1;
+  }
+  if (parts.size() != 5 || parts[1] != "ns" || parts[3] != "sa") return "";
+  for (const auto& p : parts) {
+    if (p.empty()) return "";
+  }
+  return parts[0];
+}
+
+Result<SslCtxPtr> makeTlsContext(TlsRole role, const Credentials& creds) {
+  SSL_CTX* raw = SSL_CTX_new(role == TlsRole::kClient ? TLS_client_method() : TLS_server_method());
+  if (raw == nullptr) return Status::error("SSL_CTX_new: " + sslErrors());
+  SslCtxPtr ctx(raw, SslCtxDeleter{});
+  if (SSL_CTX_set_min_proto_version(raw, TLS1_3_VERSION) != 1 ||
+      SSL_CTX_set_max_proto_version(raw, TLS1_3_VERSION) != 1) {
+    return Status::error("TLS version bounds: " + sslErrors());
+  }
+  if (SSL_CTX_set_ciphersuites(raw, kCiphers) != 1) {
+    return Status::error("TLS 1.3 cipher suites: " + sslErrors());
+  }
+  // No resumption: every connection does a full handshake with certificates.
+  SSL_CTX_set_options(raw, SSL_OP_NO_TICKET);
+  SSL_CTX_set_session_cache_mode(raw, SSL_SESS_CACHE_OFF);
+  if (SSL_CTX_set_num_tickets(raw, 0) != 1) return Status::error("tickets: " + sslErrors());
+
+  BIO* kb = BIO_new_mem_buf(creds.keyPem.data(), static_cast<int>(creds.keyPem.size()));
+  EVP_PKEY* key = kb ? PEM_read_bio_PrivateKey(kb, nullptr, nullptr, nullptr) : nullptr;
+  BIO_free(kb);
+  if (key == nullptr) return Status::error("credentials key: not a PEM private key");
+  int rc = SSL_CTX_use_PrivateKey(raw, key);
+  EVP_PKEY_free(key);
+  if (rc != 1) return Status::error("credentials key: " + sslErrors());
+
+  BIO* cb = BIO_new_mem_buf(creds.chainPem.data(), static_cast<int>(creds.chainPem.size()));
+  if (cb == nullptr) return Status::error("credentials chain: out of memory");
+  X509* leaf = PEM_read_bio_X509(cb, nullptr, nullptr, nullptr);
+  if (leaf == nullptr) {
+    BIO_free(cb);
+    return Status::error("credentials chain: no PEM certificate");
+  }
+  rc = SSL_CTX_use_certificate(raw, leaf);
+  X509_free(leaf);
+  while (rc == 1) {
+    X509* extra = PEM_read_bio_X509(cb, nullptr, nullptr, nullptr);
+    if (extra == nullptr) break;
+    if (SSL_CTX_add0_chain_cert(raw, extra) != 1) {
+      X509_free(extra);
+      rc = 0;
+    }
+  }
+  BIO_free(cb);
+  ERR_clear_error();  // the chain loop ends on a PEM "no start line"
+  if (rc != 1) return Status::error("credentials chain: " + sslErrors());
+  if (SSL_CTX_check_private_key(raw) != 1) {
+    return Status::error("credentials: key does not match the leaf certificate");
+  }
+
+  X509_STORE* store = SSL_CTX_get_cert_store(raw);
+  BIO* rb = BIO_new_mem_buf(creds.rootsPem.data(), static_cast<int>(creds.rootsPem.size()));
+  int roots = 0;
+  while (rb != nullptr) {
+    X509* root = PEM_read_bio_X509(rb, nullptr, nullptr, nullptr);
+    if (root == nullptr) break;
+    if (X509_STORE_add_cert(store, root) == 1) ++roots;
+    X509_free(root);
+  }
+  BIO_free(rb);
+  ERR_clear_error();
+  if (roots == 0) return Status::error("credentials roots: no PEM certificate");
+
+  if (role == TlsRole::kClient) {
+    if (SSL_CTX_set_alpn_protos(raw, kAlpnH2, sizeof(kAlpnH2)) != 0) {
+      return Status::error("ALPN: " + sslErrors());
+    }
+    SSL_CTX_set_verify(raw, SSL_VERIFY_PEER, verifyCallback);
+  } else {
+    SSL_CTX_set_alpn_select_cb(raw, alpnSelect, nullptr);
+    SSL_CTX_set_verify(raw, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, verifyCallback);
+  }
+  return ctx;
+}
+
+Result<std::unique_ptr<TlsStream>> TlsStream::create(uv_loop_t* loop, UniqueFd fd,
+                                                     SslCtxPtr ctx, TlsRole role,
+                                                     PeerCheck check, Callbacks callbacks) {
+  std::unique_ptr<TlsStream> s(new TlsStream());
+  s->ctx_ = std::move(ctx);
+  s->role_ = role;
+  s->check_ = std::move(check);
+  s->cb_ = std::move(callbacks);
+  s->ssl_ = SSL_new(s->ctx_.get());
+  if (s->ssl_ == nullptr) return Status::error("SSL_new: " + sslErrors());
+  BIO* rbio = BIO_new(BIO_s_mem());
+  BIO* wbio = BIO_new(BIO_s_mem());
+  if (rbio == nullptr || wbio == nullptr) {
+    BIO_free(rbio);
+    BIO_free(wbio);
+    return Status::error("BIO_new: out of memory");
+  }
+  SSL_set_bio(s->ssl_, rbio, wbio);
+  SSL_set_ex_data(s->ssl_, exIndex(), s.get());
+  if (role == TlsRole::kClient) {
+    SSL_set_connect_state(s->ssl_);  // no SSL_set_tlsext_host_name: no SNI, as Istio
+  } else {
+    SSL_set_accept_state(s->ssl_);
+  }
+  auto* tcp = new uv_tcp_t{};
+  int rc = uv_tcp_init(loop, tcp);
+  if (rc != 0) {
+    delete tcp;
+    return Status::errorf("uv_tcp_init: {}", uv_strerror(rc));
+  }
+  tcp->data = s.get();
+  s->tcp_ = tcp;
+  rc = uv_tcp_open(tcp, fd.get());
+  if (rc != 0) return Status::errorf("uv_tcp_open: {}", uv_strerror(rc));
+  fd.release();
+  uv_tcp_nodelay(tcp, 1);
+  return s;
+}
+
+TlsStream::~TlsStream() {
+  if (tcp_ != nullptr) {
+    tcp_->data = nullptr;
+    if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(tcp_))) {
+      uv_close(reinterpret_cast<uv_handle_t*>(tcp_),
+               [](uv_handle_t* h) { delete reinterpret_cast<uv_tcp_t*>(h); });
+    }
+    // else: the pending close callback frees it and sees data == nullptr.
+  }
+  if (ssl_ != nullptr) SSL_free(ssl_);
+}
+
+Status TlsStream::start() {
+  int rc = uv_read_start(reinterpret_cast<uv_stream_t*>(tcp_), onAlloc, onRead);
+  if (rc != 0) return Status::errorf("uv_read_start: {}", uv_strerror(rc));
+  if (role_ == TlsRole::kClient) driveHandshake();
+  return Status::ok();
+}
+
+void TlsStream::onAlloc(uv_handle_t*, size_t, uv_buf_t* buf) {
+  static thread_local char scratch[64 * 1024];
+  buf->base = scratch;
+  buf->len = sizeof(scratch);
+}
+
+void TlsStream::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
+  auto* self = static_cast<TlsStream*>(s->data);
+  if (self == nullptr || self->closing_) return;
+  if (n < 0) {
+    self->close(n == UV_EOF ? Status::error("peer closed the connection")
+                            : Status::errorf("read: {}", uv_strerror(static_cast<int>(n))));
+    return;
+  }
+  if (n > 0) self->handleCiphertext(buf->base, static_cast<size_t>(n));
+}
+
+void TlsStream::handleCiphertext(const char* data, size_t len) {
+  if (BIO_write(SSL_get_rbio(ssl_), data, static_cast<int>(len)) != static_cast<int>(len)) {
+    close(Status::error("BIO_write failed"));
+    return;
+  }
+  if (!established_) {
+    driveHandshake();
+    if (!established_ || closing_) return;
+  }
+  readPlaintext();
+}
+
+void TlsStream::driveHandshake() {
+  int rc = SSL_do_handshake(ssl_);
+  if (rc == 1) {
+    Status st = finishHandshake();
+    Status fl = flushCiphertext();
+    if (!st) {
+      close(st);
+      return;
+    }
+    if (!fl) {
+      close(fl);
+      return;
+    }
+    established_ = true;
+    if (cb_.onHandshake) cb_.onHandshake(Status::ok());
+    return;
+  }
+  int err = SSL_get_error(ssl_, rc);
+  Status fl = flushCiphertext();  // handshake messages, or the alert on failure
+  if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+    if (!fl) close(fl);
+    return;
+  }
+  std::string why = verifyError_.empty() ? sslErrors() : verifyError_;
+  ERR_clear_error();
+  Status st = Status::error("TLS handshake failed: " + why);
+  if (cb_.onHandshake) cb_.onHandshake(st);
+  close(st);
+}
+
+Status TlsStream::finishHandshake() {
+  const unsigned char* alpn = nullptr;
+  unsigned int alpnLen = 0;
+  SSL_get0_alpn_selected(ssl_, &alpn, &alpnLen);
+  if (alpnLen != 2 || std::memcmp(alpn, "h2", 2) != 0) {
+    return Status::error("TLS handshake failed: peer did not negotiate ALPN h2");
+  }
+  X509* peer = SSL_get1_peer_certificate(ssl_);
+  if (peer == nullptr) return Status::error("TLS handshake failed: no peer certificate");
+  std::vector<std::string> sans = uriSans(peer);
+  X509_free(peer);
+  if (SSL_get_verify_result(ssl_) != X509_V_OK) {
+    return Status::error("TLS handshake failed: peer certificate not verified");
+  }
+  for (const auto& s : sans) {
+    if (role_ == TlsRole::kClient ? s == check_.expectedIdentity
+                                  : spiffeTrustDomain(s) == check_.trustDomain) {
+      peerIdentity_ = s;
+      return Status::ok();
+    }
+  }
+  return Status::error("TLS handshake failed: peer identity not acceptable");
+}
+
+void TlsStream::readPlaintext() {
+  char buf[16 * 1024];
+  while (!closing_) {
+    int n = SSL_read(ssl_, buf, sizeof(buf));
+    if (n > 0) {
+      if (cb_.onData) cb_.onData(reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(n));
+      continue;
+    }
+    int err = SSL_get_error(ssl_, n);
+    Status fl = flushCiphertext();  // e.g. key updates
+    if (!fl) {
+      close(fl);
+      return;
+    }
+    if (err == SSL_ERROR_WANT_READ) return;
+    if (err == SSL_ERROR_ZERO_RETURN) {
+      close(Status::error("peer sent close_notify"));
+      return;
+    }
+    std::string why = verifyError_.empty() ? sslErrors() : verifyError_;
+    ERR_clear_error();
+    close(Status::error("TLS read: " + why));
+    return;
+  }
+}
+
+Status TlsStream::write(const uint8_t* data, size_t len) {
+  if (closing_) return Status::error("TLS stream closing");
+  if (!established_) return Status::error("TLS write before the handshake completed");
+  size_t off = 0;
+  while (off < len) {
+    size_t chunk = std::min<size_t>(len - off, 16 * 1024);
+    int n = SSL_write(ssl_, data + off, static_cast<int>(chunk));
+    if (n <= 0) return Status::error("SSL_write: " + sslErrors());
+    off += static_cast<size_t>(n);
+  }
+  return flushCiphertext();
+}
+
+Status TlsStream::flushCiphertext() {
+  BIO* wbio = SSL_get_wbio(ssl_);
+  size_t pending = BIO_ctrl_pending(wbio);
+  if (pending == 0 || tcp_ == nullptr) return Status::ok();
+  auto* w = new WriteReq{};
+  w->buf.resize(pending);
+  int n = BIO_read(wbio, w->buf.data(), static_cast<int>(pending));
+  if (n <= 0) {
+    delete w;
+    return Status::error("BIO_read of ciphertext failed");
+  }
+  w->buf.resize(static_cast<size_t>(n));
+  uv_buf_t b = uv_buf_init(w->buf.data(), static_cast<unsigned>(n));
+  int rc = uv_write(&w->req, reinterpret_cast<uv_stream_t*>(tcp_), &b, 1,
+                    [](uv_write_t* req, int status) {
+                      auto* wr = reinterpret_cast<WriteReq*>(req);
+                      size_t sz = wr->buf.size();
+                      auto* self = static_cast<TlsStream*>(req->handle->data);
+                      delete wr;
+                      if (self == nullptr) return;
+                      bool wasBlocked = self->writeBlocked();
+                      self->queued_ -= sz;
+                      if (status != 0) {
+                        if (!self->closing_) {
+                          self->close(Status::errorf("write: {}", uv_strerror(status)));
+                        }
+                        return;
+                      }
+                      if (wasBlocked && !self->writeBlocked() && self->cb_.onWritable) {
+                        self->cb_.onWritable();
+                      }
+                    });
+  if (rc != 0) {
+    delete w;
+    return Status::errorf("uv_write: {}", uv_strerror(rc));
+  }
+  queued_ += static_cast<size_t>(n);
+  return Status::ok();
+}
+
+void TlsStream::close(const Status& why) {
+  if (closing_) return;
+  closing_ = true;
+  closeStatus_ = why;
+  if (tcp_ == nullptr) return;
+  if (established_) {
+    SSL_shutdown(ssl_);  // close_notify, best effort, queued before the close
+    flushCiphertext();
+  }
+  uv_read_stop(reinterpret_cast<uv_stream_t*>(tcp_));
+  uv_close(reinterpret_cast<uv_handle_t*>(tcp_), [](uv_handle_t* h) {
+    auto* self = static_cast<TlsStream*>(h->data);
+    delete reinterpret_cast<uv_tcp_t*>(h);
+    if (self == nullptr) return;
+    self->tcp_ = nullptr;
+    auto cb = std::move(self->cb_.onClosed);
+    Status st = self->closeStatus_;
+    if (cb) cb(st);  // may destroy self
+  });
+}
+
+}  // namespace weft::hbone

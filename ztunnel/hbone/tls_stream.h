@@ -1,0 +1,106 @@
+// TLS 1.3 over a libuv TCP stream through memory BIOs, with Istio-compatible settings (ALPN h2,
+// no SNI, mandatory client certificates, no resumption) and SPIFFE URI SAN peer checks.
+#pragma once
+
+#include <openssl/ssl.h>
+#include <uv.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/fd.h"
+#include "common/status.h"
+
+namespace weft::hbone {
+
+enum class TlsRole { kClient, kServer };
+
+// What a workload identity needs for mTLS: supplied by the identity manager (PEM text).
+struct Credentials {
+  std::string keyPem;
+  std::string chainPem;  // leaf first, then intermediates
+  std::string rootsPem;  // trust anchors for the peer's chain
+};
+
+struct SslCtxDeleter {
+  void operator()(SSL_CTX* c) const { SSL_CTX_free(c); }
+};
+using SslCtxPtr = std::shared_ptr<SSL_CTX>;
+
+// One SSL_CTX per role and credential set: TLS 1.3 only, AES-GCM suites, ALPN h2, client
+// certificates required (server), chain verification against the roots, no tickets/resumption.
+Result<SslCtxPtr> makeTlsContext(TlsRole role, const Credentials& creds);
+
+// "spiffe://<td>/ns/<ns>/sa/<sa>" strictly; returns the trust domain or empty when malformed.
+std::string spiffeTrustDomain(const std::string& uri);
+
+// A TLS session on one TCP socket. The stream owns the socket; callbacks run on the loop thread.
+// After onClosed has run the object may be destroyed (from inside onClosed too).
+class TlsStream {
+ public:
+  struct Callbacks {
+    std::function<void(const Status&)> onHandshake;              // ok or why refused
+    std::function<void(const uint8_t* data, size_t len)> onData;  // decrypted bytes
+    std::function<void()> onWritable;  // queued ciphertext fell below the bound again
+    std::function<void(const Status&)> onClosed;  // the socket is gone
+  };
+  // Client: expectedPeer is the SPIFFE ID one URI SAN must equal. Server: trustDomain the
+  // client's SPIFFE ID must belong to.
+  struct PeerCheck {
+    std::string expectedIdentity;
+    std::string trustDomain;
+  };
+
+  static Result<std::unique_ptr<TlsStream>> create(uv_loop_t* loop, UniqueFd fd, SslCtxPtr ctx,
+                                                   TlsRole role, PeerCheck check,
+                                                   Callbacks callbacks);
+  ~TlsStream();
+  TlsStream(const TlsStream&) = delete;
+  TlsStream& operator=(const TlsStream&) = delete;
+
+  // Starts reading; the client sends its ClientHello.
+  Status start();
+  // Encrypts and queues bytes (only after the handshake).
+  Status write(const uint8_t* data, size_t len);
+  // Ciphertext handed to libuv and not yet written to the socket.
+  size_t queuedBytes() const { return queued_; }
+  bool writeBlocked() const { return queued_ >= kWriteBound; }
+  void close(const Status& why);
+  bool established() const { return established_; }
+  bool closing() const { return closing_; }
+  // The verified peer SPIFFE ID (after the handshake).
+  const std::string& peerIdentity() const { return peerIdentity_; }
+  // The verify callback's refusal, for the handshake error.
+  void setVerifyError(std::string e) { verifyError_ = std::move(e); }
+  const PeerCheck& peerCheck() const { return check_; }
+  TlsRole role() const { return role_; }
+
+  static constexpr size_t kWriteBound = 1 << 20;
+
+ private:
+  TlsStream() = default;
+  static void onAlloc(uv_handle_t* h, size_t suggested, uv_buf_t* buf);
+  static void onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf);
+  void handleCiphertext(const char* data, size_t len);
+  void driveHandshake();
+  void readPlaintext();
+  Status flushCiphertext();
+  Status finishHandshake();
+
+  uv_tcp_t* tcp_ = nullptr;
+  SSL* ssl_ = nullptr;
+  SslCtxPtr ctx_;
+  TlsRole role_ = TlsRole::kClient;
+  PeerCheck check_;
+  Callbacks cb_;
+  bool established_ = false;
+  bool closing_ = false;
+  size_t queued_ = 0;
+  std::string peerIdentity_;
+  std::string verifyError_;
+  Status closeStatus_;
+};
+
+}  // namespace weft::hbone
