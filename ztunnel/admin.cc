@@ -82,6 +82,7 @@ nlohmann::json Ztunnel::configDump() const {
   }
   return {{"node_config", node},
           {"certificates", certificates},
+          {"mtls", mesh_tls_ ? mesh_tls_->toJson() : nlohmann::json(nullptr)},
           {"ready", ready_},
           {"draining", draining_},
           {"agent_connected", agent_ && agent_->connected()},

@@ -30,6 +30,7 @@ Result<WorkloadInfo> workloadFromProto(const node::v1::Workload& w) {
   out.service_account = w.service_account();
   out.node = w.node();
   out.enrolled = w.enrolled();
+  out.strict_mtls = w.strict_mtls();
   for (const std::string& s : w.ips()) {
     auto ip = IpAddr::parse(s);
     if (!ip) return Status::errorf("{}: ips: '{}' is not an IP address", what, s);

@@ -22,6 +22,9 @@ struct WorkloadInfo {
   std::vector<IpAddr> ips;
   std::string node;
   bool enrolled = false;
+  // PeerAuthentication STRICT: plaintext inbound to this workload is refused. Live value: the
+  // current ClusterState's copy (ClusterUpdate upserts follow policy changes).
+  bool strict_mtls = false;
 
   bool hasIp(const IpAddr& ip) const;
   // The first IP of `family` (AF_INET / AF_INET6), if any.

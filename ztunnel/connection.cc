@@ -1,6 +1,7 @@
 // A proxied connection's life: accepted, connecting upstream, relaying, closing.
 #include "ztunnel/connection.h"
 
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
 
 #include "ztunnel/proxy.h"
@@ -29,6 +30,7 @@ ProxyConnection* ProxyConnection::accept(Proxy* proxy, uv_stream_t* listener,
     return nullptr;
   }
   c->open_handles_ = 1;
+  c->down_open_ = true;
   c->down_.data = c;
   rc = uv_accept(listener, reinterpret_cast<uv_stream_t*>(&c->down_));
   uv_os_fd_t fd = -1;
@@ -43,6 +45,21 @@ ProxyConnection* ProxyConnection::accept(Proxy* proxy, uv_stream_t* listener,
   return c;
 }
 
+ProxyConnection* ProxyConnection::forInboundTunnel(Proxy* proxy, hbone::TunnelWatchPtr* watch) {
+  auto* c = new ProxyConnection(proxy, ConnectionDirection::kInbound);
+  c->tunnel_ = true;
+  c->tunnel_answered_ = true;  // the answer is ours to give; only the tunnel's life matters
+  c->path = "hbone";
+  c->labels.connection_security_policy = "mutual_tls";
+  c->open_handles_ = 1;  // the tunnel
+  c->state_ = State::kConnecting;
+  c->watch_ = std::make_shared<hbone::TunnelWatch>();
+  c->watch_->onAttach = [c] { c->onTunnelAttached(); };
+  c->watch_->onEnd = [c] { c->onTunnelEnd(); };
+  *watch = c->watch_;
+  return c;
+}
+
 const char* ProxyConnection::stateName() const {
   switch (state_) {
     case State::kAccepted: return "accepted";
@@ -54,8 +71,95 @@ const char* ProxyConnection::stateName() const {
 }
 
 // Downstream is side a of the relay: a -> b is what the source sent (Istio's "received").
-uint64_t ProxyConnection::bytesReceived() const { return relay_ ? relay_->bytesAToB() : 0; }
-uint64_t ProxyConnection::bytesSent() const { return relay_ ? relay_->bytesBToA() : 0; }
+// Over HBONE: outbound reads the source from its TCP socket, inbound from the tunnel.
+uint64_t ProxyConnection::bytesReceived() const {
+  if (watch_)
+    return direction_ == ConnectionDirection::kOutbound ? watch_->tcpToH2 : watch_->h2ToTcp;
+  return relay_ ? relay_->bytesAToB() : 0;
+}
+uint64_t ProxyConnection::bytesSent() const {
+  if (watch_)
+    return direction_ == ConnectionDirection::kOutbound ? watch_->h2ToTcp : watch_->tcpToH2;
+  return relay_ ? relay_->bytesBToA() : 0;
+}
+
+void ProxyConnection::tunnelOutbound(hbone::HboneClient& client, hbone::OutboundConnect req) {
+  if (state_ == State::kClosing) return;
+  int dup = ::fcntl(down_fd_, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) {
+    proxy_->stats().upstream_socket_failures_total++;
+    refuse(std::string("dup: ") + errnoText(errno));
+    return;
+  }
+  tunnel_ = true;
+  path = "hbone";
+  labels.connection_security_policy = "mutual_tls";
+  open_handles_++;  // the tunnel, until answered and ended
+  state_ = State::kConnecting;
+  watch_ = std::make_shared<hbone::TunnelWatch>();
+  watch_->onEnd = [this] { onTunnelEnd(); };
+  req.watch = watch_;
+  proxy_->stats().hbone_outbound_streams_total++;
+  client.open(req, UniqueFd(dup), [this](int status, const Status& err) {
+    onTunnelAnswer(status, err);
+  });
+}
+
+void ProxyConnection::onTunnelAnswer(int status, const Status& err) {
+  tunnel_answered_ = true;
+  tunnel_ok_ = status == 200;
+  if (tunnel_ok_) {
+    if (state_ == State::kClosing) {
+      // Aborted while the CONNECT was in flight: cut the tunnel too.
+      if (watch_ && watch_->abort) {
+        auto cut = watch_->abort;
+        cut();
+      }
+    } else {
+      onTunnelAttached();
+      // The tunnel has its own descriptor of the socket; ours goes without a FIN or RST.
+      if (down_open_) {
+        down_open_ = false;
+        uv_close(reinterpret_cast<uv_handle_t*>(&down_), onHandleClosed);
+        return maybeReleaseTunnel();  // `this` lives: the tunnel still counts
+      }
+    }
+  } else {
+    if (status > 0) proxy_->stats().hbone_connect_refused_total++;
+    else proxy_->stats().upstream_connect_failures_total++;
+    spdlog::debug("outbound {} -> {} over HBONE: {}", source.toString(), destination.toString(),
+                  err.message());
+    closeAll(true, true);  // the last descriptor of the client socket: RST
+  }
+  maybeReleaseTunnel();
+}
+
+void ProxyConnection::onTunnelAttached() {
+  if (state_ == State::kClosing || opened_) return;
+  state_ = State::kRelaying;
+  opened_ = true;
+  proxy_->tcpMetrics().opened(labels);
+}
+
+void ProxyConnection::onTunnelEnd() {
+  if (watch_ && watch_->reset && opened_) proxy_->stats().relay_errors_total++;
+  if (direction_ == ConnectionDirection::kInbound && !opened_) {
+    spdlog::debug("inbound HBONE {} -> {}: no tunnel", source.toString(),
+                  destination.toString());
+  }
+  maybeReleaseTunnel();
+}
+
+void ProxyConnection::maybeReleaseTunnel() {
+  if (!tunnel_ || tunnel_released_ || !tunnel_answered_) return;
+  bool ended = watch_ == nullptr || watch_->ended;
+  // An outbound tunnel that was never attached ends with its answer.
+  if (!ended && !(direction_ == ConnectionDirection::kOutbound && !tunnel_ok_)) return;
+  tunnel_released_ = true;
+  if (opened_) proxy_->tcpMetrics().closed(labels, bytesSent(), bytesReceived());
+  if (state_ != State::kClosing) closeAll(false, false);
+  if (--open_handles_ == 0) delete this;
+}
 
 void ProxyConnection::connectUpstream(UniqueFd sock) {
   int rc = uv_tcp_init(proxy_->loop(), &up_);
@@ -130,6 +234,11 @@ void ProxyConnection::refuse(const std::string& why) {
 }
 
 void ProxyConnection::abort(const std::string& why) {
+  if (tunnel_ && watch_ && watch_->abort) {
+    auto cut = watch_->abort;  // may end the tunnel and delete this right here
+    cut();
+    return;
+  }
   if (state_ == State::kRelaying && relay_ && !relay_->finished()) {
     relay_->abort(why);  // reports through onRelayDone, which closes
     return;
@@ -140,7 +249,15 @@ void ProxyConnection::abort(const std::string& why) {
 void ProxyConnection::closeAll(bool reset_down, bool reset_up) {
   if (state_ == State::kClosing) return;
   state_ = State::kClosing;
-  closeStream(reinterpret_cast<uv_stream_t*>(&down_), reset_down, this, onHandleClosed);
+  if (pending_cancel_) {
+    auto cancel = std::move(pending_cancel_);
+    pending_cancel_ = nullptr;
+    cancel();
+  }
+  if (down_open_) {
+    down_open_ = false;
+    closeStream(reinterpret_cast<uv_stream_t*>(&down_), reset_down, this, onHandleClosed);
+  }
   if (up_init_) closeStream(reinterpret_cast<uv_stream_t*>(&up_), reset_up, this, onHandleClosed);
 }
 

@@ -11,6 +11,8 @@
 #include "common/address.h"
 #include "common/fd.h"
 #include "common/status.h"
+#include "ztunnel/hbone/client.h"
+#include "ztunnel/hbone/session.h"
 #include "ztunnel/relay.h"
 #include "ztunnel/stats.h"
 
@@ -27,6 +29,9 @@ class ProxyConnection {
   // Accepts one client from `listener` into a new connection registered with `proxy`; null if
   // the accept failed (counted).
   static ProxyConnection* accept(Proxy* proxy, uv_stream_t* listener, ConnectionDirection dir);
+  // An inbound HBONE stream: no socket of its own; it follows the returned watch (give it to
+  // the HBONE server's decision) until the tunnel ends.
+  static ProxyConnection* forInboundTunnel(Proxy* proxy, hbone::TunnelWatchPtr* watch);
 
   uv_tcp_t* downstream() { return &down_; }
   int downstreamFd() const { return down_fd_; }
@@ -37,10 +42,18 @@ class ProxyConnection {
   SocketAddress upstream;       // where we connect (next hop)
   TcpLabels labels;
   std::string route;            // route kind / reason, for /connections
+  std::string path = "plain";   // "plain" or "hbone"
+  std::string peer_identity;    // the other side's SPIFFE ID (HBONE)
 
   // Connects `sock` (created and marked by the caller, in the right netns) to `upstream`,
   // then relays. Failures are counted and close the client with a reset.
   void connectUpstream(UniqueFd sock);
+  // Instead of connectUpstream: the client socket goes into an HBONE CONNECT stream (the client
+  // gets a dup of it); counted and closed with a reset when the tunnel does not come up.
+  void tunnelOutbound(hbone::HboneClient& client, hbone::OutboundConnect req);
+  // Something to cancel if the connection ends before it is used (a certificate wait).
+  void setPendingCancel(std::function<void()> cancel) { pending_cancel_ = std::move(cancel); }
+  bool closing() const { return state_ == State::kClosing; }
   // Closes the client (reset: RST) without an upstream: a refused or failed decision.
   void refuse(const std::string& why);
   // Cuts the connection now, both sides reset (drain timeout).
@@ -63,6 +76,10 @@ class ProxyConnection {
   static void onHandleClosed(uv_handle_t* h);
   void onRelayDone(const RelayOutcome& outcome);
   void closeAll(bool reset_down, bool reset_up);
+  void onTunnelAnswer(int status, const Status& err);
+  void onTunnelAttached();
+  void onTunnelEnd();
+  void maybeReleaseTunnel();
 
   Proxy* proxy_;
   ConnectionDirection direction_;
@@ -76,6 +93,14 @@ class ProxyConnection {
   bool opened_ = false;  // counted as opened in the TCP metrics
   uint64_t started_ms_ = 0;
   std::unique_ptr<Relay> relay_;
+  std::function<void()> pending_cancel_;
+  // HBONE: the tunnel counts as one open handle until it is answered and ended.
+  hbone::TunnelWatchPtr watch_;
+  bool tunnel_ = false;
+  bool tunnel_answered_ = false;  // outbound: the CONNECT's answer arrived (inbound: n/a)
+  bool tunnel_ok_ = false;        // answered 200
+  bool tunnel_released_ = false;
+  bool down_open_ = false;        // down_ is an initialised handle not yet closed
 };
 
 }  // namespace weft::ztunnel

@@ -2,39 +2,13 @@
 // 127.0.0.6 (IPv4) or the pod's own address (IPv6) so steering lets it through.
 #include "ztunnel/inbound.h"
 
-#include <netinet/in.h>
 #include <spdlog/spdlog.h>
 
-#include <cerrno>
-
-#include "bpf/abi/ports.h"
 #include "ztunnel/connection.h"
 #include "ztunnel/sockets.h"
 
 namespace weft::ztunnel {
 
-namespace {
-
-// Binds the upstream socket to the source the app sees and the sk_lookup program lets pass.
-Status bindInboundSource(int fd, const IpAddr& dst_ip) {
-  SocketAddress src;
-  if (dst_ip.isV4()) {
-    src = SocketAddress(IpAddr::v4(WEFT_INBOUND_PASSTHROUGH_V4), 0);
-    // Pick the port at connect time: many connections share 127.0.0.6 as source.
-    int one = 1;
-    if (setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) != 0)
-      return Status::errorf("IP_BIND_ADDRESS_NO_PORT: {}", errnoText(errno));
-  } else {
-    src = SocketAddress(dst_ip, 0);
-  }
-  sockaddr_storage ss;
-  socklen_t len = src.toSockaddr(&ss);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0)
-    return Status::errorf("bind {}: {}", src.toString(), errnoText(errno));
-  return Status::ok();
-}
-
-}  // namespace
 
 void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) {
   ProxyConnection* c = ProxyConnection::accept(&proxy, listener, ConnectionDirection::kInbound);

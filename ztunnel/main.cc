@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
                             readiness = "0.0.0.0:15021", log_level = "info";
   bool log_json = false;
   double drain_timeout = 5.0;
+  double cert_wait = 5.0;
   app.add_option("--agent-socket", agent_socket, "the agent's node-protocol socket")->required();
   app.add_option("--admin-addr", admin, "admin HTTP (config_dump, connections, stats); off")
       ->capture_default_str();
@@ -38,6 +39,10 @@ int main(int argc, char** argv) {
   app.add_option("--drain-timeout", drain_timeout, "seconds open connections get on SIGTERM")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 3600.0));
+  app.add_option("--cert-wait", cert_wait,
+                 "seconds a new connection waits for its workload's first certificate")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 300.0));
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   app.add_flag("--log-json", log_json, "log JSON lines");
   app.set_version_flag("--version", WEFT_VERSION);
@@ -53,6 +58,7 @@ int main(int argc, char** argv) {
   opts.metrics_addr = parseAddr("--metrics-addr", metrics);
   opts.readiness_addr = parseAddr("--readiness-addr", readiness);
   opts.drain_timeout_ms = static_cast<uint64_t>(drain_timeout * 1000);
+  opts.cert_wait_ms = static_cast<uint64_t>(cert_wait * 1000);
 
   uv_loop_t* loop = uv_default_loop();
   int exit_code = 0;

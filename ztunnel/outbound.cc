@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include "ztunnel/connection.h"
+#include "ztunnel/mesh_tls.h"
 #include "ztunnel/route.h"
 #include "ztunnel/sockets.h"
 
@@ -52,6 +53,12 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
     return;
   }
   c->upstream = route.next_hop;
+
+  // A pod in the mesh (on any node) is reached over HBONE, with mTLS; anything else plainly.
+  if (route.destination_workload && route.destination_workload->enrolled && proxy.meshTls()) {
+    proxy.meshTls()->outbound(c, pod, route);
+    return;
+  }
 
   // Created in the source pod's netns, marked, so the connect hook lets it through.
   auto sock = markedTcpSocket(pod->netns.get(), route.next_hop.family());

@@ -5,6 +5,7 @@
 
 #include "ztunnel/connection.h"
 #include "ztunnel/inbound.h"
+#include "ztunnel/mesh_tls.h"
 #include "ztunnel/outbound.h"
 
 namespace weft::ztunnel {
@@ -20,6 +21,23 @@ void Proxy::acceptOutbound(uv_stream_t* listener, const LocalPodPtr& pod) {
 
 void Proxy::acceptInbound(uv_stream_t* listener, const LocalPodPtr& pod) {
   handleInbound(*this, listener, pod);
+}
+
+void Proxy::acceptHbone(uv_stream_t* listener, const LocalPodPtr& pod) {
+  if (mesh_tls_ != nullptr) {
+    mesh_tls_->acceptInbound(listener, pod);
+    return;
+  }
+  // No mTLS side: take the connection off the backlog and drop it.
+  uv_tcp_t* tmp = new uv_tcp_t{};
+  if (uv_tcp_init(loop_, tmp) != 0) {
+    delete tmp;
+    return;
+  }
+  if (uv_accept(listener, reinterpret_cast<uv_stream_t*>(tmp)) != 0)
+    stats_.accept_failures_total++;
+  uv_close(reinterpret_cast<uv_handle_t*>(tmp),
+           [](uv_handle_t* h) { delete reinterpret_cast<uv_tcp_t*>(h); });
 }
 
 void Proxy::untrack(ProxyConnection* c) {
@@ -51,6 +69,8 @@ nlohmann::json Proxy::connectionsJson() const {
         {"dst", c->destination.toString()},
         {"upstream", c->upstream.family() ? c->upstream.toString() : ""},
         {"route", c->route},
+        {"path", c->path},
+        {"peer_identity", c->peer_identity},
         {"source_workload", c->labels.source_workload_namespace.empty()
                                 ? ""
                                 : c->labels.source_workload_namespace + "/" +

@@ -19,6 +19,7 @@
 
 namespace weft::ztunnel {
 
+class MeshTls;
 class ProxyConnection;
 
 // A local (enrolled, on this node) pod as its listeners and connections see it. Immutable.
@@ -46,6 +47,11 @@ class Proxy {
   // Accept callbacks of a pod's listeners.
   void acceptOutbound(uv_stream_t* listener, const LocalPodPtr& pod);
   void acceptInbound(uv_stream_t* listener, const LocalPodPtr& pod);
+  void acceptHbone(uv_stream_t* listener, const LocalPodPtr& pod);
+
+  // The mTLS side (null: no HBONE, e.g. in tests without an identity manager).
+  MeshTls* meshTls() const { return mesh_tls_; }
+  void setMeshTls(MeshTls* m) { mesh_tls_ = m; }
 
   size_t activeConnections() const { return connections_.size(); }
   // Cuts every connection (drain timeout).
@@ -78,6 +84,7 @@ class Proxy {
   std::unordered_set<ProxyConnection*> connections_;
   std::function<void()> on_idle_;
   DestinationHook destination_hook_;
+  MeshTls* mesh_tls_ = nullptr;
 };
 
 }  // namespace weft::ztunnel

@@ -63,4 +63,23 @@ Result<SocketAddress> originalDestination(int fd, int family) {
   return *a;
 }
 
+// Binds the upstream socket to the source the app sees and the sk_lookup program lets pass.
+Status bindInboundSource(int fd, const IpAddr& dst_ip) {
+  SocketAddress src;
+  if (dst_ip.isV4()) {
+    src = SocketAddress(IpAddr::v4(WEFT_INBOUND_PASSTHROUGH_V4), 0);
+    // Pick the port at connect time: many connections share 127.0.0.6 as source.
+    int one = 1;
+    if (setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) != 0)
+      return Status::errorf("IP_BIND_ADDRESS_NO_PORT: {}", errnoText(errno));
+  } else {
+    src = SocketAddress(dst_ip, 0);
+  }
+  sockaddr_storage ss;
+  socklen_t len = src.toSockaddr(&ss);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0)
+    return Status::errorf("bind {}: {}", src.toString(), errnoText(errno));
+  return Status::ok();
+}
+
 }  // namespace weft::ztunnel

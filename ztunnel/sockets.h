@@ -16,6 +16,10 @@ Result<UniqueFd> markedTcpSocket(int netns_fd, int family);
 // V6ONLY, backlog 1024.
 Result<UniqueFd> listenIn(int netns_fd, const SocketAddress& addr, int backlog = 1024);
 
+// Binds a socket that will connect to the app at `dst_ip` to the source the app sees and the
+// sk_lookup program lets pass: 127.0.0.6 (IPv4, port chosen at connect) or the pod's own IPv6.
+Status bindInboundSource(int fd, const IpAddr& dst_ip);
+
 // The destination an app asked for before the connect hook redirected it to 15001: the
 // SO_ORIGINAL_DST socket option of an accepted socket, answered by cgroup/getsockopt.
 Result<SocketAddress> originalDestination(int fd, int family);

@@ -29,7 +29,17 @@ namespace weft::ztunnel {
   X(agent_messages_total, "Messages received from the agent")                                \
   X(agent_protocol_errors_total, "Agent datagrams that did not parse or were unexpected")    \
   X(agent_message_failures_total, "Agent messages acked with an error")                      \
-  X(workload_listener_failures_total, "Workloads whose listeners could not be set up")
+  X(workload_listener_failures_total, "Workloads whose listeners could not be set up")        \
+  X(hbone_outbound_streams_total, "Outbound connections sent into an HBONE CONNECT stream")  \
+  X(hbone_inbound_streams_total, "HBONE CONNECT streams accepted for a local pod")           \
+  X(hbone_connect_refused_total, "Outbound HBONE CONNECTs answered with a status other than 200") \
+  X(hbone_client_handshakes_total, "TLS handshakes completed by the HBONE client")           \
+  X(hbone_client_handshake_failures_total, "TLS handshakes the HBONE client failed or refused") \
+  X(hbone_server_handshakes_total, "TLS handshakes completed on the pods' HBONE listeners")   \
+  X(hbone_server_handshake_failures_total, "TLS handshakes refused on the pods' HBONE listeners") \
+  X(cert_waits_total, "New connections that waited for their workload's first certificate")  \
+  X(cert_wait_timeouts_total, "Connections dropped because no certificate came within the wait") \
+  X(plaintext_refused_total, "Plaintext inbound connections reset under STRICT peer authentication")
 
 // Gauges (weft_ztunnel_<name>), filled in when rendered.
 #define WEFT_ZTUNNEL_GAUGES(X)                                             \
@@ -37,7 +47,8 @@ namespace weft::ztunnel {
   X(active_connections, "Connections open now (connecting or relaying)")  \
   X(agent_connected, "1 while connected to the agent")                     \
   X(ready, "1 once a snapshot from the agent was applied")                 \
-  X(draining, "1 while draining for shutdown")
+  X(draining, "1 while draining for shutdown")                             \
+  X(hbone_pool_connections, "Pooled outbound HBONE connections")
 
 struct ZtunnelStats {
 #define WEFT_DECLARE_STAT(name, help) uint64_t name = 0;

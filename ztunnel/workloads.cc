@@ -8,13 +8,13 @@
 namespace weft::ztunnel {
 
 Status PodListeners::add(Proxy& proxy, const LocalPodPtr& pod, const SocketAddress& addr,
-                         bool inbound) {
+                         Kind kind) {
   auto fd = listenIn(pod->netns.get(), addr);
   if (!fd) return fd.status();
   auto l = std::make_unique<Listener>();
   l->proxy = &proxy;
   l->pod = pod;
-  l->inbound = inbound;
+  l->kind = kind;
   l->addr = addr;
   int rc = l->handle.init(uv_tcp_init(proxy.loop(), l->handle.get()));
   if (rc != 0) return Status::errorf("listener {}: uv_tcp_init: {}", addr.toString(), uv_strerror(rc));
@@ -30,8 +30,11 @@ Status PodListeners::add(Proxy& proxy, const LocalPodPtr& pod, const SocketAddre
       spdlog::warn("listener {}: {}", self->addr.toString(), uv_strerror(status));
       return;
     }
-    if (self->inbound) self->proxy->acceptInbound(s, self->pod);
-    else self->proxy->acceptOutbound(s, self->pod);
+    switch (self->kind) {
+      case Kind::kOutbound: self->proxy->acceptOutbound(s, self->pod); break;
+      case Kind::kInbound: self->proxy->acceptInbound(s, self->pod); break;
+      case Kind::kHbone: self->proxy->acceptHbone(s, self->pod); break;
+    }
   });
   if (rc != 0) return Status::errorf("listener {}: uv_listen: {}", addr.toString(), uv_strerror(rc));
   listeners_.push_back(std::move(l));
@@ -43,12 +46,16 @@ Result<std::unique_ptr<PodListeners>> PodListeners::create(Proxy& proxy, LocalPo
   auto out = std::unique_ptr<PodListeners>(new PodListeners());
   IpAddr any4 = *IpAddr::parse("0.0.0.0"), any6 = *IpAddr::parse("::");
   IpAddr lo4 = *IpAddr::parse("127.0.0.1"), lo6 = *IpAddr::parse("::1");
-  Status st = out->add(proxy, pod, SocketAddress(lo4, ports.outbound), false);
-  if (st) st = out->add(proxy, pod, SocketAddress(any4, ports.inbound), true);
+  Status st = out->add(proxy, pod, SocketAddress(lo4, ports.outbound), Kind::kOutbound);
+  if (st) st = out->add(proxy, pod, SocketAddress(any4, ports.inbound), Kind::kInbound);
+  if (st && ports.hbone != 0)
+    st = out->add(proxy, pod, SocketAddress(any4, ports.hbone), Kind::kHbone);
   if (!st) return st;
   bool need_v6 = pod->info->ipOfFamily(AF_INET6) != nullptr;
-  Status st6 = out->add(proxy, pod, SocketAddress(lo6, ports.outbound), false);
-  if (st6) st6 = out->add(proxy, pod, SocketAddress(any6, ports.inbound), true);
+  Status st6 = out->add(proxy, pod, SocketAddress(lo6, ports.outbound), Kind::kOutbound);
+  if (st6) st6 = out->add(proxy, pod, SocketAddress(any6, ports.inbound), Kind::kInbound);
+  if (st6 && ports.hbone != 0)
+    st6 = out->add(proxy, pod, SocketAddress(any6, ports.hbone), Kind::kHbone);
   if (!st6) {
     if (need_v6) return st6;
     spdlog::info("{}/{}: no IPv6 listeners: {}", pod->info->namespace_, pod->info->name,
@@ -59,14 +66,17 @@ Result<std::unique_ptr<PodListeners>> PodListeners::create(Proxy& proxy, LocalPo
 
 int PodListeners::inboundFd(int family) const {
   for (const auto& l : listeners_)
-    if (l->inbound && l->addr.family() == family) return l->fd;
+    if (l->kind == Kind::kInbound && l->addr.family() == family) return l->fd;
   return -1;
 }
 
 std::vector<std::string> PodListeners::describe() const {
   std::vector<std::string> out;
   for (const auto& l : listeners_)
-    out.push_back(std::string(l->inbound ? "inbound " : "outbound ") + l->addr.toString());
+    out.push_back(std::string(l->kind == Kind::kInbound  ? "inbound "
+                              : l->kind == Kind::kHbone ? "hbone "
+                                                        : "outbound ") +
+                  l->addr.toString());
   return out;
 }
 
@@ -136,6 +146,12 @@ Status LocalWorkloads::remove(const std::string& uid) {
                it->second.pod->info->name, uid);
   pods_.erase(it);  // closes the listeners; connections hold the pod until they end
   return Status::ok();
+}
+
+LocalPodPtr LocalWorkloads::podByIp(const IpAddr& ip) const {
+  for (const auto& [uid, e] : pods_)
+    if (e.pod->info->hasIp(ip)) return e.pod;
+  return nullptr;
 }
 
 void LocalWorkloads::retainOnly(const std::set<std::string>& keep) {

@@ -22,6 +22,7 @@ namespace weft::ztunnel {
 struct ListenerPorts {
   uint16_t outbound = 15001;
   uint16_t inbound = 15006;
+  uint16_t hbone = 15008;
 };
 
 // One pod's listeners, all on the proxy's loop. Closing them leaves open connections alone.
@@ -36,15 +37,16 @@ class PodListeners {
   std::vector<std::string> describe() const;
 
  private:
+  enum class Kind { kOutbound, kInbound, kHbone };
   struct Listener {
     UvHandle<uv_tcp_t> handle;
     Proxy* proxy = nullptr;
     LocalPodPtr pod;
-    bool inbound = false;
+    Kind kind = Kind::kOutbound;
     SocketAddress addr;
     int fd = -1;
   };
-  Status add(Proxy& proxy, const LocalPodPtr& pod, const SocketAddress& addr, bool inbound);
+  Status add(Proxy& proxy, const LocalPodPtr& pod, const SocketAddress& addr, Kind kind);
 
   std::vector<std::unique_ptr<Listener>> listeners_;
 };
@@ -68,6 +70,8 @@ class LocalWorkloads {
   void closeAllListeners();
 
   bool contains(const std::string& uid) const { return pods_.count(uid) != 0; }
+  // The local pod that has `ip`, or null.
+  LocalPodPtr podByIp(const IpAddr& ip) const;
   size_t size() const { return pods_.size(); }
   nlohmann::json toJson() const;
 

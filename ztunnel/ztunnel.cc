@@ -13,6 +13,11 @@ Ztunnel::Ztunnel(uv_loop_t* loop, ZtunnelOptions options)
       loop_, [this](const node::v1::CertificateRequest& req) {
         return agent_ && agent_->sendCertificateRequest(req);
       });
+  MeshTlsOptions mo;
+  mo.cert_wait = std::chrono::milliseconds(options_.cert_wait_ms);
+  mesh_tls_ = std::make_unique<MeshTls>(
+      proxy_, *identities_, [this](const IpAddr& ip) { return workloads_.podByIp(ip); }, mo);
+  proxy_.setMeshTls(mesh_tls_.get());
 }
 
 Ztunnel::~Ztunnel() { shutdown(); }
@@ -79,14 +84,18 @@ void Ztunnel::drain(std::function<void()> done) {
 
 void Ztunnel::shutdown() {
   agent_.reset();
+  // Connections first (certificate waits are cancelled, tunnels reset), then the HBONE side
+  // (its sessions end the tunnels still open), then the certificates.
+  proxy_.onIdle(nullptr);
+  proxy_.abortAll("shutdown");
+  proxy_.setMeshTls(nullptr);
+  mesh_tls_.reset();
   identities_.reset();
   admin_.reset();
   metrics_.reset();
   readiness_.reset();
   drain_timer_.close();
   workloads_.closeAllListeners();
-  proxy_.onIdle(nullptr);
-  proxy_.abortAll("shutdown");
 }
 
 void Ztunnel::onAgentConnected() {
@@ -104,6 +113,10 @@ Status Ztunnel::onNodeConfig(const node::v1::NodeConfig& config) {
   node_config_ = config;
   have_node_config_ = true;
   if (!config.cluster_domain().empty()) proxy_.setClusterDomain(config.cluster_domain());
+  if (mesh_tls_) {
+    mesh_tls_->setTrustDomain(config.trust_domain().empty() ? "cluster.local"
+                                                            : config.trust_domain());
+  }
   return workloads_.setPinDir(config.bpf_pin_dir());
 }
 
@@ -165,6 +178,15 @@ void Ztunnel::refreshGauges() {
   s.agent_connected = agent_ && agent_->connected() ? 1 : 0;
   s.ready = ready_ ? 1 : 0;
   s.draining = draining_ ? 1 : 0;
+  if (mesh_tls_) {
+    // Counted by the HBONE objects; copied here when rendered (they only grow).
+    s.hbone_client_handshakes_total = mesh_tls_->client().handshakes();
+    s.hbone_client_handshake_failures_total = mesh_tls_->client().handshakeFailures();
+    hbone::ServerStats ss = mesh_tls_->serverStats();
+    s.hbone_server_handshakes_total = ss.handshakes;
+    s.hbone_server_handshake_failures_total = ss.handshakeFailures;
+    s.hbone_pool_connections = mesh_tls_->client().connections();
+  }
 }
 
 }  // namespace weft::ztunnel

@@ -14,6 +14,7 @@
 #include "common/uv_handle.h"
 #include "ztunnel/agent_client.h"
 #include "ztunnel/identity.h"
+#include "ztunnel/mesh_tls.h"
 #include "ztunnel/proxy.h"
 #include "ztunnel/workloads.h"
 
@@ -25,6 +26,7 @@ struct ZtunnelOptions {
   std::optional<SocketAddress> metrics_addr;
   std::optional<SocketAddress> readiness_addr;
   uint64_t drain_timeout_ms = 5000;
+  uint64_t cert_wait_ms = 5000;  // how long a new connection waits for a first certificate
   ListenerPorts ports;
 };
 
@@ -46,6 +48,8 @@ class Ztunnel : public AgentHandler {
   LocalWorkloads& workloads() { return workloads_; }
   // Workload certificates for the TLS side; null after shutdown().
   IdentityManager* identities() { return identities_.get(); }
+  // The HBONE side; null after shutdown().
+  MeshTls* meshTls() { return mesh_tls_.get(); }
 
   // HTTP handlers (public for tests).
   HttpResponse handleAdmin(const HttpRequest& req);
@@ -81,6 +85,7 @@ class Ztunnel : public AgentHandler {
   HttpAdminServerPtr metrics_;
   HttpAdminServerPtr readiness_;
   std::unique_ptr<IdentityManager> identities_;  // before agent_: it sends through it
+  std::unique_ptr<MeshTls> mesh_tls_;            // after identities_: it waits on them
   std::unique_ptr<AgentClient> agent_;  // last: destroyed first, while the rest still exists
 };
 

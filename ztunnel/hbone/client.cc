@@ -70,7 +70,8 @@ void HboneClient::later(uv_loop_t* loop, std::function<void()> fn) {
 }
 
 std::string HboneClient::poolKey(const OutboundConnect& req) {
-  return req.sourceIdentity + "|" + req.destinationIdentity + "|" + req.hboneAddress.toString();
+  return req.sourceIdentity + "#" + req.credentialsVersion + "|" + req.destinationIdentity + "|" +
+         req.hboneAddress.toString();
 }
 
 std::string HboneClient::makeTraceparent() {
@@ -111,10 +112,10 @@ void HboneClient::open(const OutboundConnect& req, UniqueFd local, ConnectDone d
     }
   }
   if (!c->ready) {
-    c->waiting.push_back(Waiter{std::move(h), std::move(local), std::move(done)});
+    c->waiting.push_back(Waiter{std::move(h), std::move(local), std::move(done), req.watch});
     return;
   }
-  auto id = c->session->submitConnect(h, std::move(local));
+  auto id = c->session->submitConnect(h, std::move(local), req.watch);
   if (!id) {
     later(loop_, [done = std::move(done), err = id.status()]() { done(0, err); });
     return;
@@ -165,6 +166,7 @@ HboneClient::Conn* HboneClient::dial(const OutboundConnect& req, Status* err) {
     op->alive = alive_;
     op->serial = nextSerial_;
     op->out = req;
+    op->out.watch = nullptr;  // the dial serves the pool, not this stream
     op->done = [this](uint64_t serial, int status, UniqueFd fd, OutboundConnect out) {
       onTcpConnected(serial, status, std::move(fd), std::move(out));
     };
@@ -261,7 +263,7 @@ void HboneClient::submitWaiting(Conn* c) {
   auto waiting = std::move(c->waiting);
   c->waiting.clear();
   for (auto& w : waiting) {
-    auto id = c->session->submitConnect(w.headers, std::move(w.local));
+    auto id = c->session->submitConnect(w.headers, std::move(w.local), std::move(w.watch));
     if (!id) {
       later(loop_, [done = std::move(w.done), err = id.status()]() { done(0, err); });
       continue;

@@ -24,6 +24,9 @@ namespace weft::hbone {
 struct OutboundConnect {
   std::string sourceIdentity;       // whose certificate we present (part of the pool key)
   SslCtxPtr ctx;                    // makeTlsContext(TlsRole::kClient, source's credentials)
+  // Which certificate ctx holds (e.g. its serial), part of the pool key: after a rotation new
+  // connections present the new certificate; pooled ones keep theirs until idle.
+  std::string credentialsVersion;
   std::string destinationIdentity;  // the server must present this URI SAN
   SocketAddress hboneAddress;       // <dest pod IP>:15008
   SocketAddress target;             // :authority, <dest pod IP>:<port>
@@ -33,6 +36,8 @@ struct OutboundConnect {
   // Creates the socket for a new pooled connection (e.g. in the pod netns with the mark);
   // null = a plain non-blocking socket. The client connects it.
   std::function<Result<UniqueFd>(const SocketAddress& to)> makeSocket;
+  // Follows the tunnel once the server said 200 (bytes, end, abort). Not pool state.
+  TunnelWatchPtr watch;
 };
 
 struct ClientConfig {
@@ -70,6 +75,7 @@ class HboneClient {
     Headers headers;
     UniqueFd local;
     ConnectDone done;
+    TunnelWatchPtr watch;
   };
   struct Conn {
     uint64_t serial = 0;

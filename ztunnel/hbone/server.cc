@@ -16,6 +16,7 @@ struct HboneServer::ConnectOp {
   std::shared_ptr<bool> alive;
   uint64_t serial = 0;
   int32_t streamId = 0;
+  TunnelWatchPtr watch;
 };
 
 HboneServer::HboneServer(uv_loop_t* loop, ServerConfig config)
@@ -83,7 +84,17 @@ Status HboneServer::serve(UniqueFd conn) {
     }
   };
   cb.onRequest = [this, serial](int32_t id, const Headers& h) { onRequest(serial, id, h); };
-  cb.onClosed = [this, serial](const Status&) { sessions_.erase(serial); };
+  cb.onClosed = [this, serial](const Status&) {
+    peers_.erase(serial);
+    sessions_.erase(serial);
+  };
+  sockaddr_storage peer{};
+  socklen_t peerLen = sizeof(peer);
+  if (::getpeername(conn.get(), reinterpret_cast<sockaddr*>(&peer), &peerLen) == 0) {
+    if (auto a = SocketAddress::fromSockaddr(reinterpret_cast<sockaddr*>(&peer), peerLen)) {
+      peers_[serial] = *a;
+    }
+  }
   TlsStream::PeerCheck check;
   check.trustDomain = config_.trustDomain;
   auto s = H2Session::create(loop_, std::move(conn), H2Session::Role::kServer, config_.ctx, check,
@@ -106,6 +117,7 @@ void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& he
   InboundConnect req;
   req.streamId = streamId;
   req.peerIdentity = it->second->peerIdentity();
+  if (auto p = peers_.find(serial); p != peers_.end()) req.peer = p->second;
   req.headers = headers;
   std::string method;
   for (const auto& [k, v] : headers) {
@@ -114,17 +126,17 @@ void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& he
   }
   auto target = SocketAddress::parse(req.authority);
   if (method != "CONNECT" || !target || target->port() == 0) {
-    finish(serial, streamId, 400, nullptr);
+    finish(serial, streamId, 400, nullptr, nullptr);
     return;
   }
   req.target = *target;
   InboundDecision d = config_.decide ? config_.decide(req) : InboundDecision{};
   if (d.verdict == InboundDecision::Verdict::kMalformed) {
-    finish(serial, streamId, 400, nullptr);
+    finish(serial, streamId, 400, nullptr, d.watch);
     return;
   }
   if (d.verdict != InboundDecision::Verdict::kAllow) {
-    finish(serial, streamId, 401, nullptr);
+    finish(serial, streamId, 401, nullptr, d.watch);
     return;
   }
   SocketAddress dest = d.connectTo.port() != 0 ? d.connectTo : req.target;
@@ -133,10 +145,11 @@ void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& he
                               : Result<UniqueFd>(UniqueFd(::socket(
                                     dest.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)));
   if (!sock || sock->get() < 0) {
-    finish(serial, streamId, 503, nullptr);
+    finish(serial, streamId, 503, nullptr, d.watch);
     return;
   }
   auto* op = new ConnectOp{};
+  op->watch = d.watch;
   op->server = this;
   op->alive = alive_;
   op->serial = serial;
@@ -145,7 +158,7 @@ void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& he
   if (uv_tcp_init(loop_, op->tcp) != 0) {
     delete op->tcp;
     delete op;
-    finish(serial, streamId, 503, nullptr);
+    finish(serial, streamId, 503, nullptr, d.watch);
     return;
   }
   auto fail = [&](int) {
@@ -153,7 +166,7 @@ void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& he
     uv_close(reinterpret_cast<uv_handle_t*>(op->tcp),
              [](uv_handle_t* h) { delete reinterpret_cast<uv_tcp_t*>(h); });
     delete op;
-    finish(serial, streamId, 503, nullptr);
+    finish(serial, streamId, 503, nullptr, d.watch);
   };
   if (uv_tcp_open(op->tcp, sock->get()) != 0) {
     fail(0);
@@ -166,12 +179,14 @@ void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& he
                           [](uv_connect_t* r, int status) {
                             auto* o = reinterpret_cast<ConnectOp*>(r);
                             uv_tcp_t* tcp = o->tcp;
+                            TunnelWatchPtr watch = std::move(o->watch);
                             if (!*o->alive) {
                               tcp->data = nullptr;
                               uv_close(reinterpret_cast<uv_handle_t*>(tcp), [](uv_handle_t* h) {
                                 delete reinterpret_cast<uv_tcp_t*>(h);
                               });
                               delete o;
+                              endWatch(watch, true);
                               return;
                             }
                             HboneServer* self = o->server;
@@ -183,15 +198,16 @@ void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& he
                               uv_close(reinterpret_cast<uv_handle_t*>(tcp), [](uv_handle_t* h) {
                                 delete reinterpret_cast<uv_tcp_t*>(h);
                               });
-                              self->finish(serial, id, 503, nullptr);
+                              self->finish(serial, id, 503, nullptr, std::move(watch));
                               return;
                             }
-                            self->finish(serial, id, 200, tcp);
+                            self->finish(serial, id, 200, tcp, std::move(watch));
                           });
   if (rc != 0) fail(rc);
 }
 
-void HboneServer::finish(uint64_t serial, int32_t streamId, int status, uv_tcp_t* upstream) {
+void HboneServer::finish(uint64_t serial, int32_t streamId, int status, uv_tcp_t* upstream,
+                         TunnelWatchPtr watch) {
   switch (status) {
     case 200: ++stats_.ok200; break;
     case 400: ++stats_.bad400; break;
@@ -205,9 +221,10 @@ void HboneServer::finish(uint64_t serial, int32_t streamId, int status, uv_tcp_t
       uv_close(reinterpret_cast<uv_handle_t*>(upstream),
                [](uv_handle_t* h) { delete reinterpret_cast<uv_tcp_t*>(h); });
     }
+    endWatch(watch, true);
     return;
   }
-  Status st = it->second->respond(streamId, status, upstream);
+  Status st = it->second->respond(streamId, status, upstream, std::move(watch));
   if (!st) spdlog::debug("hbone server: stream {}: {}", streamId, st.message());
 }
 

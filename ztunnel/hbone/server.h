@@ -23,6 +23,7 @@ struct InboundConnect {
   std::string authority;  // as sent
   SocketAddress target;   // parsed authority
   std::string peerIdentity;
+  SocketAddress peer;  // the HBONE connection's TCP peer
   Headers headers;  // all of them, pseudo-headers included (forwarded, baggage, traceparent, ...)
 };
 
@@ -33,6 +34,8 @@ struct InboundDecision {
   // socket in the current netns. It must be non-blocking; the server connects it.
   std::function<Result<UniqueFd>(const SocketAddress& target)> makeSocket;
   SocketAddress connectTo;  // default (port 0): the authority
+  // Follows the tunnel (bytes, end); ended at once when no tunnel comes of it (400/401/503).
+  TunnelWatchPtr watch;
 };
 
 struct ServerConfig {
@@ -71,13 +74,15 @@ class HboneServer {
  private:
   struct ConnectOp;
   void onRequest(uint64_t serial, int32_t streamId, const Headers& headers);
-  void finish(uint64_t serial, int32_t streamId, int status, uv_tcp_t* upstream);
+  void finish(uint64_t serial, int32_t streamId, int status, uv_tcp_t* upstream,
+              TunnelWatchPtr watch);
 
   uv_loop_t* loop_;
   ServerConfig config_;
   uv_tcp_t* listener_ = nullptr;
   uint64_t nextSerial_ = 1;
   std::map<uint64_t, std::unique_ptr<H2Session>> sessions_;
+  std::map<uint64_t, SocketAddress> peers_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   ServerStats stats_;
 };

@@ -28,6 +28,16 @@ void closeAndDelete(uv_tcp_t* tcp, bool reset) {
 
 }  // namespace
 
+void endWatch(const TunnelWatchPtr& w, bool reset) {
+  if (!w || w->ended) return;
+  w->ended = true;
+  w->reset = reset || !w->attached;
+  w->abort = nullptr;
+  auto cb = std::move(w->onEnd);
+  w->onEnd = nullptr;
+  if (cb) cb();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tunnel
 
@@ -40,6 +50,20 @@ Tunnel::~Tunnel() {
     nghttp2_session_consume_connection(session_->h2_, tcpQueued_);
   }
   if (tcp_ != nullptr) closeAndDelete(tcp_, resetTcp_);
+  endWatch(watch_, resetTcp_);
+}
+
+void Tunnel::setWatch(TunnelWatchPtr w) {
+  watch_ = std::move(w);
+  if (!watch_) return;
+  watch_->attached = true;
+  H2Session* session = session_;
+  int32_t id = streamId_;
+  // Only ever called while this tunnel exists: the destructor clears it (endWatch).
+  watch_->abort = [session, id]() { session->resetStream(id, NGHTTP2_CANCEL); };
+  auto cb = std::move(watch_->onAttach);
+  watch_->onAttach = nullptr;
+  if (cb) cb();
 }
 
 Status Tunnel::attach(uv_tcp_t* tcp) {
@@ -74,6 +98,7 @@ void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
   if (self == nullptr) return;
   H2Session* session = self->session_;
   if (n > 0) {
+    if (self->watch_) self->watch_->tcpToH2 += static_cast<uint64_t>(n);
     self->toH2_.emplace_back(buf->base, buf->base + n);
     self->toH2Bytes_ += static_cast<size_t>(n);
     if (self->toH2Bytes_ >= session->settings_.tcpReadBound) self->stopReading();
@@ -122,6 +147,7 @@ void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
                         nghttp2_submit_rst_stream(session->h2_, NGHTTP2_FLAG_NONE,
                                                   self->streamId_, NGHTTP2_CANCEL);
                       } else {
+                        if (self->watch_) self->watch_->h2ToTcp += sz;
                         nghttp2_session_consume(session->h2_, self->streamId_, sz);
                       }
                       session->flush();
@@ -439,6 +465,11 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
         if (local == self->pendingLocal_.end()) return 0;
         UniqueFd fd = std::move(local->second);
         self->pendingLocal_.erase(local);
+        TunnelWatchPtr watch;
+        if (auto w = self->pendingWatch_.find(id); w != self->pendingWatch_.end()) {
+          watch = std::move(w->second);
+          self->pendingWatch_.erase(w);
+        }
         if (st == 200 && !endStream) {
           auto tun = std::make_unique<Tunnel>(self, id);
           auto* tcp = new uv_tcp_t{};
@@ -459,6 +490,7 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
           }
           fd.release();
           Tunnel* t = tun.get();
+          t->setWatch(std::move(watch));
           self->tunnels_[id] = std::move(tun);
           // The request was submitted with a deferred body (see submitConnect); start the TCP
           // side and let nghttp2 pull from it.
@@ -468,6 +500,7 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
           return 0;
         }
         // Not a tunnel: end our side; the local socket closes with fd.
+        endWatch(watch, true);
         nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
         if (self->cb_.onResponse) self->cb_.onResponse(id, st == 200 ? 502 : st);
         return 0;
@@ -509,6 +542,11 @@ int H2Session::onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorC
   self->headerBytes_.erase(streamId);
   self->responseStatus_.erase(streamId);
   auto local = self->pendingLocal_.find(streamId);
+  if (auto w = self->pendingWatch_.find(streamId); w != self->pendingWatch_.end()) {
+    TunnelWatchPtr watch = std::move(w->second);
+    self->pendingWatch_.erase(w);
+    endWatch(watch, true);
+  }
   if (local != self->pendingLocal_.end()) {
     self->pendingLocal_.erase(local);
     if (self->cb_.onStreamFailed) {
@@ -534,7 +572,8 @@ int H2Session::onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorC
   return 0;
 }
 
-Result<int32_t> H2Session::submitConnect(const Headers& headers, UniqueFd local) {
+Result<int32_t> H2Session::submitConnect(const Headers& headers, UniqueFd local,
+                                         TunnelWatchPtr watch) {
   if (!acceptingStreams()) return Status::error("HBONE connection is closing");
   std::vector<nghttp2_nv> nva;
   nva.reserve(headers.size());
@@ -550,15 +589,18 @@ Result<int32_t> H2Session::submitConnect(const Headers& headers, UniqueFd local)
   int32_t id = nghttp2_submit_request(h2_, nullptr, nva.data(), nva.size(), &prd, nullptr);
   if (id < 0) return Status::errorf("CONNECT submit: {}", nghttp2_strerror(id));
   pendingLocal_[id] = std::move(local);
+  if (watch) pendingWatch_[id] = std::move(watch);
   idleSinceMs_ = 0;
   flush();
   return id;
 }
 
-Status H2Session::respond(int32_t streamId, int status, uv_tcp_t* upstream) {
+Status H2Session::respond(int32_t streamId, int status, uv_tcp_t* upstream,
+                          TunnelWatchPtr watch) {
   auto it = pending_.find(streamId);
   if (it == pending_.end() || closing_) {
     if (upstream != nullptr) closeAndDelete(upstream, true);
+    endWatch(watch, true);
     return Status::error("stream is gone");
   }
   pending_.erase(it);
@@ -577,13 +619,21 @@ Status H2Session::respond(int32_t streamId, int status, uv_tcp_t* upstream) {
     prd.source.ptr = t;
     prd.read_callback = readData;
     rc = nghttp2_submit_response(h2_, streamId, &nv, 1, &prd);
-    if (rc == 0) t->attach(upstream);
+    if (rc == 0) {
+      t->setWatch(std::move(watch));
+      t->attach(upstream);
+    } else {
+      // attach() never ran: the tunnel does not own the handle.
+      closeAndDelete(upstream, true);
+    }
   } else {
     if (upstream != nullptr) closeAndDelete(upstream, true);
+    endWatch(watch, true);
     rc = nghttp2_submit_response(h2_, streamId, &nv, 1, nullptr);
   }
   if (rc != 0) {
     tunnels_.erase(streamId);
+    endWatch(watch, true);
     return Status::errorf("response: {}", nghttp2_strerror(rc));
   }
   flush();
@@ -603,6 +653,9 @@ void H2Session::cleanup(const Status& why) {
   pending_.clear();
   auto local = std::move(pendingLocal_);
   pendingLocal_.clear();
+  auto watches = std::move(pendingWatch_);
+  pendingWatch_.clear();
+  for (auto& [id, w] : watches) endWatch(w, true);
   if (cb_.onStreamFailed) {
     for (auto& [id, fd] : local) cb_.onStreamFailed(id, why);
   }

@@ -38,6 +38,22 @@ using Headers = std::vector<std::pair<std::string, std::string>>;
 
 class H2Session;
 
+// What the owner of a proxied connection learns about one tunnel's TCP side (bytes each way,
+// its end) and how it cuts it. Shared between the session and the owner; loop thread only.
+struct TunnelWatch {
+  uint64_t tcpToH2 = 0;  // bytes read from the TCP socket and sent into the tunnel
+  uint64_t h2ToTcp = 0;  // bytes from the tunnel written to the TCP socket
+  bool attached = false;  // a tunnel (200) existed
+  bool ended = false;
+  bool reset = false;  // ended by a reset / error on either side (or never attached)
+  std::function<void()> onAttach;  // runs once, when the tunnel exists (200)
+  std::function<void()> onEnd;  // runs once, when the tunnel is gone (or will never exist)
+  std::function<void()> abort;  // set while the tunnel lives: resets it
+};
+using TunnelWatchPtr = std::shared_ptr<TunnelWatch>;
+// Marks `w` ended (once) and runs its onEnd. Safe on null.
+void endWatch(const TunnelWatchPtr& w, bool reset);
+
 // One CONNECT stream bridged to a TCP socket.
 class Tunnel {
  public:
@@ -47,6 +63,7 @@ class Tunnel {
   Status attach(uv_tcp_t* tcp);
   int32_t streamId() const { return streamId_; }
   void setStreamId(int32_t id) { streamId_ = id; }
+  void setWatch(TunnelWatchPtr w);
 
  private:
   friend class H2Session;
@@ -60,6 +77,7 @@ class Tunnel {
 
   H2Session* session_;
   int32_t streamId_;
+  TunnelWatchPtr watch_;
   uv_tcp_t* tcp_ = nullptr;
   bool reading_ = false;
   std::deque<std::vector<uint8_t>> toH2_;  // TCP bytes waiting to go out as DATA
@@ -100,9 +118,12 @@ class H2Session {
   void close(const Status& why);
 
   // Client: opens a CONNECT stream; the returned id identifies it in callbacks.
-  Result<int32_t> submitConnect(const Headers& headers, UniqueFd local);
-  // Server: answer with status; for 200 the upstream socket is bridged.
-  Status respond(int32_t streamId, int status, uv_tcp_t* upstream);
+  Result<int32_t> submitConnect(const Headers& headers, UniqueFd local,
+                                TunnelWatchPtr watch = nullptr);
+  // Server: answer with status; for 200 the upstream socket is bridged. A watch that gets no
+  // tunnel (not 200, or the stream is gone) is ended at once.
+  Status respond(int32_t streamId, int status, uv_tcp_t* upstream,
+                 TunnelWatchPtr watch = nullptr);
   void resetStream(int32_t streamId, uint32_t errorCode);
 
   const std::string& peerIdentity() const { return tls_->peerIdentity(); }
@@ -143,6 +164,7 @@ class H2Session {
   std::map<int32_t, std::unique_ptr<Tunnel>> tunnels_;
   std::map<int32_t, Headers> pending_;        // server: requests awaiting a decision
   std::map<int32_t, UniqueFd> pendingLocal_;  // client: local sockets awaiting the 200
+  std::map<int32_t, TunnelWatchPtr> pendingWatch_;  // client: their watches
   std::map<int32_t, int> responseStatus_;     // client: :status seen
   std::map<int32_t, bool> pendingEnd_;        // server: request already carried END_STREAM
   std::map<int32_t, size_t> headerBytes_;     // bound on a request header block
