@@ -372,17 +372,19 @@ void TlsStream::driveHandshake() {
   bool noPeerCertificate = false;
   std::string errors = sslErrors(&noPeerCertificate);
   ERR_clear_error();
-  if (refusal_ == TlsRefusal::kNone) {
-    refusal_ = noPeerCertificate && role_ == TlsRole::kServer ? TlsRefusal::kNoPeerCertificate
-                                                              : TlsRefusal::kProtocol;
-  }
-  std::string why = verifyError_.empty() ? errors : verifyError_;
-  failHandshake(refusal_, Status::error("TLS handshake failed: " + why));
+  TlsRefusal why = noPeerCertificate && role_ == TlsRole::kServer
+                       ? TlsRefusal::kNoPeerCertificate
+                       : TlsRefusal::kProtocol;
+  std::string text = verifyError_.empty() ? errors : verifyError_;
+  failHandshake(why, Status::error("TLS handshake failed: " + text));
 }
 
+// One failed handshake: one reason (the verify callback's, when it refused), reported to the
+// counter before the owner hears of the failure.
 void TlsStream::failHandshake(TlsRefusal why, const Status& st) {
-  if (refusal_ == TlsRefusal::kNone) refusal_ = why;
-  if (refusal_ == TlsRefusal::kNone) refusal_ = TlsRefusal::kProtocol;
+  if (refusal_ == TlsRefusal::kNone) {
+    refusal_ = why == TlsRefusal::kNone ? TlsRefusal::kProtocol : why;
+  }
   if (check_.onRefused) check_.onRefused(refusal_);
   if (cb_.onHandshake) cb_.onHandshake(st);
   close(st);
