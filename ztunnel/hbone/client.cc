@@ -248,6 +248,7 @@ void HboneClient::onTcpConnected(uint64_t serial, int status, UniqueFd fd, Outbo
   cb.onClosed = [this, serial](const Status& why) { fail(serial, why); };
   TlsStream::PeerCheck check;
   check.expectedIdentity = req.destinationIdentity;
+  check.onRefused = [this](TlsRefusal why) { ++refused_[static_cast<size_t>(why)]; };
   auto s = H2Session::create(loop_, std::move(fd), H2Session::Role::kClient, req.ctx, check,
                              config_.settings, std::move(cb));
   if (!s) {

@@ -65,6 +65,8 @@ class HboneClient {
 
   uint64_t handshakes() const { return handshakes_; }
   uint64_t handshakeFailures() const { return handshakeFailures_; }
+  // Failed handshakes with this reason; over all reasons they add up to handshakeFailures().
+  uint64_t refusals(TlsRefusal why) const { return refused_[static_cast<size_t>(why)]; }
   size_t connections() const { return conns_.size(); }
 
   static std::string poolKey(const OutboundConnect& req);
@@ -103,6 +105,7 @@ class HboneClient {
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   uint64_t handshakes_ = 0;
   uint64_t handshakeFailures_ = 0;
+  TlsRefusalCounts refused_{};
 };
 
 }  // namespace weft::hbone

@@ -97,6 +97,7 @@ Status HboneServer::serve(UniqueFd conn) {
   }
   TlsStream::PeerCheck check;
   check.trustDomain = config_.trustDomain;
+  check.onRefused = [this](TlsRefusal why) { ++stats_.refused[static_cast<size_t>(why)]; };
   auto s = H2Session::create(loop_, std::move(conn), H2Session::Role::kServer, config_.ctx, check,
                              config_.settings, std::move(cb));
   if (!s) return s.status();

@@ -53,6 +53,8 @@ struct ServerStats {
   uint64_t bad400 = 0;
   uint64_t denied401 = 0;
   uint64_t failed503 = 0;
+  // Failed handshakes by reason (index: TlsRefusal); they add up to handshakeFailures.
+  TlsRefusalCounts refused{};
 };
 
 class HboneServer {

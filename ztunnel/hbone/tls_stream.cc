@@ -16,10 +16,16 @@ namespace {
 constexpr char kCiphers[] = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256";
 constexpr unsigned char kAlpnH2[] = {2, 'h', '2'};
 
-std::string sslErrors() {
+// Drains OpenSSL's error queue into one line. noPeerCertificate (optional) is set when one of
+// the errors is the server's "peer did not return a certificate".
+std::string sslErrors(bool* noPeerCertificate = nullptr) {
   std::string out;
   unsigned long e;
   while ((e = ERR_get_error()) != 0) {
+    if (noPeerCertificate != nullptr && ERR_GET_LIB(e) == ERR_LIB_SSL &&
+        ERR_GET_REASON(e) == SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE) {
+      *noPeerCertificate = true;
+    }
     char buf[256];
     ERR_error_string_n(e, buf, sizeof(buf));
     if (!out.empty()) out += "; ";
@@ -49,7 +55,47 @@ std::vector<std::string> uriSans(X509* cert) {
   return out;
 }
 
-// Chain verification is OpenSSL's; at the leaf we add the SPIFFE identity rule.
+// OpenSSL's chain verdicts as refusal reasons: validity dates have their own, the rest (no
+// issuer among the roots, bad signature, self-signed, chain too long, ...) is "untrusted".
+TlsRefusal chainRefusal(int x509Error) {
+  switch (x509Error) {
+    case X509_V_ERR_CERT_HAS_EXPIRED: return TlsRefusal::kExpired;
+    case X509_V_ERR_CERT_NOT_YET_VALID: return TlsRefusal::kNotYetValid;
+    default: return TlsRefusal::kUntrusted;
+  }
+}
+
+// The SPIFFE rule on the leaf's URI SANs. kNone = acceptable, *accepted = the SAN that was.
+// Client: one SAN equals the expected identity. Server: one SAN is a strict SPIFFE ID of the
+// trust domain. Otherwise the reason depends on whether any SAN was a SPIFFE ID at all.
+TlsRefusal identityRefusal(TlsRole role, const TlsStream::PeerCheck& check,
+                           const std::vector<std::string>& sans, std::string* accepted,
+                           std::string* why) {
+  bool anySpiffe = false;
+  for (const auto& s : sans) {
+    std::string td = spiffeTrustDomain(s);
+    anySpiffe = anySpiffe || !td.empty();
+    bool ok = role == TlsRole::kClient ? s == check.expectedIdentity
+                                       : !td.empty() && td == check.trustDomain;
+    if (ok) {
+      if (accepted != nullptr) *accepted = s;
+      return TlsRefusal::kNone;
+    }
+  }
+  if (!anySpiffe) {
+    *why = "peer certificate has no well-formed SPIFFE URI SAN (spiffe://<td>/ns/<ns>/sa/<sa>)";
+    return TlsRefusal::kBadIdentity;
+  }
+  if (role == TlsRole::kClient) {
+    *why = "server identity is not " + check.expectedIdentity;
+    return TlsRefusal::kWrongIdentity;
+  }
+  *why = "client has no SPIFFE identity in trust domain " + check.trustDomain;
+  return TlsRefusal::kTrustDomain;
+}
+
+// Chain verification is OpenSSL's; at the leaf we add the SPIFFE identity rule. Both kinds of
+// refusal are recorded on the stream with their reason before failing the handshake.
 int verifyCallback(int preverifyOk, X509_STORE_CTX* store) {
   auto* ssl = static_cast<SSL*>(
       X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
@@ -57,26 +103,16 @@ int verifyCallback(int preverifyOk, X509_STORE_CTX* store) {
   if (self == nullptr) return 0;
   if (!preverifyOk) {
     int err = X509_STORE_CTX_get_error(store);
-    self->setVerifyError(std::string("peer certificate chain refused: ") +
-                         X509_verify_cert_error_string(err));
+    self->refuse(chainRefusal(err), std::string("peer certificate chain refused: ") +
+                                        X509_verify_cert_error_string(err));
     return 0;
   }
   if (X509_STORE_CTX_get_error_depth(store) != 0) return 1;
   X509* leaf = X509_STORE_CTX_get_current_cert(store);
-  std::vector<std::string> sans = uriSans(leaf);
-  const auto& check = self->peerCheck();
-  if (self->role() == TlsRole::kClient) {
-    for (const auto& s : sans) {
-      if (s == check.expectedIdentity) return 1;
-    }
-    self->setVerifyError("server identity is not " + check.expectedIdentity);
-    X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
-    return 0;
-  }
-  for (const auto& s : sans) {
-    if (!spiffeTrustDomain(s).empty() && spiffeTrustDomain(s) == check.trustDomain) return 1;
-  }
-  self->setVerifyError("client has no SPIFFE identity in trust domain " + check.trustDomain);
+  std::string why;
+  TlsRefusal r = identityRefusal(self->role(), self->peerCheck(), uriSans(leaf), nullptr, &why);
+  if (r == TlsRefusal::kNone) return 1;
+  self->refuse(r, why);
   X509_STORE_CTX_set_error(store, X509_V_ERR_APPLICATION_VERIFICATION);
   return 0;
 }
@@ -104,6 +140,21 @@ struct WriteReq {
 };
 
 }  // namespace
+
+const char* tlsRefusalName(TlsRefusal r) {
+  switch (r) {
+    case TlsRefusal::kNone: return "none";
+    case TlsRefusal::kNoPeerCertificate: return "no_peer_certificate";
+    case TlsRefusal::kUntrusted: return "untrusted";
+    case TlsRefusal::kExpired: return "expired";
+    case TlsRefusal::kNotYetValid: return "not_yet_valid";
+    case TlsRefusal::kTrustDomain: return "trust_domain";
+    case TlsRefusal::kWrongIdentity: return "wrong_identity";
+    case TlsRefusal::kBadIdentity: return "bad_identity";
+    case TlsRefusal::kProtocol: return "protocol";
+  }
+  return "protocol";
+}
 
 std::string spiffeTrustDomain(const std::string& uri) {
   constexpr std::string_view kPrefix = "spiffe://";
@@ -286,13 +337,20 @@ void TlsStream::handleCiphertext(const char* data, size_t len) {
   readPlaintext();
 }
 
+void TlsStream::refuse(TlsRefusal why, std::string text) {
+  if (refusal_ != TlsRefusal::kNone) return;
+  refusal_ = why;
+  verifyError_ = std::move(text);
+}
+
 void TlsStream::driveHandshake() {
   int rc = SSL_do_handshake(ssl_);
   if (rc == 1) {
-    Status st = finishHandshake();
+    TlsRefusal why = TlsRefusal::kNone;
+    Status st = finishHandshake(&why);
     Status fl = flushCiphertext();
     if (!st) {
-      close(st);
+      failHandshake(why, st);
       return;
     }
     if (!fl) {
@@ -309,35 +367,56 @@ void TlsStream::driveHandshake() {
     if (!fl) close(fl);
     return;
   }
-  std::string why = verifyError_.empty() ? sslErrors() : verifyError_;
+  // Not refused by our verify callback: a certificate the server required and did not get, or
+  // the handshake itself (version, ALPN, an alert from the peer, a malformed message).
+  bool noPeerCertificate = false;
+  std::string errors = sslErrors(&noPeerCertificate);
   ERR_clear_error();
-  Status st = Status::error("TLS handshake failed: " + why);
+  TlsRefusal why = noPeerCertificate && role_ == TlsRole::kServer
+                       ? TlsRefusal::kNoPeerCertificate
+                       : TlsRefusal::kProtocol;
+  std::string text = verifyError_.empty() ? errors : verifyError_;
+  failHandshake(why, Status::error("TLS handshake failed: " + text));
+}
+
+// One failed handshake: one reason (the verify callback's, when it refused), reported to the
+// counter before the owner hears of the failure.
+void TlsStream::failHandshake(TlsRefusal why, const Status& st) {
+  if (refusal_ == TlsRefusal::kNone) {
+    refusal_ = why == TlsRefusal::kNone ? TlsRefusal::kProtocol : why;
+  }
+  if (check_.onRefused) check_.onRefused(refusal_);
   if (cb_.onHandshake) cb_.onHandshake(st);
   close(st);
 }
 
-Status TlsStream::finishHandshake() {
+// Checks after OpenSSL completed the handshake. The verify callback has already enforced the
+// chain and the identity; these are the belt and braces (and ALPN, which OpenSSL lets a client
+// complete without).
+Status TlsStream::finishHandshake(TlsRefusal* why) {
   const unsigned char* alpn = nullptr;
   unsigned int alpnLen = 0;
   SSL_get0_alpn_selected(ssl_, &alpn, &alpnLen);
   if (alpnLen != 2 || std::memcmp(alpn, "h2", 2) != 0) {
+    *why = TlsRefusal::kProtocol;
     return Status::error("TLS handshake failed: peer did not negotiate ALPN h2");
   }
   X509* peer = SSL_get1_peer_certificate(ssl_);
-  if (peer == nullptr) return Status::error("TLS handshake failed: no peer certificate");
+  if (peer == nullptr) {
+    *why = TlsRefusal::kNoPeerCertificate;
+    return Status::error("TLS handshake failed: no peer certificate");
+  }
   std::vector<std::string> sans = uriSans(peer);
   X509_free(peer);
-  if (SSL_get_verify_result(ssl_) != X509_V_OK) {
+  long verified = SSL_get_verify_result(ssl_);
+  if (verified != X509_V_OK) {
+    *why = chainRefusal(static_cast<int>(verified));
     return Status::error("TLS handshake failed: peer certificate not verified");
   }
-  for (const auto& s : sans) {
-    if (role_ == TlsRole::kClient ? s == check_.expectedIdentity
-                                  : spiffeTrustDomain(s) == check_.trustDomain) {
-      peerIdentity_ = s;
-      return Status::ok();
-    }
-  }
-  return Status::error("TLS handshake failed: peer identity not acceptable");
+  std::string text;
+  *why = identityRefusal(role_, check_, sans, &peerIdentity_, &text);
+  if (*why != TlsRefusal::kNone) return Status::error("TLS handshake failed: " + text);
+  return Status::ok();
 }
 
 void TlsStream::readPlaintext() {

@@ -5,6 +5,8 @@
 #include <openssl/ssl.h>
 #include <uv.h>
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -16,6 +18,26 @@
 namespace weft::hbone {
 
 enum class TlsRole { kClient, kServer };
+
+// Why a handshake failed, one reason per failed handshake (the label of
+// weft_ztunnel_tls_refused_total). kNone: not refused (yet).
+enum class TlsRefusal {
+  kNone,
+  kNoPeerCertificate,  // server: the client sent no certificate
+  kUntrusted,          // chain does not verify against the roots (issuer, signature, ...)
+  kExpired,            // a certificate of the chain is past notAfter
+  kNotYetValid,        // a certificate of the chain is before notBefore
+  kTrustDomain,        // server: the client's SPIFFE ID is of another trust domain
+  kWrongIdentity,      // client: the server's SPIFFE ID is not the expected one
+  kBadIdentity,        // no or malformed SPIFFE URI SAN
+  kProtocol,           // anything else in the handshake: TLS version, ALPN, alerts, ...
+};
+inline constexpr size_t kTlsRefusalCount = static_cast<size_t>(TlsRefusal::kProtocol) + 1;
+using TlsRefusalCounts = std::array<uint64_t, kTlsRefusalCount>;  // indexed by TlsRefusal
+
+// "none", "no_peer_certificate", "untrusted", "expired", "not_yet_valid", "trust_domain",
+// "wrong_identity", "bad_identity", "protocol".
+const char* tlsRefusalName(TlsRefusal r);
 
 // What a workload identity needs for mTLS: supplied by the identity manager (PEM text).
 struct Credentials {
@@ -51,6 +73,10 @@ class TlsStream {
   struct PeerCheck {
     std::string expectedIdentity;
     std::string trustDomain;
+    // Runs once when the handshake fails, just before onHandshake(error), with the reason.
+    // Lives here so the owner of the counters (HboneServer/HboneClient) gets it through
+    // H2Session, which passes the check on unchanged.
+    std::function<void(TlsRefusal)> onRefused;
   };
 
   static Result<std::unique_ptr<TlsStream>> create(uv_loop_t* loop, UniqueFd fd, SslCtxPtr ctx,
@@ -72,8 +98,10 @@ class TlsStream {
   bool closing() const { return closing_; }
   // The verified peer SPIFFE ID (after the handshake).
   const std::string& peerIdentity() const { return peerIdentity_; }
-  // The verify callback's refusal, for the handshake error.
-  void setVerifyError(std::string e) { verifyError_ = std::move(e); }
+  // Why the handshake failed; kNone while it has not (or succeeded).
+  TlsRefusal refusal() const { return refusal_; }
+  // The verify callback's refusal, for the handshake error; the first one wins.
+  void refuse(TlsRefusal why, std::string text);
   const PeerCheck& peerCheck() const { return check_; }
   TlsRole role() const { return role_; }
 
@@ -87,7 +115,8 @@ class TlsStream {
   void driveHandshake();
   void readPlaintext();
   Status flushCiphertext();
-  Status finishHandshake();
+  Status finishHandshake(TlsRefusal* why);
+  void failHandshake(TlsRefusal why, const Status& st);
 
   uv_tcp_t* tcp_ = nullptr;
   SSL* ssl_ = nullptr;
@@ -100,6 +129,7 @@ class TlsStream {
   size_t queued_ = 0;
   std::string peerIdentity_;
   std::string verifyError_;
+  TlsRefusal refusal_ = TlsRefusal::kNone;
   Status closeStatus_;
 };
 

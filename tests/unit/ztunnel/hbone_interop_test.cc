@@ -1,9 +1,11 @@
 // HBONE against peers nobody here wrote: python3-h2 as CONNECT client and as CONNECT server
-// (tests/fixtures/hbone/*.py, run with Debian's /usr/bin/python3), and openssl s_client
-// handshakes the server must refuse (no client certificate, TLS 1.2 only, ALPN http/1.1 only).
-#include <cstdio>
+// (tests/fixtures/hbone/*.py, run with Debian's /usr/bin/python3), Node's http2 module as
+// CONNECT client (h2_connect_client.js, /usr/bin/node), and openssl s_client handshakes the
+// server must refuse and count by reason (no client certificate, TLS 1.2 only, ALPN http/1.1).
 #include <atomic>
+#include <cstdio>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -21,6 +23,7 @@ const std::string kClientId = "spiffe://cluster.local/ns/default/sa/client";
 const std::string kFixtures = std::string(WEFT_SOURCE_DIR) + "/tests/fixtures/hbone";
 
 bool havePythonH2() { return sh("/usr/bin/python3 -c 'import h2'"); }
+bool haveNode() { return sh("/usr/bin/node -e 'require(\"http2\")'"); }
 
 // Runs a command, returns its stdout (bounded by `timeout` in the command itself).
 std::string capture(const std::string& cmd) {
@@ -92,6 +95,21 @@ class HboneInteropTest : public ::testing::Test {
                    authority + "' '" + payload + "'");
   }
 
+  std::string nodeClient(const std::string& authority, const std::string& payload, int streams) {
+    return runPeer("timeout 30 /usr/bin/node " + kFixtures + "/h2_connect_client.js 127.0.0.1 " +
+                   std::to_string(hbonePort_) + " " + certs_->path("client.crt") + " " +
+                   certs_->path("client.key") + " " + certs_->path("ca/ca.crt") + " '" +
+                   kServerId + "' '" + authority + "' '" + payload + "' " +
+                   std::to_string(streams) + " 2>&1");
+  }
+  // The s_client refusals: one failed handshake, counted with reason `why` only.
+  void expectRefused(const std::string& out, TlsRefusal why) {
+    EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; },
+                         std::chrono::seconds(5))) << out;
+    EXPECT_EQ(server_->stats().handshakes, 0u) << out;
+    expectOneRefusal(TlsRefusalCounts{}, server_->stats().refused, why);
+  }
+
   static CertDir* certs_;
   static bool certsOk_;
   uv_loop_t loop_{};
@@ -118,6 +136,45 @@ TEST_F(HboneInteropTest, PythonH2ClientConnectsAndExchangesBytes) {
   EXPECT_NE(out.find("\"received\": \"echo:from python h2\""), std::string::npos) << out;
   EXPECT_EQ(lastRequest_.peerIdentity, kClientId);
   EXPECT_EQ(server_->stats().ok200, 1u);
+}
+
+// Node's http2 (its own HTTP/2 framing and TLS setup): several CONNECT streams at once on one
+// connection, each 200 and echoed by its own upstream connection.
+TEST_F(HboneInteropTest, NodeHttp2ClientConnectsStreamsAndExchangesBytes) {
+  if (!haveNode()) GTEST_SKIP() << "/usr/bin/node not installed (apt-get install nodejs)";
+  constexpr int kStreams = 5;
+  Listener up;
+  std::atomic<int> served{0};
+  std::thread upstream([&up, &served] {
+    std::vector<std::thread> echoes;
+    for (int i = 0; i < kStreams; ++i) {
+      UniqueFd c = up.accept();
+      if (c.get() < 0) break;  // shut down by JoinUpstream
+      echoes.emplace_back([c = std::move(c), &served]() {
+        std::string got = readToEof(c.get());
+        writeAll(c.get(), "echo:" + got);
+        ::shutdown(c.get(), SHUT_WR);
+        ++served;
+      });
+    }
+    for (auto& t : echoes) t.join();
+  });
+  JoinUpstream guard(up, upstream);
+  std::string out = nodeClient("127.0.0.1:" + std::to_string(up.port()), "from node", kStreams);
+  EXPECT_NE(out.find("\"alpn\":\"h2\""), std::string::npos) << out;
+  EXPECT_NE(out.find("\"protocol\":\"TLSv1.3\""), std::string::npos) << out;
+  EXPECT_NE(out.find("\"peer\":\"URI:" + kServerId + "\""), std::string::npos) << out;
+  EXPECT_NE(out.find("\"error\":null"), std::string::npos) << out;
+  for (int i = 0; i < kStreams; ++i) {
+    std::string want = "{\"status\":200,\"received\":\"echo:from node-" + std::to_string(i) +
+                       "\"";
+    EXPECT_NE(out.find(want), std::string::npos) << want << " in " << out;
+  }
+  EXPECT_EQ(lastRequest_.peerIdentity, kClientId);
+  EXPECT_EQ(server_->stats().handshakes, 1u);  // all streams on one connection
+  EXPECT_EQ(server_->stats().streams, static_cast<uint64_t>(kStreams));
+  EXPECT_EQ(server_->stats().ok200, static_cast<uint64_t>(kStreams));
+  EXPECT_EQ(served.load(), kStreams);
 }
 
 TEST_F(HboneInteropTest, PythonH2ClientBadAuthorityIs400) {
@@ -192,30 +249,25 @@ TEST_F(HboneInteropTest, OpensslClientWithCertificateAccepted) {
   EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakes == 1; },
                        std::chrono::seconds(5))) << out;
   EXPECT_EQ(server_->stats().handshakeFailures, 0u) << out;
+  EXPECT_EQ(refusalTotal(server_->stats().refused), 0u) << out;
 }
 
 TEST_F(HboneInteropTest, OpensslWithoutClientCertificateRefused) {
   std::string out = sClient("-tls1_3 -alpn h2");
-  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; },
-                       std::chrono::seconds(5))) << out;
-  EXPECT_EQ(server_->stats().handshakes, 0u) << out;
+  expectRefused(out, TlsRefusal::kNoPeerCertificate);
 }
 
 TEST_F(HboneInteropTest, OpensslTls12OnlyRefused) {
   std::string out = sClient("-tls1_2 -alpn h2 -cert " + certs_->path("client.crt") + " -key " +
                             certs_->path("client.key"));
-  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; },
-                       std::chrono::seconds(5))) << out;
-  EXPECT_EQ(server_->stats().handshakes, 0u) << out;
+  expectRefused(out, TlsRefusal::kProtocol);
   EXPECT_NE(out.find("alert protocol version"), std::string::npos) << out;
 }
 
 TEST_F(HboneInteropTest, OpensslAlpnHttp11OnlyRefused) {
   std::string out = sClient("-tls1_3 -alpn http/1.1 -cert " + certs_->path("client.crt") +
                             " -key " + certs_->path("client.key"));
-  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; },
-                       std::chrono::seconds(5))) << out;
-  EXPECT_EQ(server_->stats().handshakes, 0u) << out;
+  expectRefused(out, TlsRefusal::kProtocol);
   EXPECT_NE(out.find("no application protocol"), std::string::npos) << out;
 }
 

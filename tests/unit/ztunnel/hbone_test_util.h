@@ -60,13 +60,15 @@ class CertDir {
               "unique_subject=no\\n" +
               "[p]\\ncommonName=supplied\\n' > " + d + "/ca.cnf");
   }
-  // A leaf of `ca` with URI SAN `uri`; dates: "" = valid now for a day, or "expired".
+  // A leaf of `ca` with URI SAN `uri`; dates: "" = valid now for a day, "expired" (2020) or
+  // "notyetvalid" (2099). `openssl ca` takes any -startdate, unlike OpenSSL 3.0's x509 -req.
   bool makeLeaf(const std::string& ca, const std::string& name, const std::string& uri,
                 const std::string& dates = "") {
     std::string d = dir_ + "/" + ca;
     std::string l = dir_ + "/" + name;
-    std::string when = dates == "expired" ? "-startdate 20200101000000Z -enddate 20200102000000Z"
-                                          : "-days 1";
+    std::string when = "-days 1";
+    if (dates == "expired") when = "-startdate 20200101000000Z -enddate 20200102000000Z";
+    if (dates == "notyetvalid") when = "-startdate 20990101000000Z -enddate 20990102000000Z";
     return sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout " + l +
               ".key -out " + l + ".csr -subj /CN=" + name) &&
            sh("printf 'subjectAltName=URI:" + uri + "\\n' > " + l + ".ext") &&
@@ -181,6 +183,22 @@ inline std::string readExactly(int fd, size_t len) {
     out.append(buf, static_cast<size_t>(n));
   }
   return out;
+}
+
+// A refusal counter array moved by exactly one, at `why`, from `before`.
+inline void expectOneRefusal(const TlsRefusalCounts& before, const TlsRefusalCounts& after,
+                             TlsRefusal why) {
+  for (size_t i = 0; i < kTlsRefusalCount; ++i) {
+    uint64_t want = before[i] + (i == static_cast<size_t>(why) ? 1 : 0);
+    EXPECT_EQ(after[i], want) << "refusals with reason "
+                              << tlsRefusalName(static_cast<TlsRefusal>(i));
+  }
+}
+
+inline uint64_t refusalTotal(const TlsRefusalCounts& c) {
+  uint64_t n = 0;
+  for (uint64_t v : c) n += v;
+  return n;
 }
 
 // Runs the loop until done() or the time bound; returns done().

@@ -1,5 +1,5 @@
 // HBONE client <-> server on loopback with real certificates: CONNECT, bytes both ways (8 MiB
-// too), half-close, 400/401/503, identity refusals, and pooling.
+// too), half-close, 400/401/503, identity refusals with their counted reasons, and pooling.
 #include <atomic>
 #include <iostream>
 #include <random>
@@ -27,7 +27,11 @@ class HboneTest : public ::testing::Test {
               certs_->makeLeaf("ca", "client", kClientId) &&
               certs_->makeLeaf("ca2", "foreign", kClientId) &&
               certs_->makeLeaf("ca", "expired", kClientId, "expired") &&
-              certs_->makeLeaf("ca", "otherdomain", "spiffe://other.domain/ns/default/sa/client");
+              certs_->makeLeaf("ca", "otherdomain", "spiffe://other.domain/ns/default/sa/client") &&
+              certs_->makeLeaf("ca", "notyetvalid", kClientId, "notyetvalid") &&
+              certs_->makeLeaf("ca", "badsan", "spiffe://cluster.local/ns/default") &&
+              certs_->makeLeaf("ca", "impostor", "spiffe://cluster.local/ns/default/sa/impostor") &&
+              certs_->makeLeaf("ca", "webserver", "https://server.example/");
     certsOk_ = ok;
   }
   static void TearDownTestSuite() {
@@ -38,7 +42,14 @@ class HboneTest : public ::testing::Test {
   void SetUp() override {
     ASSERT_EQ(uv_loop_init(&loop_), 0);
     ASSERT_TRUE(certsOk_) << "openssl CLI could not make the test certificates";
-    auto sctx = makeTlsContext(TlsRole::kServer, certs_->creds("server"));
+    startServer("server");
+    client_ = std::make_unique<HboneClient>(&loop_);
+  }
+
+  // (Re)starts the server presenting `leaf`'s certificate on a new port.
+  void startServer(const std::string& leaf) {
+    server_.reset();
+    auto sctx = makeTlsContext(TlsRole::kServer, certs_->creds(leaf));
     ASSERT_TRUE(sctx) << sctx.status().message();
     ServerConfig sc;
     sc.ctx = sctx.value();
@@ -52,7 +63,48 @@ class HboneTest : public ::testing::Test {
     Listener l;
     hbonePort_ = l.port();
     ASSERT_TRUE(server_->listen(l.release()));
-    client_ = std::make_unique<HboneClient>(&loop_);
+  }
+
+  TlsRefusalCounts clientRefusals() const {
+    TlsRefusalCounts c{};
+    for (size_t i = 0; i < kTlsRefusalCount; ++i) {
+      c[i] = client_->refusals(static_cast<TlsRefusal>(i));
+    }
+    return c;
+  }
+
+  // The client presents `leaf`: no tunnel, and the server counts one failed handshake, with
+  // reason `why` and no other.
+  void expectServerRefuses(const std::string& leaf, TlsRefusal why) {
+    TlsRefusalCounts before = server_->stats().refused;
+    Listener up;
+    std::string err;
+    auto [status, app] = open(request(up.port(), leaf), &err);
+    EXPECT_EQ(status, 0) << leaf;
+    EXPECT_FALSE(err.empty());
+    EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
+    EXPECT_EQ(server_->stats().handshakes, 0u);
+    EXPECT_EQ(server_->stats().streams, 0u);
+    expectOneRefusal(before, server_->stats().refused, why);
+    EXPECT_EQ(refusalTotal(server_->stats().refused), server_->stats().handshakeFailures);
+  }
+
+  // The server presents `leaf`; the client expects kServerId: no tunnel, and the client counts
+  // one failed handshake, with reason `why` and no other.
+  void expectClientRefuses(const std::string& leaf, TlsRefusal why) {
+    startServer(leaf);
+    TlsRefusalCounts before = clientRefusals();
+    std::string err;
+    auto [status, app] = open(request(1), &err);
+    EXPECT_EQ(status, 0);
+    EXPECT_FALSE(err.empty());
+    EXPECT_EQ(client_->handshakes(), 0u);
+    EXPECT_EQ(client_->handshakeFailures(), 1u);
+    expectOneRefusal(before, clientRefusals(), why);
+    EXPECT_EQ(refusalTotal(clientRefusals()), client_->handshakeFailures());
+    // The server sees the client's alert: a failed handshake too, of its own kind.
+    EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
+    EXPECT_EQ(server_->stats().refused[static_cast<size_t>(TlsRefusal::kProtocol)], 1u);
   }
 
   void TearDown() override {
@@ -255,24 +307,52 @@ TEST_F(HboneTest, WrongServerIdentityRefusedByClient) {
   EXPECT_NE(err.find("server identity is not"), std::string::npos) << err;
   EXPECT_EQ(client_->handshakes(), 0u);
   EXPECT_EQ(client_->handshakeFailures(), 1u);
+  expectOneRefusal(TlsRefusalCounts{}, clientRefusals(), TlsRefusal::kWrongIdentity);
 }
 
-class HboneRefusedClientTest : public HboneTest,
-                               public ::testing::WithParamInterface<std::string> {};
+// Client-side refusals, counted by HboneClient::refusals().
+TEST_F(HboneTest, ServerWithAnotherIdentityRefusedWrongIdentity) {
+  expectClientRefuses("impostor", TlsRefusal::kWrongIdentity);
+}
 
-TEST_P(HboneRefusedClientTest, ServerRefusesClientCertificate) {
+TEST_F(HboneTest, ServerWithoutSpiffeSanRefusedBadIdentity) {
+  expectClientRefuses("webserver", TlsRefusal::kBadIdentity);
+}
+
+// Server-side refusals of the client's certificate, counted in ServerStats::refused.
+TEST_F(HboneTest, ClientCertOfAnotherCaRefusedUntrusted) {
+  expectServerRefuses("foreign", TlsRefusal::kUntrusted);
+}
+
+TEST_F(HboneTest, ExpiredClientCertRefusedExpired) {
+  expectServerRefuses("expired", TlsRefusal::kExpired);
+}
+
+TEST_F(HboneTest, NotYetValidClientCertRefusedNotYetValid) {
+  expectServerRefuses("notyetvalid", TlsRefusal::kNotYetValid);
+}
+
+TEST_F(HboneTest, ClientCertOfAnotherTrustDomainRefusedTrustDomain) {
+  expectServerRefuses("otherdomain", TlsRefusal::kTrustDomain);
+}
+
+TEST_F(HboneTest, ClientCertWithMalformedSpiffeIdRefusedBadIdentity) {
+  expectServerRefuses("badsan", TlsRefusal::kBadIdentity);
+}
+
+// Refusals leave the counters of a good handshake alone.
+TEST_F(HboneTest, AcceptedHandshakeCountsNoRefusal) {
   Listener up;
+  std::thread upstream = echoUpstream(up);
+  JoinUpstream guard(up, upstream);
   std::string err;
-  auto [status, app] = open(request(up.port(), GetParam()), &err);
-  EXPECT_EQ(status, 0) << GetParam();
-  EXPECT_FALSE(err.empty());
-  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
-  EXPECT_EQ(server_->stats().handshakes, 0u);
-  EXPECT_EQ(server_->stats().streams, 0u);
+  auto [status, app] = open(request(up.port()), &err);
+  ASSERT_EQ(status, 200) << err;
+  withThread([fd = app.get()] { ::shutdown(fd, SHUT_WR); readToEof(fd); });
+  EXPECT_EQ(server_->stats().handshakes, 1u);
+  EXPECT_EQ(refusalTotal(server_->stats().refused), 0u);
+  EXPECT_EQ(refusalTotal(clientRefusals()), 0u);
 }
-
-INSTANTIATE_TEST_SUITE_P(Certs, HboneRefusedClientTest,
-                         ::testing::Values("foreign", "expired", "otherdomain"));
 
 TEST_F(HboneTest, HundredSequentialStreamsOneHandshake) {
   Listener up;
@@ -381,6 +461,22 @@ TEST(HboneSpiffe, TrustDomainParsing) {
   EXPECT_EQ(spiffeTrustDomain("spiffe://cluster.local/ns/a/sa/b/c"), "");
   EXPECT_EQ(spiffeTrustDomain("https://cluster.local/ns/a/sa/b"), "");
   EXPECT_EQ(spiffeTrustDomain("spiffe://td/xx/a/sa/b"), "");
+}
+
+TEST(HboneTlsRefusal, Names) {
+  const std::pair<TlsRefusal, std::string> names[] = {
+      {TlsRefusal::kNone, "none"},
+      {TlsRefusal::kNoPeerCertificate, "no_peer_certificate"},
+      {TlsRefusal::kUntrusted, "untrusted"},
+      {TlsRefusal::kExpired, "expired"},
+      {TlsRefusal::kNotYetValid, "not_yet_valid"},
+      {TlsRefusal::kTrustDomain, "trust_domain"},
+      {TlsRefusal::kWrongIdentity, "wrong_identity"},
+      {TlsRefusal::kBadIdentity, "bad_identity"},
+      {TlsRefusal::kProtocol, "protocol"},
+  };
+  static_assert(std::size(names) == kTlsRefusalCount);
+  for (const auto& [r, name] : names) EXPECT_EQ(tlsRefusalName(r), name);
 }
 
 TEST(HboneTraceparent, Format) {
