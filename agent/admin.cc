@@ -40,6 +40,7 @@ json status(const AdminSources& s) {
                  {"pods", m.pods.size()},
                  {"local_pods", local},
                  {"services", m.services.size()},
+                 {"peer_authentications", m.peer_authentications.size()},
                  {"pods_with_netns", s.enrollment->localPods().size()},
                  {"enrolled", s.enrollment->enrolledCount()},
                  {"cni_waiting", s.enrollment->waitingCniRequests()},
@@ -65,6 +66,13 @@ json workloads(const AdminSources& s) {
     for (const IpAddr& ip : pod.ips) ips.push_back(ip.toString());
     w["ips"] = ips;
     w["mesh"] = meshEnrolledByLabels(m, pod);  // by labels, cluster-wide
+    // The mode sent to the ztunnel as strict_mtls, and which policy decided it (null = the
+    // PERMISSIVE default).
+    EffectiveMtls mtls = effectiveMtls(m, pod.meta.namespace_);
+    w["peer_authentication"] = mtlsModeName(mtls.mode);
+    w["peer_authentication_policy"] =
+        mtls.policy ? json(objectKey(mtls.policy->meta.namespace_, mtls.policy->meta.name))
+                    : json(nullptr);
     auto it = local.find(key);
     bool enrolled = it != local.end() && it->second.enrolled;
     w["enrolled"] = pod.node_name == s.node_name ? enrolled : meshEnrolledByLabels(m, pod);
@@ -120,6 +128,19 @@ json services(const AdminSources& s) {
   return out;
 }
 
+json peerAuthentications(const AdminSources& s) {
+  const ClusterModel& m = s.enrollment->model();
+  json out = json::array();
+  for (const auto& [ns, pa] : m.peer_authentications) {
+    out.push_back({{"namespace", pa.meta.namespace_},
+                   {"name", pa.meta.name},
+                   {"uid", pa.meta.uid},
+                   {"mode", mtlsModeName(pa.mode)},
+                   {"scope", pa.meta.namespace_ == kRootNamespace ? "mesh" : "namespace"}});
+  }
+  return out;
+}
+
 }  // namespace
 
 HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
@@ -129,6 +150,7 @@ HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
   if (req.path == "/status") return jsonResponse(status(s));
   if (req.path == "/workloads") return jsonResponse(workloads(s));
   if (req.path == "/services") return jsonResponse(services(s));
+  if (req.path == "/peer-authentications") return jsonResponse(peerAuthentications(s));
   if (req.path == "/config-errors") {
     json errs = json::array();
     if (s.manifests)
@@ -137,8 +159,8 @@ HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
                          {"rejections", s.manifests ? s.manifests->rejections() : 0}});
   }
   return jsonResponse({{"error", "not found"},
-                       {"paths", {"/status", "/workloads", "/services", "/config-errors",
-                                  "/healthz"}}},
+                       {"paths", {"/status", "/workloads", "/services", "/peer-authentications",
+                                  "/config-errors", "/healthz"}}},
                       404);
 }
 

@@ -18,6 +18,8 @@ pb::Workload workloadProto(const ClusterModel& model, const Pod& pod) {
   for (const IpAddr& ip : pod.ips) w.add_ips(ip.toString());
   w.set_node(pod.node_name);
   w.set_enrolled(meshEnrolledByLabels(model, pod));
+  // Part of the workload, so a policy change reaches the ztunnel as an upsert in the delta.
+  w.set_strict_mtls(effectiveMtls(model, pod.meta.namespace_).mode == MtlsMode::kStrict);
   for (const auto& [k, v] : pod.meta.labels) (*w.mutable_labels())[k] = v;
   return w;
 }

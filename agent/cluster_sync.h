@@ -9,7 +9,8 @@
 
 namespace weft::agent {
 
-// Every pod of the cluster (all nodes) with `enrolled` from the namespace/pod labels.
+// Every pod of the cluster (all nodes) with `enrolled` from the namespace/pod labels and
+// `strict_mtls` from the PeerAuthentication in force for its namespace.
 weft::node::v1::Workload workloadProto(const ClusterModel& model, const Pod& pod);
 // A service with its endpoints: pod IPs of the pods its selector matches in its namespace.
 weft::node::v1::Service serviceProto(const ClusterModel& model, const Service& service);

@@ -244,6 +244,72 @@ Check parseService(const YAML::Node& doc, Service* svc) {
   return std::nullopt;
 }
 
+// A PeerAuthentication applies to its whole namespace; the parts of Istio's shape that would
+// narrow it are refused, not ignored, so nobody believes a policy is narrower than it is.
+constexpr const char* kNoSelectors =
+    "not supported: a PeerAuthentication applies to its whole namespace (mesh-wide in "
+    "weft-system); workload selectors are not implemented";
+
+Check parseMtlsMode(const YAML::Node& mtls, MtlsMode* out) {
+  *out = MtlsMode::kUnset;
+  if (!mtls.IsDefined() || mtls.IsNull()) return std::nullopt;
+  if (!mtls.IsMap()) return FieldError{"spec.mtls", "must be a mapping with mode"};
+  for (auto it = mtls.begin(); it != mtls.end(); ++it) {
+    auto k = scalar(it->first);
+    if (!k || *k != "mode")
+      return FieldError{"spec.mtls" + (k ? "." + *k : std::string()),
+                        "unknown field (known: mode)"};
+  }
+  YAML::Node n = mtls["mode"];
+  if (!n.IsDefined() || n.IsNull()) return std::nullopt;
+  auto mode = scalar(n);
+  if (!mode) return FieldError{"spec.mtls.mode", "must be a string: PERMISSIVE, STRICT or UNSET"};
+  if (*mode == "UNSET") *out = MtlsMode::kUnset;
+  else if (*mode == "PERMISSIVE") *out = MtlsMode::kPermissive;
+  else if (*mode == "STRICT") *out = MtlsMode::kStrict;
+  else if (*mode == "DISABLE")
+    return FieldError{"spec.mtls.mode",
+                      "DISABLE is not supported (mesh pods always accept mTLS); use PERMISSIVE"};
+  else
+    return FieldError{"spec.mtls.mode",
+                      "\"" + *mode + "\" is not a mode: PERMISSIVE, STRICT or UNSET"};
+  return std::nullopt;
+}
+
+Check parsePeerAuthentication(const YAML::Node& doc, PeerAuthentication* pa) {
+  // Namespace-wide by definition, so the namespace is never defaulted.
+  auto ns = scalar(doc["metadata"]["namespace"]);
+  if (!ns || ns->empty()) {
+    pa->meta.namespace_.clear();
+    return FieldError{"metadata.namespace",
+                      "required (the namespace it applies to; weft-system = mesh-wide)"};
+  }
+  if (doc["selector"].IsDefined()) return FieldError{"selector", kNoSelectors};
+  YAML::Node spec = doc["spec"];
+  if (!spec.IsDefined() || spec.IsNull()) return std::nullopt;  // no mode: UNSET, inherits
+  if (!spec.IsMap()) return FieldError{"spec", "must be a mapping"};
+  for (auto it = spec.begin(); it != spec.end(); ++it) {
+    auto k = scalar(it->first);
+    if (k && *k == "selector") return FieldError{"spec.selector", kNoSelectors};
+    if (k && *k == "portLevelMtls")
+      return FieldError{"spec.portLevelMtls",
+                        "not supported: the mode applies to every port of the namespace's pods"};
+    if (!k || *k != "mtls")
+      return FieldError{"spec" + (k ? "." + *k : std::string()), "unknown field (known: mtls)"};
+  }
+  return parseMtlsMode(spec["mtls"], &pa->mode);
+}
+
+// Checks apiVersion for PeerAuthentication: absent or security.weft.dev/v1.
+Check securityApiVersion(const YAML::Node& doc) {
+  YAML::Node v = doc["apiVersion"];
+  if (!v.IsDefined() || v.IsNull()) return std::nullopt;
+  auto s = scalar(v);
+  if (!s || *s != "security.weft.dev/v1")
+    return FieldError{"apiVersion", "must be security.weft.dev/v1"};
+  return std::nullopt;
+}
+
 std::string describe(const std::string& kind, const ObjectMeta& meta) {
   if (meta.name.empty()) return kind;
   return meta.namespace_.empty() ? kind + " " + meta.name
@@ -291,12 +357,28 @@ Status parseDocuments(const std::string& file, const std::vector<YAML::Node>& do
       if (!err) err = parseService(doc, &svc);
       meta = svc.meta;
       if (!err) out->services.push_back(std::move(svc));
+    } else if (*kind == "PeerAuthentication") {
+      PeerAuthentication pa;
+      err = parseMeta(doc, *kind, true, &pa.meta);
+      if (!err) err = securityApiVersion(doc);
+      if (!err) err = parsePeerAuthentication(doc, &pa);
+      if (!err) {
+        for (const PeerAuthentication& other : out->peer_authentications)
+          if (other.meta.namespace_ == pa.meta.namespace_ && other.meta.name != pa.meta.name)
+            err = FieldError{"metadata.namespace",
+                             "namespace " + pa.meta.namespace_ +
+                                 " already has PeerAuthentication " +
+                                 objectKey(other.meta.namespace_, other.meta.name) +
+                                 " in this file; only one per namespace"};
+      }
+      meta = pa.meta;
+      if (!err) out->peer_authentications.push_back(std::move(pa));
     } else {
       // Name the object as well as it can be named, so the user finds it in the file.
       (void)parseMeta(doc, *kind, true, &meta);
       const std::string who = meta.name.empty() ? where : file + ": " + describe(*kind, meta);
       return Status::error(who + ": kind: unknown kind \"" + *kind +
-                           "\" (known: Namespace, Pod, Service)");
+                           "\" (known: Namespace, Pod, Service, PeerAuthentication)");
     }
     const std::string object = describe(*kind, meta);
     if (err) {
@@ -395,6 +477,16 @@ std::string ManifestSource::findDuplicate(const std::string& file,
         if (a.meta.name == b.meta.name && a.meta.namespace_ == b.meta.namespace_)
           return file + ": Service " + objectKey(a.meta.namespace_, a.meta.name) +
                  ": also defined in " + other;
+    for (const PeerAuthentication& a : objects.peer_authentications)
+      for (const PeerAuthentication& b : st.good.peer_authentications) {
+        if (a.meta.namespace_ != b.meta.namespace_) continue;
+        const std::string what =
+            file + ": PeerAuthentication " + objectKey(a.meta.namespace_, a.meta.name) + ": ";
+        if (a.meta.name == b.meta.name) return what + "also defined in " + other;
+        return what + "metadata.namespace: namespace " + a.meta.namespace_ +
+               " already has PeerAuthentication " + objectKey(b.meta.namespace_, b.meta.name) +
+               " in " + other + "; only one per namespace";
+      }
   }
   return {};
 }
@@ -503,6 +595,8 @@ void ManifestSource::rebuildModel() {
     for (const Pod& p : fs.good.pods) model_.pods[objectKey(p.meta.namespace_, p.meta.name)] = p;
     for (const Service& s : fs.good.services)
       model_.services[objectKey(s.meta.namespace_, s.meta.name)] = s;
+    for (const PeerAuthentication& pa : fs.good.peer_authentications)
+      model_.peer_authentications[pa.meta.namespace_] = pa;
   }
 }
 

@@ -1,5 +1,6 @@
-// Local manifest source: a directory of Kubernetes-shaped YAML files (Namespace, Pod, Service),
-// parsed and validated file by file, merged into the cluster model and watched for changes.
+// Local manifest source: a directory of Kubernetes-shaped YAML files (Namespace, Pod, Service,
+// PeerAuthentication), parsed and validated file by file, merged into the cluster model and
+// watched for changes.
 #pragma once
 
 #include <uv.h>
@@ -25,6 +26,7 @@ struct ManifestObjects {
   std::vector<Namespace> namespaces;
   std::vector<Pod> pods;
   std::vector<Service> services;
+  std::vector<PeerAuthentication> peer_authentications;
 };
 
 // Parses and validates one file's text (`file` names it in errors). All or nothing: the first

@@ -1,4 +1,5 @@
-// Pure helpers over the cluster model: label selection, mesh membership, stable ids.
+// Pure helpers over the cluster model: label selection, mesh membership, peer authentication,
+// stable ids.
 #include "agent/model.h"
 
 #include <fmt/format.h>
@@ -39,6 +40,26 @@ bool meshEnrolledByLabels(const ClusterModel& model, const Pod& pod) {
   if (mode == ns->meta.labels.end() || mode->second != kDataplaneModeAmbient) return false;
   auto opt_out = pod.meta.labels.find(kDataplaneModeLabel);
   return !(opt_out != pod.meta.labels.end() && opt_out->second == kDataplaneModeNone);
+}
+
+const char* mtlsModeName(MtlsMode mode) {
+  switch (mode) {
+    case MtlsMode::kUnset: return "UNSET";
+    case MtlsMode::kPermissive: return "PERMISSIVE";
+    case MtlsMode::kStrict: return "STRICT";
+  }
+  return "UNSET";
+}
+
+EffectiveMtls effectiveMtls(const ClusterModel& model, const std::string& pod_namespace) {
+  // The namespace's own policy first (for a pod in the root namespace that is the mesh-wide
+  // policy itself), then the mesh-wide one.
+  for (const std::string& ns : {pod_namespace, std::string(kRootNamespace)}) {
+    auto it = model.peer_authentications.find(ns);
+    if (it != model.peer_authentications.end() && it->second.mode != MtlsMode::kUnset)
+      return EffectiveMtls{it->second.mode, &it->second};
+  }
+  return EffectiveMtls{};
 }
 
 bool selectorMatches(const Labels& selector, const Labels& labels) {

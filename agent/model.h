@@ -1,5 +1,6 @@
-// The agent's cluster model: Namespaces, Pods and Services as plain values, filled by a cluster
-// source (local manifests today, the Kubernetes API later) and read by enrollment and the ztunnel.
+// The agent's cluster model: Namespaces, Pods, Services and PeerAuthentications as plain values,
+// filled by a cluster source (local manifests today, the Kubernetes API later), read by
+// enrollment and the ztunnel.
 #pragma once
 
 #include <cstdint>
@@ -57,6 +58,21 @@ struct Service {
   bool operator==(const Service&) const = default;
 };
 
+// PeerAuthentication (security.weft.dev/v1), Istio's shape without selectors: one per
+// namespace, namespace-wide; mesh-wide when in the root namespace.
+constexpr const char* kRootNamespace = "weft-system";
+
+enum class MtlsMode { kUnset, kPermissive, kStrict };  // kUnset = inherit
+
+struct PeerAuthentication {
+  ObjectMeta meta;
+  MtlsMode mode = MtlsMode::kUnset;
+  bool operator==(const PeerAuthentication&) const = default;
+};
+
+// "UNSET", "PERMISSIVE", "STRICT" (the manifest spelling).
+const char* mtlsModeName(MtlsMode mode);
+
 // "namespace/name": the key of namespaced objects.
 std::string objectKey(const std::string& ns, const std::string& name);
 
@@ -64,6 +80,8 @@ struct ClusterModel {
   std::map<std::string, Namespace> namespaces;  // by name
   std::map<std::string, Pod> pods;              // by namespace/name
   std::map<std::string, Service> services;      // by namespace/name
+  // At most one per namespace (the manifests reject a second), so keyed by namespace.
+  std::map<std::string, PeerAuthentication> peer_authentications;
 
   const Pod* findPod(const std::string& ns, const std::string& name) const;
   const Namespace* findNamespace(const std::string& name) const;
@@ -73,6 +91,15 @@ struct ClusterModel {
 // True if the pod is part of the mesh by labels alone: its namespace says ambient and the pod
 // does not opt out. Says nothing about whether this node has enrolled it.
 bool meshEnrolledByLabels(const ClusterModel& model, const Pod& pod);
+
+// The mTLS mode in force for a pod and the policy that decided it: its namespace's
+// PeerAuthentication unless that is absent or UNSET, then the root namespace's, then PERMISSIVE
+// (policy nullptr). Never kUnset.
+struct EffectiveMtls {
+  MtlsMode mode = MtlsMode::kPermissive;
+  const PeerAuthentication* policy = nullptr;
+};
+EffectiveMtls effectiveMtls(const ClusterModel& model, const std::string& pod_namespace);
 
 // True if every key/value of `selector` is in `labels` (Kubernetes matchLabels); an empty
 // selector selects nothing, as for a Service.

@@ -81,6 +81,33 @@ TEST(ClusterState, InvalidObjectRejectsWholeUpdate) {
   EXPECT_FALSE(ClusterState::apply(nullptr, no_uid));
 }
 
+TEST(ClusterState, StrictMtlsFollowsUpserts) {
+  node::v1::Workload w = wl("a", "10.244.1.2");
+  auto info = workloadFromProto(w);
+  ASSERT_TRUE(info);
+  EXPECT_FALSE(info->strict_mtls);  // PERMISSIVE unless the agent says otherwise
+  w.set_strict_mtls(true);
+  info = workloadFromProto(w);
+  ASSERT_TRUE(info);
+  EXPECT_TRUE(info->strict_mtls);
+
+  // A policy change arrives as an upsert of the same uid; the new snapshot carries the new
+  // mode by IP and by uid, the old one keeps the old mode.
+  node::v1::ClusterUpdate full;
+  full.set_full(true);
+  *full.add_upsert_workloads() = wl("a", "10.244.1.2");
+  auto s1 = ClusterState::apply(nullptr, full);
+  ASSERT_TRUE(s1);
+  EXPECT_FALSE((*s1)->workloadByIp(*IpAddr::parse("10.244.1.2"))->strict_mtls);
+  node::v1::ClusterUpdate delta;
+  *delta.add_upsert_workloads() = w;
+  auto s2 = ClusterState::apply(s1->get(), delta);
+  ASSERT_TRUE(s2);
+  EXPECT_TRUE((*s2)->workloadByIp(*IpAddr::parse("10.244.1.2"))->strict_mtls);
+  EXPECT_TRUE((*s2)->workloadByUid("a")->strict_mtls);
+  EXPECT_FALSE((*s1)->workloadByUid("a")->strict_mtls);
+}
+
 TEST(ClusterState, ServiceHostname) {
   ServiceInfo s;
   s.name = "web";
