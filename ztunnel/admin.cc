@@ -120,7 +120,8 @@ HttpResponse Ztunnel::handleMetrics(const HttpRequest& req) {
     return error(404, "metrics are at /metrics");
   refreshGauges();
   return HttpResponse{200, "text/plain; version=0.0.4",
-                      proxy_.renderTcpMetrics() + proxy_.stats().renderPrometheus()};
+                      proxy_.renderTcpMetrics() + proxy_.stats().renderPrometheus() +
+                          (mesh_tls_ ? mesh_tls_->renderRefusals() : std::string())};
 }
 
 HttpResponse Ztunnel::handleReadiness(const HttpRequest& req) {

@@ -27,6 +27,17 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
     }
   }
 
+  // STRICT peer authentication: only HBONE (mTLS) may reach this pod. The cluster state has the
+  // live mode; the pod's own copy is what the agent said when it was added.
+  WorkloadInfoPtr live = proxy.state() ? proxy.state()->workloadByUid(dst.uid) : nullptr;
+  if (live ? live->strict_mtls : dst.strict_mtls) {
+    proxy.stats().plaintext_refused_total++;
+    spdlog::info("inbound plaintext from {} to {}/{} refused: STRICT mTLS", c->source.toString(),
+                 dst.namespace_, dst.name);
+    c->refuse("plaintext refused: STRICT peer authentication");
+    return;
+  }
+
   // sk_lookup preserves the local address: it is where the caller wanted to go.
   std::optional<SocketAddress> local = localAddress(fd);
   bool hooked = false;

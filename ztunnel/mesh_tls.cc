@@ -251,8 +251,25 @@ hbone::ServerStats MeshTls::serverStats() const {
     sum.bad400 += x.bad400;
     sum.denied401 += x.denied401;
     sum.failed503 += x.failed503;
+    for (size_t i = 0; i < hbone::kTlsRefusalCount; ++i) sum.refused[i] += x.refused[i];
   }
   return sum;
+}
+
+std::string MeshTls::renderRefusals() const {
+  hbone::ServerStats s = serverStats();
+  std::string out =
+      "# HELP weft_ztunnel_tls_refused_total HBONE TLS handshakes refused, by side and reason\n"
+      "# TYPE weft_ztunnel_tls_refused_total counter\n";
+  for (size_t i = 0; i < hbone::kTlsRefusalCount; ++i) {
+    auto r = static_cast<hbone::TlsRefusal>(i);
+    if (r == hbone::TlsRefusal::kNone) continue;
+    out += fmt::format("weft_ztunnel_tls_refused_total{{side=\"server\",reason=\"{}\"}} {}\n",
+                       hbone::tlsRefusalName(r), s.refused[i]);
+    out += fmt::format("weft_ztunnel_tls_refused_total{{side=\"client\",reason=\"{}\"}} {}\n",
+                       hbone::tlsRefusalName(r), client_.refusals(r));
+  }
+  return out;
 }
 
 nlohmann::json MeshTls::toJson() const {

@@ -57,6 +57,8 @@ class MeshTls {
   hbone::ServerStats serverStats() const;
   size_t pendingInbound() const { return pending_inbound_.size(); }
   nlohmann::json toJson() const;
+  // weft_ztunnel_tls_refused_total{side, reason} in Prometheus text.
+  std::string renderRefusals() const;
 
  private:
   struct CachedCtx {
