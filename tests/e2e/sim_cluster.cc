@@ -101,7 +101,8 @@ std::vector<std::string> SimCluster::simArgv(const std::string& verb) const {
   return {repoRoot() + "/scripts/sim", verb, "--name", name_};
 }
 
-bool SimCluster::up(int nodes, const std::vector<ManifestFile>& files, std::string* error) {
+bool SimCluster::up(int nodes, const std::vector<ManifestFile>& files, std::string* error,
+                    const std::vector<std::string>& extraArgs) {
   char tmpl[] = "/tmp/weft-e2e-manifests-XXXXXX";
   if (!::mkdtemp(tmpl)) {
     *error = "mkdtemp failed";
@@ -124,6 +125,7 @@ bool SimCluster::up(int nodes, const std::vector<ManifestFile>& files, std::stri
   argv[argv.size() - 5] = std::to_string(nodes);
   argv[argv.size() - 3] = dir_;
   argv[argv.size() - 1] = buildDir();
+  argv.insert(argv.end(), extraArgs.begin(), extraArgs.end());
   RunOptions o;
   o.timeout = std::chrono::seconds(180);
   auto r = run(argv, o);

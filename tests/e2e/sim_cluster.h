@@ -48,8 +48,10 @@ class SimCluster {
   explicit SimCluster(std::string name);
   ~SimCluster();  // down() if still up
 
-  // Writes the files to a fresh directory and runs `scripts/sim up`.
-  bool up(int nodes, const std::vector<ManifestFile>& files, std::string* error);
+  // Writes the files to a fresh directory and runs `scripts/sim up`, with `extraArgs` appended
+  // (e.g. {"--agent-arg=--cert-ttl", "--agent-arg=4"}).
+  bool up(int nodes, const std::vector<ManifestFile>& files, std::string* error,
+          const std::vector<std::string>& extraArgs = {});
   void down();
   bool isUp() const { return up_; }
   const std::string& name() const { return name_; }

@@ -1,0 +1,936 @@
+// End-to-end tests of identity, mTLS and HBONE on a 2-node sim whose certificates live 4 s:
+// what the wire carries, other HTTP/2 CONNECT clients against the real ztunnel, pooling,
+// rotation under a live connection, holding a connection until a certificate exists, STRICT.
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/e2e/sim_cluster.h"
+
+namespace weft::e2e {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Json = nlohmann::json;
+
+// The cluster: node1 holds the clients, node2 the servers; namespace mesh is enrolled.
+constexpr const char* kMeshClient = "mesh/client";
+constexpr const char* kPlainClient = "plain/client";
+constexpr const char* kMeshClientIp = "10.244.1.10";
+constexpr const char* kPlainClientIp = "10.244.1.20";
+constexpr const char* kMeshServerIp = "10.244.2.10";
+constexpr const char* kPlainServerIp = "10.244.2.20";
+constexpr int kHashPort = 8080;
+constexpr int kStreamPort = 9090;
+constexpr int kHbonePort = 15008;
+constexpr int kCertTtlSeconds = 4;  // the ztunnel renews at half life: a new serial every ~2 s
+constexpr const char* kMeshIdentity = "spiffe://cluster.local/ns/mesh/sa/default";
+constexpr const char* kPlainIdentity = "spiffe://cluster.local/ns/plain/sa/default";
+constexpr const char* kMeshInboundSource = "127.0.0.6";  // ARCHITECTURE.md "Inbound to the app"
+constexpr const char* kOpened = "istio_tcp_connections_opened_total";
+constexpr const char* kClientHandshakes = "weft_ztunnel_hbone_client_handshakes_total";
+constexpr const char* kServerHandshakes = "weft_ztunnel_hbone_server_handshakes_total";
+constexpr const char* kTlsRefused = "weft_ztunnel_tls_refused_total";
+constexpr const char* kCertWaits = "weft_ztunnel_cert_waits_total";
+constexpr const char* kCertWaitTimeouts = "weft_ztunnel_cert_wait_timeouts_total";
+constexpr const char* kPlaintextRefused = "weft_ztunnel_plaintext_refused_total";
+
+bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
+                std::chrono::milliseconds step = 200ms) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    if (pred()) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(step);
+  }
+}
+
+std::string tailOf(const std::string& path, size_t lines) {
+  std::ifstream in(path);
+  if (!in) return "(cannot read " + path + ")";
+  std::vector<std::string> all;
+  std::string l;
+  while (std::getline(in, l)) all.push_back(l);
+  std::string out;
+  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i) {
+    out += "    " + all[i] + "\n";
+  }
+  return out;
+}
+
+std::string readWhole(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::string cur;
+  std::istringstream in(s);
+  while (std::getline(in, cur, sep)) out.push_back(cur);
+  if (!s.empty() && s.back() == sep) out.push_back("");
+  return out;
+}
+
+// "accept peer=IP:PORT local=IP:PORT mode=M" lines of weft-echo-server's peer log.
+struct Accepted {
+  std::string peer, local;
+};
+std::vector<Accepted> acceptedSince(const std::string& log, size_t mark) {
+  std::vector<Accepted> out;
+  std::ifstream in(log);
+  std::string line;
+  for (size_t i = 0; std::getline(in, line); ++i) {
+    if (i < mark || line.rfind("accept ", 0) != 0) continue;
+    Accepted a;
+    std::istringstream words(line);
+    std::string w;
+    while (words >> w) {
+      if (w.rfind("peer=", 0) == 0) a.peer = w.substr(5);
+      if (w.rfind("local=", 0) == 0) a.local = w.substr(6);
+    }
+    out.push_back(a);
+  }
+  return out;
+}
+size_t lineCount(const std::string& log) {
+  std::ifstream in(log);
+  size_t n = 0;
+  std::string line;
+  while (std::getline(in, line)) ++n;
+  return n;
+}
+
+// Torn down on SIGTERM/SIGINT (ctest's timeout) like SimSuite does, and a node agent this suite
+// stopped is continued first. Only async-signal-safe calls in the handler.
+std::vector<std::string> g_downArgv;
+std::vector<std::string> g_cleanArgv;
+std::atomic<pid_t> g_stoppedAgent{0};
+void runFromSignal(std::vector<std::string>& args) {
+  if (args.empty()) return;
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  if (pid > 0) ::waitpid(pid, nullptr, 0);
+}
+void downOnSignal(int sig) {
+  pid_t stopped = g_stoppedAgent.load();
+  if (stopped > 0) ::kill(stopped, SIGCONT);
+  runFromSignal(g_downArgv);
+  runFromSignal(g_cleanArgv);
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+// A SIGSTOPped agent that is always continued: on resume(), on scope exit and on a signal.
+class StoppedAgent {
+ public:
+  explicit StoppedAgent(pid_t pid) : pid_(pid) {}
+  ~StoppedAgent() { resume(); }
+  bool stop() {
+    g_stoppedAgent = pid_;
+    return ::kill(pid_, SIGSTOP) == 0;
+  }
+  void resume() {
+    if (pid_ > 0) ::kill(pid_, SIGCONT);
+    g_stoppedAgent = 0;
+  }
+
+ private:
+  pid_t pid_;
+};
+
+// One line through a long-lived connection (socat) and back.
+::testing::AssertionResult roundTrip(Child& c, const std::string& line) {
+  if (!c.send(line + "\n")) return ::testing::AssertionFailure() << "write to socat failed";
+  auto got = c.readUntil(line + "\n", 10s);
+  if (!got) return ::testing::AssertionFailure() << "no echo of '" << line << "'";
+  return ::testing::AssertionSuccess();
+}
+
+// One frame of the capture, as tshark printed its fields.
+struct Frame {
+  std::string number, src, dst, proto, stream;
+  int srcPort = 0, dstPort = 0, tcpLen = 0;
+  bool syn = false, ack = false;
+  std::vector<std::string> contentTypes;  // plaintext record headers (hello, CCS, alert)
+  std::vector<std::string> opaqueTypes;   // TLS 1.3 encrypted records' outer type
+  std::vector<std::string> handshakeTypes, supportedVersions;
+  std::string reassembledIn;
+  std::string raw;
+};
+
+std::vector<std::string> nonEmpty(const std::string& field) {
+  std::vector<std::string> out;
+  for (auto& v : split(field, ',')) {
+    if (!v.empty()) out.push_back(v);
+  }
+  return out;
+}
+
+class MtlsE2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    setupError_.clear();
+    if (::geteuid() != 0) return;  // each test skips with the reason
+    char tmpl[] = "/tmp/weft-e2e-mtls-XXXXXX";
+    if (!::mkdtemp(tmpl)) {
+      setupError_ = "mkdtemp failed";
+      return;
+    }
+    dir_ = tmpl;
+    ::chmod(dir_.c_str(), 0755);
+    meshServerLog_ = dir_ + "/mesh-server.log";
+    std::string name = fmt::format("mtls{}", ::getpid() % 10000000);
+    cluster_ = std::make_unique<SimCluster>(name);
+    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
+    ::signal(SIGTERM, downOnSignal);
+    ::signal(SIGINT, downOnSignal);
+    std::string err;
+    auto t0 = std::chrono::steady_clock::now();
+    bool isUp = cluster_->up(2, manifests(), &err,
+                             {"--agent-arg=--cert-ttl",
+                              fmt::format("--agent-arg={}", kCertTtlSeconds)});
+    g_cleanArgv = {"/bin/rm", "-rf", "--", dir_, cluster_->manifestCopyDir()};
+    if (!isUp) {
+      setupError_ = err;
+      return;
+    }
+    std::printf("sim %s up in %lld ms\n", name.c_str(),
+                static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                           std::chrono::steady_clock::now() - t0)
+                                           .count()));
+    if (!eventually([] { return lineCount(meshServerLog_) > 0; }, 20s)) {
+      setupError_ = "echo server did not start: no 'listening' line in " + meshServerLog_;
+      return;
+    }
+    auto st = cluster_->status(&err);
+    if (!st || !st->contains("state_dir") || !st->contains("fabric_netns")) {
+      setupError_ = "scripts/sim status --json without state_dir/fabric_netns: " + err;
+      return;
+    }
+    simCa_ = (*st)["state_dir"].get<std::string>() + "/ca/ca-cert.pem";
+    fabricNetns_ = (*st)["fabric_netns"].get<std::string>();
+    if (!makeCertificates(&err)) setupError_ = err;
+  }
+
+  static void TearDownTestSuite() {
+    if (cluster_) cluster_->down();
+    cluster_.reset();
+    g_downArgv.clear();
+    g_cleanArgv.clear();
+    ::signal(SIGTERM, SIG_DFL);
+    ::signal(SIGINT, SIG_DFL);
+    if (!dir_.empty()) {
+      std::error_code ec;
+      fs::remove_all(dir_, ec);
+      dir_.clear();
+    }
+  }
+
+  void SetUp() override {
+    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
+    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
+    ASSERT_TRUE(cluster_ && cluster_->isUp());
+  }
+
+  void TearDown() override {
+    if (HasFailure() && cluster_ && cluster_->isUp()) dumpLogs();
+  }
+
+  static std::vector<ManifestFile> manifests() {
+    std::string server = fmt::format("{} --port {} --stream-port {} --log-peers ",
+                                     echoServerPath(), kHashPort, kStreamPort);
+    auto pod = [](std::string ns, std::string name, std::string node, std::string ip,
+                  std::string cmd) {
+      PodSpec p;
+      p.ns = ns, p.name = name, p.node = node, p.ip4 = ip, p.command = cmd;
+      if (cmd.find("--stream-port") != std::string::npos) p.readyPort = kStreamPort;
+      return podYaml(p);
+    };
+    return {
+        {"ns-mesh.yaml", namespaceYaml("mesh", true)},
+        {"ns-plain.yaml", namespaceYaml("plain", false)},
+        {"pods-mesh.yaml", pod("mesh", "client", "node1", kMeshClientIp, "sleep infinity") +
+                               "---\n" +
+                               pod("mesh", "server", "node2", kMeshServerIp,
+                                   server + meshServerLog_)},
+        {"pods-plain.yaml", pod("plain", "client", "node1", kPlainClientIp, "sleep infinity") +
+                                "---\n" +
+                                pod("plain", "server", "node2", kPlainServerIp,
+                                    server + dir_ + "/plain-server.log")},
+    };
+  }
+
+  static bool sh(const std::string& cmd, std::string* err) {
+    auto r = run({"/bin/sh", "-c", cmd}, withTimeout(30s));
+    if (r.exitCode != 0) {
+      *err = cmd + ": " + r.describe();
+      return false;
+    }
+    return true;
+  }
+
+  // With the openssl CLI: a client certificate of the sim's CA for plain's identity (as an
+  // agent would issue: P-256, critical URI SAN), and a CA of our own with the same kind of leaf.
+  static bool makeCertificates(std::string* err) {
+    std::string d = dir_ + "/certs";
+    std::string ext = d + "/leaf.ext";
+    std::string caKey = simCa_.substr(0, simCa_.rfind('/')) + "/ca-key.pem";
+    return sh("mkdir -p " + d, err) &&
+           sh(fmt::format("printf 'basicConstraints=critical,CA:FALSE\\n"
+                          "keyUsage=critical,digitalSignature,keyAgreement\\n"
+                          "extendedKeyUsage=serverAuth,clientAuth\\n"
+                          "subjectAltName=critical,URI:{}\\n' > {}",
+                          kPlainIdentity, ext),
+              err) &&
+           sh(fmt::format("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+                          "-keyout {0}/client.key -out {0}/client.csr -subj /CN=e2e-client",
+                          d),
+              err) &&
+           sh(fmt::format("openssl x509 -req -in {0}/client.csr -CA {1} -CAkey {2} "
+                          "-set_serial 0x$(openssl rand -hex 16) -days 1 -extfile {3} "
+                          "-out {0}/client.crt",
+                          d, simCa_, caKey, ext),
+              err) &&
+           sh(fmt::format("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
+                          "-nodes -keyout {0}/other-ca.key -out {0}/other-ca.crt -days 2 "
+                          "-subj /CN=not-the-sim-ca",
+                          d),
+              err) &&
+           sh(fmt::format("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+                          "-keyout {0}/other.key -out {0}/other.csr -subj /CN=e2e-other",
+                          d),
+              err) &&
+           sh(fmt::format("openssl x509 -req -in {0}/other.csr -CA {0}/other-ca.crt "
+                          "-CAkey {0}/other-ca.key -set_serial 0x$(openssl rand -hex 16) "
+                          "-days 1 -extfile {1} -out {0}/other.crt",
+                          d, ext),
+              err) &&
+           sh("chmod -R a+rX " + d, err);
+  }
+  static std::string cert(const std::string& f) { return dir_ + "/certs/" + f; }
+
+  // On failure: the tails of every agent's and ztunnel's log.
+  void dumpLogs() {
+    auto s = cluster_->status();
+    if (!s) return;
+    std::string out = "--- sim logs (tails) ---\n";
+    auto addLog = [&](const std::string& what, const Json& obj) {
+      if (obj.is_object() && obj.contains("log") && obj["log"].is_string()) {
+        out += what + " " + obj["log"].get<std::string>() + ":\n" +
+               tailOf(obj["log"].get<std::string>(), 30);
+      }
+    };
+    if (s->contains("nodes")) {
+      for (auto& n : (*s)["nodes"]) {
+        std::string node = n.value("name", "?");
+        if (n.contains("agent")) addLog(node + " agent", n["agent"]);
+        if (n.contains("ztunnel")) addLog(node + " ztunnel", n["ztunnel"]);
+      }
+    }
+    std::fprintf(stderr, "%s", out.c_str());
+  }
+
+  // The sum of `metric`'s samples matching `labels` on `node`'s ztunnel; -1 (and a failure)
+  // when the scrape fails.
+  static double metric(const std::string& node, const std::string& name,
+                       const std::map<std::string, std::string>& labels = {}) {
+    std::string err;
+    auto m = cluster_->metrics(node, &err);
+    if (!m) {
+      ADD_FAILURE() << err;
+      return -1;
+    }
+    return sumSamples(*m, name, labels);
+  }
+
+  static std::optional<Json> ztunnelAdmin(const std::string& node, const std::string& path) {
+    auto r = cluster_->onNode(
+        node, {"curl", "-sS", "--max-time", "5", "http://127.0.0.1:15000" + path});
+    if (r.exitCode != 0) {
+      ADD_FAILURE() << node << " ztunnel admin " << path << ": " << r.describe();
+      return std::nullopt;
+    }
+    auto j = Json::parse(r.out, nullptr, false);
+    if (j.is_discarded()) {
+      ADD_FAILURE() << node << " ztunnel admin " << path << " is not JSON: " << r.out;
+      return std::nullopt;
+    }
+    return j;
+  }
+
+  // `identity`'s entry in `node`'s /config_dump certificates, or an empty object.
+  static Json certificateOf(const std::string& node, const std::string& identity) {
+    auto d = ztunnelAdmin(node, "/config_dump");
+    if (!d || !d->contains("certificates")) return Json::object();
+    for (auto& c : (*d)["certificates"]) {
+      if (c.value("identity", "") == identity) return c;
+    }
+    return Json::object();
+  }
+
+  // Waits until `node`'s certificate for `identity` has a serial other than the one it has now,
+  // so what follows starts at the beginning of a certificate's life.
+  static bool waitForNextSerial(const std::string& node, const std::string& identity) {
+    std::string first = certificateOf(node, identity).value("serial", "");
+    return !first.empty() && eventually(
+                                 [&] {
+                                   auto s = certificateOf(node, identity).value("serial", "");
+                                   return !s.empty() && s != first;
+                                 },
+                                 std::chrono::seconds(3 * kCertTtlSeconds), 100ms);
+  }
+
+  static Json echo(const std::string& pod, const std::string& target, int count,
+                   uint64_t maxBytes, int concurrency, int seed,
+                   std::chrono::milliseconds limit = 120s) {
+    auto r = cluster_->exec(pod,
+                            {echoClientPath(), "--target", target, "--count",
+                             std::to_string(count), "--max-bytes", std::to_string(maxBytes),
+                             "--concurrency", std::to_string(concurrency), "--seed",
+                             std::to_string(seed), "--timeout-s", "20"},
+                            limit);
+    auto j = Json::parse(r.out, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) {
+      return Json{{"error", "echo client in " + pod + ": " + r.describe()}, {"ok", -1}};
+    }
+    j["exit_code"] = r.exitCode;
+    return j;
+  }
+
+  // socat in `pod` to ip:port, `text` on its stdin; what came back.
+  static RunResult socatOnce(const std::string& pod, const std::string& ip, int port,
+                             const std::string& text) {
+    RunOptions o;
+    o.timeout = 30s;
+    o.stdinText = text;
+    return run(cluster_->execArgv(pod, {"socat", "-T", "10", "-",
+                                        fmt::format("TCP:{}:{}", ip, port)}),
+               o);
+  }
+
+  // openssl s_client from plain/client to the mesh server's 15008 with our sim-CA certificate;
+  // the serial of the certificate the server presented ("" when none).
+  static std::string servedSerial(std::string* out) {
+    auto r = cluster_->exec(
+        kPlainClient,
+        {"sh", "-c",
+         fmt::format("sleep 0.5 | timeout 20 openssl s_client -connect {}:{} -CAfile {} -cert {} "
+                     "-key {} -alpn h2 -tls1_3 2>/dev/null | openssl x509 -noout -serial",
+                     kMeshServerIp, kHbonePort, simCa_, cert("client.crt"), cert("client.key"))},
+        30s);
+    *out = r.describe();
+    std::string s = r.out;
+    while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+    if (r.exitCode != 0 || s.rfind("serial=", 0) != 0) return "";
+    return s.substr(7);
+  }
+
+  static inline std::unique_ptr<SimCluster> cluster_;
+  static inline std::string setupError_;
+  static inline std::string dir_;
+  static inline std::string meshServerLog_;
+  static inline std::string simCa_;
+  static inline std::string fabricNetns_;
+};
+
+bool sameSerial(std::string a, std::string b) {
+  for (auto* s : {&a, &b}) {
+    for (auto& ch : *s) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    while (s->size() > 1 && s->front() == '0') s->erase(0, 1);
+  }
+  return !a.empty() && a == b;
+}
+
+// dumpcap on the fabric bridge while a meshed pair and a plain pair exchange a marker: between
+// the meshed pods only TLS 1.3 to 15008 with nothing but encrypted records after the hellos;
+// the plain pair's marker is on the wire, the meshed pair's is not.
+TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
+  std::string pcap = dir_ + "/fabric.pcapng";
+  // Bounded by dumpcap itself too (-a duration), in case we die before stopping it.
+  Child capture;
+  ASSERT_TRUE(capture.start({"ip", "netns", "exec", fabricNetns_, "dumpcap", "-i", "br0", "-w",
+                             pcap, "-a", "duration:120", "-q"}));
+  struct StopCapture {
+    Child& c;
+    bool stopped = false;
+    std::string out;
+    void stop() {
+      if (stopped) return;
+      stopped = true;
+      if (c.pid() > 0) ::kill(c.pid(), SIGINT);  // dumpcap flushes and closes the file
+      if (!c.wait(10s, &out)) c.kill();
+    }
+    ~StopCapture() { stop(); }
+  } stopCapture{capture, false, {}};
+  ASSERT_TRUE(capture.readUntil("File:", 10s)) << "dumpcap did not start capturing on br0 in "
+                                               << fabricNetns_;
+
+  // A certificate newer than any pooled HBONE connection: ours makes a fresh one (the pool is
+  // keyed by the credentials' serial), so its handshake is in the capture.
+  ASSERT_TRUE(waitForNextSerial("node1", kMeshIdentity)) << "node1's client certificate for "
+                                                         << kMeshIdentity << " did not renew";
+  double hs0 = metric("node1", kClientHandshakes);
+  double mtls0 = metric("node1", kOpened,
+                        {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}});
+  std::string tag = fmt::format("{:x}", std::chrono::steady_clock::now().time_since_epoch().count());
+  std::string meshMarker = "WEFT-MESHED-PLAINTEXT-MARKER-" + tag;
+  std::string plainMarker = "WEFT-UNMESHED-PLAINTEXT-MARKER-" + tag;
+  auto meshed = socatOnce(kMeshClient, kMeshServerIp, kStreamPort, meshMarker + "\n");
+  EXPECT_EQ(meshed.exitCode, 0) << meshed.describe();
+  EXPECT_EQ(meshed.out, meshMarker + "\n") << meshed.describe();
+  auto plain = socatOnce(kPlainClient, kPlainServerIp, kStreamPort, plainMarker + "\n");
+  EXPECT_EQ(plain.exitCode, 0) << plain.describe();
+  EXPECT_EQ(plain.out, plainMarker + "\n") << plain.describe();
+  std::this_thread::sleep_for(500ms);  // the last ACKs and FINs
+  stopCapture.stop();
+  ASSERT_TRUE(fs::exists(pcap)) << "no capture file; dumpcap said: " << stopCapture.out;
+
+  EXPECT_EQ(metric("node1", kOpened,
+                   {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}}),
+            mtls0 + 1)
+      << "the meshed exchange must be one mutual_tls connection";
+  EXPECT_GE(metric("node1", kClientHandshakes), hs0 + 1) << "no new HBONE handshake";
+
+  std::string bytes = readWhole(pcap);
+  EXPECT_EQ(bytes.find(meshMarker), std::string::npos)
+      << "the meshed pair's plaintext marker is on the fabric";
+  EXPECT_NE(bytes.find(plainMarker), std::string::npos)
+      << "the plain pair's marker is not in the capture: the capture does not see the traffic";
+
+  // Every frame between the meshed pods, decoded as TLS on 15008 (two passes, so a record
+  // split over segments is attributed to its last one and the others say so).
+  auto r = run({"tshark", "-r", pcap, "-2", "-d", fmt::format("tcp.port=={},tls", kHbonePort),
+                "-Y", fmt::format("ip.addr=={} && ip.addr=={}", kMeshClientIp, kMeshServerIp),
+                "-T", "fields", "-E", "separator=/t", "-E", "occurrence=a", "-e",
+                "frame.number", "-e", "ip.src", "-e", "ip.dst", "-e", "ip.proto", "-e",
+                "tcp.stream", "-e", "tcp.srcport", "-e", "tcp.dstport", "-e", "tcp.len", "-e",
+                "tcp.flags.syn", "-e", "tcp.flags.ack", "-e", "tls.record.content_type", "-e",
+                "tls.record.opaque_type", "-e", "tls.handshake.type", "-e",
+                "tls.handshake.extensions.supported_version", "-e", "tcp.reassembled_in"},
+               withTimeout(60s));
+  ASSERT_EQ(r.exitCode, 0) << r.describe();
+  std::vector<Frame> frames;
+  for (auto& line : split(r.out, '\n')) {
+    if (line.empty()) continue;
+    auto f = split(line, '\t');
+    if (f.size() < 15) f.resize(15);
+    Frame fr;
+    fr.raw = line;
+    fr.number = f[0], fr.src = f[1], fr.dst = f[2], fr.proto = f[3], fr.stream = f[4];
+    fr.srcPort = std::atoi(f[5].c_str()), fr.dstPort = std::atoi(f[6].c_str());
+    fr.tcpLen = std::atoi(f[7].c_str());
+    fr.syn = f[8] == "1" || f[8] == "True", fr.ack = f[9] == "1" || f[9] == "True";
+    fr.contentTypes = nonEmpty(f[10]), fr.opaqueTypes = nonEmpty(f[11]);
+    fr.handshakeTypes = nonEmpty(f[12]), fr.supportedVersions = nonEmpty(f[13]);
+    fr.reassembledIn = f[14];
+    frames.push_back(fr);
+  }
+  ASSERT_FALSE(frames.empty()) << "no frames between " << kMeshClientIp << " and "
+                               << kMeshServerIp << " in the capture";
+
+  struct Direction {
+    std::vector<std::string> plaintext;  // content types of the unencrypted records, in order
+    size_t encrypted = 0;
+    bool sawEncrypted = false;
+  };
+  struct Stream {
+    bool synSeen = false;
+    Direction up, down;  // client -> server, server -> client
+    std::vector<std::string> serverHelloVersions;
+  };
+  std::map<std::string, Stream> streams;
+  for (auto& fr : frames) {
+    SCOPED_TRACE("frame: " + fr.raw);
+    ASSERT_EQ(fr.proto, "6") << "not TCP between the meshed pods";
+    bool up = fr.src == kMeshClientIp;
+    if (up) {
+      EXPECT_EQ(fr.dstPort, kHbonePort) << "client to server not to 15008";
+    } else {
+      EXPECT_EQ(fr.src, kMeshServerIp);
+      EXPECT_EQ(fr.srcPort, kHbonePort) << "server to client not from 15008";
+    }
+    Stream& s = streams[fr.stream];
+    if (up && fr.syn && !fr.ack) s.synSeen = true;
+    Direction& d = up ? s.up : s.down;
+    if (fr.tcpLen > 0) {
+      EXPECT_TRUE(!fr.contentTypes.empty() || !fr.opaqueTypes.empty() ||
+                  !fr.reassembledIn.empty())
+          << "payload that is not (part of) a TLS record";
+    }
+    if (!fr.contentTypes.empty()) {
+      // Unencrypted records exist only before the first encrypted one (a frame can carry the
+      // last hello record and the first encrypted ones: the hellos are listed first).
+      EXPECT_FALSE(d.sawEncrypted) << "an unencrypted TLS record after encrypted ones";
+      d.plaintext.insert(d.plaintext.end(), fr.contentTypes.begin(), fr.contentTypes.end());
+    }
+    for (auto& t : fr.opaqueTypes) {
+      EXPECT_EQ(t, "23") << "an encrypted record that is not application data";
+      ++d.encrypted;
+    }
+    if (!fr.opaqueTypes.empty()) d.sawEncrypted = true;
+    if (!up && std::find(fr.handshakeTypes.begin(), fr.handshakeTypes.end(), "2") !=
+                   fr.handshakeTypes.end()) {
+      s.serverHelloVersions = fr.supportedVersions;
+    }
+  }
+  int handshakesSeen = 0;
+  for (auto& [id, s] : streams) {
+    SCOPED_TRACE("tcp.stream " + id);
+    // The only unencrypted records: ClientHello / ServerHello (22), each optionally followed
+    // by TLS 1.3's middlebox-compatibility ChangeCipherSpec (20). Alerts (21) or TLS 1.2
+    // application data (23) in the clear fail here.
+    auto helloOnly = [](const std::vector<std::string>& v) {
+      return (v.size() == 1 && v[0] == "22") || (v.size() == 2 && v[0] == "22" && v[1] == "20");
+    };
+    if (s.synSeen) {
+      ++handshakesSeen;
+      EXPECT_TRUE(helloOnly(s.up.plaintext))
+          << "client records in the clear: " << fmt::format("{}", fmt::join(s.up.plaintext, ","));
+      EXPECT_TRUE(helloOnly(s.down.plaintext))
+          << "server records in the clear: "
+          << fmt::format("{}", fmt::join(s.down.plaintext, ","));
+      EXPECT_EQ(s.serverHelloVersions, std::vector<std::string>{"0x0304"})
+          << "ServerHello supported_version: TLS 1.3 must be negotiated";
+      EXPECT_GT(s.up.encrypted, 0u);
+      EXPECT_GT(s.down.encrypted, 0u);
+    } else {
+      EXPECT_TRUE(s.up.plaintext.empty() && s.down.plaintext.empty())
+          << "unencrypted records on a connection opened before the capture";
+    }
+  }
+  EXPECT_GE(handshakesSeen, 1) << "no HBONE connection was opened during the capture";
+  std::printf("capture: %zu frames between the meshed pods in %zu TCP connection(s), %d with "
+              "their TLS 1.3 handshake\n",
+              frames.size(), streams.size(), handshakesSeen);
+}
+
+// Clients we did not write (python3-h2, Node's http2) and openssl s_client against a meshed
+// pod's 15008 on the real ztunnel: CONNECT reaches the app; a certificate of another CA is
+// refused and counted as untrusted.
+TEST_F(MtlsE2E, ForeignHttp2ClientsInteropAndOtherCaIsRefused) {
+  std::string fixtures = repoRoot() + "/tests/fixtures/hbone";
+  std::string authority = fmt::format("{}:{}", kMeshServerIp, kStreamPort);
+  size_t mark = lineCount(meshServerLog_);
+  double hs0 = metric("node2", kServerHandshakes);
+
+  std::string pyPayload = "interop-python3-h2";
+  auto py = cluster_->exec(kPlainClient,
+                           {"timeout", "30", "/usr/bin/python3", fixtures + "/h2_connect_client.py",
+                            kMeshServerIp, std::to_string(kHbonePort), cert("client.crt"),
+                            cert("client.key"), simCa_, authority, pyPayload},
+                           40s);
+  ASSERT_EQ(py.exitCode, 0) << py.describe();
+  auto pj = Json::parse(py.out, nullptr, false);
+  ASSERT_FALSE(pj.is_discarded()) << py.describe();
+  EXPECT_EQ(pj.value("status", 0), 200) << py.out;
+  EXPECT_EQ(pj.value("received", ""), pyPayload) << py.out;
+
+  constexpr int kStreams = 3;
+  std::string jsPayload = "interop-node-http2";
+  auto js = cluster_->exec(kPlainClient,
+                           {"timeout", "30", "/usr/bin/node", fixtures + "/h2_connect_client.js",
+                            kMeshServerIp, std::to_string(kHbonePort), cert("client.crt"),
+                            cert("client.key"), simCa_, kMeshIdentity, authority, jsPayload,
+                            std::to_string(kStreams)},
+                           40s);
+  ASSERT_EQ(js.exitCode, 0) << js.describe();
+  auto jj = Json::parse(js.out, nullptr, false);
+  ASSERT_FALSE(jj.is_discarded()) << js.describe();
+  EXPECT_EQ(jj.value("alpn", ""), "h2") << js.out;
+  EXPECT_EQ(jj.value("protocol", ""), "TLSv1.3") << js.out;
+  EXPECT_EQ(jj.value("peer", ""), std::string("URI:") + kMeshIdentity) << js.out;
+  ASSERT_TRUE(jj.contains("streams") && jj["streams"].size() == kStreams) << js.out;
+  for (int i = 0; i < kStreams; ++i) {
+    EXPECT_EQ(jj["streams"][i].value("status", 0), 200) << js.out;
+    EXPECT_EQ(jj["streams"][i].value("received", ""), fmt::format("{}-{}", jsPayload, i))
+        << js.out;
+  }
+
+  // The app saw 1 + kStreams connections on its stream port, from the mesh's inbound source.
+  auto seen = acceptedSince(meshServerLog_, mark);
+  ASSERT_EQ(seen.size(), 1u + kStreams);
+  for (auto& a : seen) {
+    EXPECT_EQ(a.peer.substr(0, a.peer.rfind(':')), kMeshInboundSource);
+    EXPECT_EQ(a.local, authority);
+  }
+  EXPECT_EQ(metric("node2", kServerHandshakes), hs0 + 2)
+      << "one TLS handshake per interop client on node2";
+
+  // A client certificate of another CA: the server's alert reaches s_client (it reads for a
+  // second), and node2 counts exactly one untrusted refusal.
+  std::map<std::string, std::string> untrusted = {{"side", "server"}, {"reason", "untrusted"}};
+  double refused0 = metric("node2", kTlsRefused, untrusted);
+  double allRefused0 = metric("node2", kTlsRefused);
+  auto sc = cluster_->exec(
+      kPlainClient,
+      {"sh", "-c",
+       fmt::format("sleep 1 | timeout 20 openssl s_client -connect {}:{} -CAfile {} -cert {} "
+                   "-key {} -alpn h2 -tls1_3 -brief 2>&1",
+                   kMeshServerIp, kHbonePort, simCa_, cert("other.crt"), cert("other.key"))},
+      40s);
+  EXPECT_NE(sc.exitCode, 0) << sc.describe();
+  EXPECT_NE(sc.out.find("alert unknown ca"), std::string::npos)
+      << "s_client must see the server's unknown_ca alert: " << sc.describe();
+  double refused = -1;
+  eventually([&] { return (refused = metric("node2", kTlsRefused, untrusted)) > refused0; }, 3s);
+  EXPECT_EQ(refused, refused0 + 1) << "node2 tls_refused_total{side=server,reason=untrusted}";
+  EXPECT_EQ(metric("node2", kTlsRefused), allRefused0 + 1) << "counted once, under one reason";
+}
+
+// 1000 sequential meshed connections to one destination share pooled HBONE connections.
+TEST_F(MtlsE2E, ThousandConnectionsSharePooledHboneConnections) {
+  constexpr int kConns = 1000;
+  // Start at the beginning of a certificate's life: every renewal keys a new pool entry.
+  ASSERT_TRUE(waitForNextSerial("node1", kMeshIdentity));
+  int issued0 = certificateOf("node1", kMeshIdentity).value("issued", -1);
+  double hs0 = metric("node1", kClientHandshakes);
+  double src0 = metric("node1", kOpened, {{"reporter", "source"}});
+  double mtls0 = metric("node1", kOpened,
+                        {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}});
+  auto t0 = std::chrono::steady_clock::now();
+  auto j = echo(kMeshClient, fmt::format("{}:{}", kMeshServerIp, kHashPort), kConns, 256, 1, 3,
+                300s);
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                std::chrono::steady_clock::now() - t0)
+                .count();
+  int issued1 = certificateOf("node1", kMeshIdentity).value("issued", -1);
+  EXPECT_EQ(j.value("ok", -1), kConns) << j.dump();
+  EXPECT_EQ(j.value("failures", -1), 0) << j.dump();
+  EXPECT_EQ(j.value("mismatches", -1), 0) << j.dump();
+  double src = -1;
+  eventually([&] { return (src = metric("node1", kOpened, {{"reporter", "source"}})) >=
+                          src0 + kConns; },
+             5s, 250ms);
+  EXPECT_EQ(src, src0 + kConns) << "reporter=source opened connections";
+  EXPECT_EQ(metric("node1", kOpened,
+                   {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}}),
+            mtls0 + kConns)
+      << "all of them over mTLS";
+  double hs = metric("node1", kClientHandshakes) - hs0;
+  std::printf("pooling: %d connections in %lld ms, %.0f HBONE handshakes, %d certificate "
+              "renewals of the client identity meanwhile\n",
+              kConns, static_cast<long long>(ms), hs, issued1 - issued0);
+  EXPECT_LE(hs, 3) << "HBONE handshakes for " << kConns << " sequential connections";
+  EXPECT_GE(hs, 1);
+  // Each renewal may (by design) start one new pooled connection, nothing more.
+  EXPECT_LE(hs, 1 + (issued1 - issued0)) << "more handshakes than certificate versions";
+}
+
+// A meshed connection keeps exchanging data while node2's server certificate rotates 3 times;
+// a new TLS connection to 15008 is then served with the serial node2 reports as current.
+TEST_F(MtlsE2E, LongLivedConnectionSurvivesRotationsAndNewOnesGetCurrentCertificate) {
+  double mtls0 = metric("node1", kOpened,
+                        {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}});
+  Child socat;
+  ASSERT_TRUE(socat.start(cluster_->execArgv(
+      kMeshClient,
+      {"socat", "-T", "120", "-", fmt::format("TCP:{}:{}", kMeshServerIp, kStreamPort)})));
+  ASSERT_TRUE(roundTrip(socat, "line-0"));
+  EXPECT_EQ(metric("node1", kOpened,
+                   {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}}),
+            mtls0 + 1)
+      << "the long-lived connection must be meshed";
+  auto conns = ztunnelAdmin("node1", "/connections");
+  ASSERT_TRUE(conns);
+  bool hbone = false;
+  for (auto& c : *conns) {
+    if (c.value("dst", "") == fmt::format("{}:{}", kMeshServerIp, kStreamPort) &&
+        c.value("path", "") == "hbone") {
+      hbone = true;
+    }
+  }
+  EXPECT_TRUE(hbone) << "node1 /connections has no hbone connection to the stream port: "
+                     << conns->dump();
+
+  std::vector<std::string> serials;
+  std::string s0 = certificateOf("node2", kMeshIdentity).value("serial", "");
+  ASSERT_FALSE(s0.empty()) << "node2 has no certificate for " << kMeshIdentity;
+  serials.push_back(s0);
+  int line = 1;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(8 * kCertTtlSeconds);
+  while (serials.size() < 4 && std::chrono::steady_clock::now() < deadline) {
+    ASSERT_TRUE(roundTrip(socat, fmt::format("line-{}", line++)))
+        << "after " << serials.size() - 1 << " rotation(s)";
+    std::string s = certificateOf("node2", kMeshIdentity).value("serial", "");
+    if (!s.empty() && s != serials.back()) serials.push_back(s);
+    std::this_thread::sleep_for(500ms);
+  }
+  ASSERT_GE(serials.size(), 4u) << "node2's certificate rotated only " << serials.size() - 1
+                                << " time(s) in " << 8 * kCertTtlSeconds << " s";
+  std::printf("rotation: %d lines exchanged while node2's serial went %s\n", line,
+              fmt::format("{}", fmt::join(serials, " -> ")).c_str());
+  EXPECT_TRUE(roundTrip(socat, "after-rotations"));
+  std::string out;
+  socat.closeStdin();
+  auto code = socat.wait(15s, &out);
+  EXPECT_TRUE(code && *code == 0) << "socat did not end cleanly: " << out;
+
+  // The serial moves every ~2 s: retry while it changed between our two looks.
+  bool matched = false;
+  std::string last;
+  for (int i = 0; i < 5 && !matched; ++i) {
+    std::string before = certificateOf("node2", kMeshIdentity).value("serial", "");
+    std::string served = servedSerial(&out);
+    std::string after = certificateOf("node2", kMeshIdentity).value("serial", "");
+    ASSERT_FALSE(served.empty()) << "no server certificate from s_client: " << out;
+    last = fmt::format("served {} while node2 reported {} before and {} after", served, before,
+                       after);
+    if (before != after) continue;
+    EXPECT_TRUE(sameSerial(served, before)) << last;
+    matched = true;
+  }
+  EXPECT_TRUE(matched) << "node2's serial changed during every attempt: " << last;
+  std::printf("new TLS connection: %s\n", last.c_str());
+}
+
+// With node1's agent stopped until the client's certificate expired, a new meshed connection is
+// held (not refused) and completes once the agent answers.
+TEST_F(MtlsE2E, ConnectionWaitsForCertificateWhileAgentIsStopped) {
+  auto pid = cluster_->agentPid("node1");
+  ASSERT_TRUE(pid) << "no nodes[node1].agent.pid in scripts/sim status --json";
+  double waits0 = metric("node1", kCertWaits);
+  double timeouts0 = metric("node1", kCertWaitTimeouts);
+  StoppedAgent agent(*pid);
+  ASSERT_TRUE(agent.stop()) << "SIGSTOP " << *pid << ": " << strerror(errno);
+  auto stoppedAt = std::chrono::steady_clock::now();
+  Json cert;
+  ASSERT_TRUE(eventually(
+      [&] {
+        cert = certificateOf("node1", kMeshIdentity);
+        return cert.value("state", "") == "expired";
+      },
+      std::chrono::seconds(2 * kCertTtlSeconds), 100ms))
+      << "node1's certificate for " << kMeshIdentity << " not expired: " << cert.dump();
+
+  Child client;
+  ASSERT_TRUE(client.start(cluster_->execArgv(
+      kMeshClient, {echoClientPath(), "--target", fmt::format("{}:{}", kMeshServerIp, kHashPort),
+                    "--count", "1", "--max-bytes", "4096", "--seed", "5", "--timeout-s", "30"})));
+  std::this_thread::sleep_for(1s);
+  std::string out;
+  EXPECT_FALSE(client.wait(1ms, &out).has_value())
+      << "the connection ended while no certificate existed: " << out;
+  auto conns = ztunnelAdmin("node1", "/connections");
+  bool held = false;
+  if (conns) {
+    for (auto& c : *conns) {
+      if (c.value("dst", "") == fmt::format("{}:{}", kMeshServerIp, kHashPort)) held = true;
+    }
+  }
+  EXPECT_TRUE(held) << "node1's ztunnel does not hold the connection: "
+                    << (conns ? conns->dump() : "?");
+  agent.resume();
+  auto stoppedFor = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - stoppedAt);
+  auto code = client.wait(30s, &out);
+  ASSERT_TRUE(code.has_value()) << "the held connection did not finish: " << out;
+  auto j = Json::parse(out.substr(std::min(out.find('{'), out.size())), nullptr, false);
+  EXPECT_EQ(*code, 0) << out;
+  ASSERT_FALSE(j.is_discarded()) << out;
+  EXPECT_EQ(j.value("ok", -1), 1) << out;
+  EXPECT_EQ(j.value("failures", -1), 0) << out;
+  EXPECT_GE(metric("node1", kCertWaits), waits0 + 1);
+  EXPECT_EQ(metric("node1", kCertWaitTimeouts), timeouts0);
+  std::printf("agent stopped for %lld ms; held connection: %s; certificate now: %s\n",
+              static_cast<long long>(stoppedFor.count()), j.dump().c_str(),
+              certificateOf("node1", kMeshIdentity).dump().c_str());
+}
+
+// STRICT for the server's namespace: plaintext inbound is reset and counted, meshed callers
+// still get through; removing the policy lets plaintext in again.
+TEST_F(MtlsE2E, StrictPeerAuthenticationRefusesPlaintextOnly) {
+  const std::string file = "peer-authentication-mesh.yaml";
+  struct Remove {
+    std::string f;
+    ~Remove() {
+      if (cluster_) cluster_->removeLiveManifest(f);
+    }
+  } remove{file};
+  std::string target = fmt::format("{}:{}", kMeshServerIp, kHashPort);
+  auto plain0 = echo(kPlainClient, target, 1, 1024, 1, 20);
+  ASSERT_EQ(plain0.value("ok", -1), 1) << "plaintext before STRICT: " << plain0.dump();
+
+  double refused0 = metric("node2", kPlaintextRefused);
+  std::string err;
+  ASSERT_TRUE(cluster_->writeLiveManifest(
+      file,
+      "apiVersion: security.weft.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n"
+      "  namespace: mesh\nspec:\n  mtls:\n    mode: STRICT\n",
+      &err))
+      << err;
+  auto t0 = std::chrono::steady_clock::now();
+  int seed = 21;
+  Json last;
+  bool refused = eventually(
+      [&] {
+        last = echo(kPlainClient, target, 1, 1024, 1, seed++);
+        return last.value("failures", -1) == 1;
+      },
+      5s, 100ms);
+  ASSERT_TRUE(refused) << "plaintext still accepted 5 s after STRICT: " << last.dump();
+  auto took = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - t0);
+  EXPECT_NE(last.dump().find("reset"), std::string::npos) << "not a reset: " << last.dump();
+  // Two more: every one is refused, and counted.
+  for (int i = 0; i < 2; ++i) {
+    auto j = echo(kPlainClient, target, 1, 1024, 1, 40 + i);
+    EXPECT_EQ(j.value("failures", -1), 1) << j.dump();
+    EXPECT_EQ(j.value("ok", -1), 0) << j.dump();
+  }
+  // Exactly the three refused attempts (the loop stopped at its first refusal).
+  double refusedNow = metric("node2", kPlaintextRefused);
+  EXPECT_EQ(refusedNow, refused0 + 3) << "plaintext_refused_total";
+
+  double mtls0 = metric("node1", kOpened,
+                        {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}});
+  auto meshed = echo(kMeshClient, target, 3, 4096, 1, 50);
+  EXPECT_EQ(meshed.value("ok", -1), 3) << "meshed under STRICT: " << meshed.dump();
+  EXPECT_EQ(metric("node1", kOpened,
+                   {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}}),
+            mtls0 + 3);
+  EXPECT_EQ(metric("node2", kPlaintextRefused), refusedNow) << "a meshed connection was refused";
+
+  ASSERT_TRUE(cluster_->removeLiveManifest(file));
+  bool open = eventually(
+      [&] {
+        last = echo(kPlainClient, target, 1, 1024, 1, seed++);
+        return last.value("ok", -1) == 1;
+      },
+      5s, 100ms);
+  EXPECT_TRUE(open) << "plaintext still refused 5 s after removing STRICT: " << last.dump();
+  auto after = echo(kPlainClient, target, 3, 4096, 1, 60);
+  EXPECT_EQ(after.value("ok", -1), 3) << after.dump();
+  std::printf("STRICT took effect after %lld ms; plaintext_refused_total %+.0f\n",
+              static_cast<long long>(took.count()), refusedNow - refused0);
+}
+
+}  // namespace
+}  // namespace weft::e2e
