@@ -11,6 +11,10 @@
 namespace weft::hbone {
 namespace {
 
+constexpr size_t kFlushBatch = 256 * 1024;
+constexpr size_t kChunk = 256 * 1024;  // a tunnel's read buffer chunk
+constexpr size_t kSpareChunks = 2;
+
 struct TcpWrite {
   uv_write_t req;
   std::vector<uint8_t> buf;
@@ -99,7 +103,21 @@ void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
   H2Session* session = self->session_;
   if (n > 0) {
     if (self->watch_) self->watch_->tcpToH2 += static_cast<uint64_t>(n);
-    self->toH2_.emplace_back(buf->base, buf->base + n);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(buf->base);
+    size_t len = static_cast<size_t>(n);
+    // Append to the last chunk while it has room; new chunks come from the spares, so a busy
+    // tunnel stops allocating (fresh heap pages cost more than the copy itself).
+    if (self->toH2_.empty() || self->toH2_.back().capacity() - self->toH2_.back().size() < len) {
+      std::vector<uint8_t> chunk;
+      if (!self->spare_.empty()) {
+        chunk = std::move(self->spare_.back());
+        self->spare_.pop_back();
+        chunk.clear();
+      }
+      chunk.reserve(std::max<size_t>(kChunk, len));
+      self->toH2_.push_back(std::move(chunk));
+    }
+    self->toH2_.back().insert(self->toH2_.back().end(), bytes, bytes + len);
     self->toH2Bytes_ += static_cast<size_t>(n);
     if (self->toH2Bytes_ >= session->settings_.tcpReadBound) self->stopReading();
   } else if (n == UV_EOF) {
@@ -126,6 +144,25 @@ void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
   if (tcp_ == nullptr || tcpShutdown_) {
     nghttp2_session_consume(session_->h2_, streamId_, len);
     return;
+  }
+  if (tcpQueued_ == 0) {
+    // Nothing queued: hand the bytes to the kernel straight away and copy only what it did
+    // not take.
+    uv_buf_t direct = uv_buf_init(const_cast<char*>(reinterpret_cast<const char*>(data)),
+                                  static_cast<unsigned>(len));
+    int n = uv_try_write(reinterpret_cast<uv_stream_t*>(tcp_), &direct, 1);
+    if (n > 0) {
+      if (watch_) watch_->h2ToTcp += static_cast<uint64_t>(n);
+      nghttp2_session_consume(session_->h2_, streamId_, static_cast<size_t>(n));
+      data += n;
+      len -= static_cast<size_t>(n);
+      if (len == 0) return;
+    } else if (n < 0 && n != UV_EAGAIN) {
+      nghttp2_session_consume(session_->h2_, streamId_, len);
+      resetTcp_ = true;
+      nghttp2_submit_rst_stream(session_->h2_, NGHTTP2_FLAG_NONE, streamId_, NGHTTP2_CANCEL);
+      return;
+    }
   }
   auto* w = new TcpWrite{};
   w->buf.assign(data, data + len);
@@ -275,7 +312,9 @@ void H2Session::onTimer() {
   uint64_t now = uv_now(loop_);
   if (!tls_->established()) {
     if (now - lastPingMs_ > static_cast<uint64_t>(settings_.pingTimeout.count())) {
-      close(Status::error("TLS handshake timed out"));
+      Status why = Status::error("TLS handshake timed out");
+      if (cb_.onHandshake) cb_.onHandshake(why);  // counted as a failed handshake
+      close(why);
     }
     return;
   }
@@ -340,7 +379,18 @@ void H2Session::flush() {
       return;
     }
     if (n == 0) break;
-    Status st = tls_->write(out, static_cast<size_t>(n));
+    // Frames gather as TLS records in the memory BIO and go out in one socket write per
+    // 256 KiB (or at the end of this flush) instead of one write per frame.
+    Status st = tls_->write(out, static_cast<size_t>(n), /*flushNow=*/false);
+    if (st && tls_->pendingCiphertext() >= kFlushBatch) st = tls_->flush();
+    if (!st) {
+      inFlush_ = false;
+      close(st);
+      return;
+    }
+  }
+  if (!closing_) {
+    Status st = tls_->flush();
     if (!st) {
       inFlush_ = false;
       close(st);
@@ -380,6 +430,7 @@ ssize_t H2Session::readData(nghttp2_session*, int32_t streamId, uint8_t* buf, si
     copied += n;
     t->toH2Offset_ += n;
     if (t->toH2Offset_ == front.size()) {
+      if (t->spare_.size() < kSpareChunks) t->spare_.push_back(std::move(front));
       t->toH2_.pop_front();
       t->toH2Offset_ = 0;
     }

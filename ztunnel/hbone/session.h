@@ -81,6 +81,7 @@ class Tunnel {
   uv_tcp_t* tcp_ = nullptr;
   bool reading_ = false;
   std::deque<std::vector<uint8_t>> toH2_;  // TCP bytes waiting to go out as DATA
+  std::vector<std::vector<uint8_t>> spare_;  // drained chunks kept for reuse (no malloc churn)
   size_t toH2Bytes_ = 0;
   size_t toH2Offset_ = 0;  // consumed part of toH2_.front()
   bool tcpEof_ = false;    // TCP peer sent FIN: END_STREAM after toH2_ drains

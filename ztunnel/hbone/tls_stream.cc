@@ -134,12 +134,15 @@ int alpnSelect(SSL*, const unsigned char** out, unsigned char* outlen, const uns
   return SSL_TLSEXT_ERR_ALERT_FATAL;
 }
 
-struct WriteReq {
-  uv_write_t req;
-  std::vector<char> buf;
-};
-
 }  // namespace
+
+// One socket write of ciphertext. Its buffer is kept for reuse by the stream that made it.
+struct TlsWriteReq {
+  uv_write_t req;
+  std::unique_ptr<char[]> data;
+  size_t cap = 0;
+  size_t len = 0;
+};
 
 const char* tlsRefusalName(TlsRefusal r) {
   switch (r) {
@@ -299,6 +302,7 @@ TlsStream::~TlsStream() {
     // else: the pending close callback frees it and sees data == nullptr.
   }
   if (ssl_ != nullptr) SSL_free(ssl_);
+  for (TlsWriteReq* w : spareWrites_) delete w;
 }
 
 Status TlsStream::start() {
@@ -445,7 +449,11 @@ void TlsStream::readPlaintext() {
   }
 }
 
-Status TlsStream::write(const uint8_t* data, size_t len) {
+size_t TlsStream::pendingCiphertext() const {
+  return ssl_ == nullptr ? 0 : BIO_ctrl_pending(SSL_get_wbio(ssl_));
+}
+
+Status TlsStream::write(const uint8_t* data, size_t len, bool flushNow) {
   if (closing_) return Status::error("TLS stream closing");
   if (!established_) return Status::error("TLS write before the handshake completed");
   size_t off = 0;
@@ -455,28 +463,41 @@ Status TlsStream::write(const uint8_t* data, size_t len) {
     if (n <= 0) return Status::error("SSL_write: " + sslErrors());
     off += static_cast<size_t>(n);
   }
-  return flushCiphertext();
+  return flushNow ? flushCiphertext() : Status::ok();
 }
 
 Status TlsStream::flushCiphertext() {
   BIO* wbio = SSL_get_wbio(ssl_);
   size_t pending = BIO_ctrl_pending(wbio);
   if (pending == 0 || tcp_ == nullptr) return Status::ok();
-  auto* w = new WriteReq{};
-  w->buf.resize(pending);
-  int n = BIO_read(wbio, w->buf.data(), static_cast<int>(pending));
+  TlsWriteReq* w = nullptr;
+  if (!spareWrites_.empty()) {
+    w = spareWrites_.back();
+    spareWrites_.pop_back();
+  } else {
+    w = new TlsWriteReq{};
+  }
+  if (w->cap < pending) {
+    w->cap = std::max<size_t>(pending, 64 * 1024);
+    w->data.reset(new char[w->cap]);
+  }
+  int n = BIO_read(wbio, w->data.get(), static_cast<int>(pending));
   if (n <= 0) {
     delete w;
     return Status::error("BIO_read of ciphertext failed");
   }
-  w->buf.resize(static_cast<size_t>(n));
-  uv_buf_t b = uv_buf_init(w->buf.data(), static_cast<unsigned>(n));
+  w->len = static_cast<size_t>(n);
+  uv_buf_t b = uv_buf_init(w->data.get(), static_cast<unsigned>(n));
   int rc = uv_write(&w->req, reinterpret_cast<uv_stream_t*>(tcp_), &b, 1,
                     [](uv_write_t* req, int status) {
-                      auto* wr = reinterpret_cast<WriteReq*>(req);
-                      size_t sz = wr->buf.size();
+                      auto* wr = reinterpret_cast<TlsWriteReq*>(req);
+                      size_t sz = wr->len;
                       auto* self = static_cast<TlsStream*>(req->handle->data);
-                      delete wr;
+                      if (self == nullptr || self->spareWrites_.size() >= kSpareWrites) {
+                        delete wr;
+                      } else {
+                        self->spareWrites_.push_back(wr);
+                      }
                       if (self == nullptr) return;
                       bool wasBlocked = self->writeBlocked();
                       self->queued_ -= sz;

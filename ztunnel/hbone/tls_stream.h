@@ -11,11 +11,14 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/fd.h"
 #include "common/status.h"
 
 namespace weft::hbone {
+
+struct TlsWriteReq;
 
 enum class TlsRole { kClient, kServer };
 
@@ -89,7 +92,12 @@ class TlsStream {
   // Starts reading; the client sends its ClientHello.
   Status start();
   // Encrypts and queues bytes (only after the handshake).
-  Status write(const uint8_t* data, size_t len);
+  // With flushNow false the records stay in the memory BIO until flush(): one socket write for
+  // many HTTP/2 frames.
+  Status write(const uint8_t* data, size_t len, bool flushNow = true);
+  Status flush() { return flushCiphertext(); }
+  // Ciphertext made and not yet handed to libuv.
+  size_t pendingCiphertext() const;
   // Ciphertext handed to libuv and not yet written to the socket.
   size_t queuedBytes() const { return queued_; }
   bool writeBlocked() const { return queued_ >= kWriteBound; }
@@ -106,6 +114,7 @@ class TlsStream {
   TlsRole role() const { return role_; }
 
   static constexpr size_t kWriteBound = 1 << 20;
+  static constexpr size_t kSpareWrites = 2;
 
  private:
   TlsStream() = default;
@@ -131,6 +140,7 @@ class TlsStream {
   std::string verifyError_;
   TlsRefusal refusal_ = TlsRefusal::kNone;
   Status closeStatus_;
+  std::vector<TlsWriteReq*> spareWrites_;  // finished socket writes whose buffers are reused
 };
 
 }  // namespace weft::hbone
