@@ -500,7 +500,8 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
   double hs0 = metric("node1", kClientHandshakes);
   double mtls0 = metric("node1", kOpened,
                         {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}});
-  std::string tag = fmt::format("{:x}", std::chrono::steady_clock::now().time_since_epoch().count());
+  std::string tag =
+      fmt::format("{:x}", std::chrono::steady_clock::now().time_since_epoch().count());
   std::string meshMarker = "WEFT-MESHED-PLAINTEXT-MARKER-" + tag;
   std::string plainMarker = "WEFT-UNMESHED-PLAINTEXT-MARKER-" + tag;
   auto meshed = socatOnce(kMeshClient, kMeshServerIp, kStreamPort, meshMarker + "\n");
