@@ -397,15 +397,18 @@ class MtlsE2E : public ::testing::Test {
   }
 
   // Waits until `node`'s certificate for `identity` has a serial other than the one it has now,
-  // so what follows starts at the beginning of a certificate's life.
-  static bool waitForNextSerial(const std::string& node, const std::string& identity) {
+  // so what follows starts at the beginning of a certificate's life; the new serial, or "".
+  static std::string waitForNextSerial(const std::string& node, const std::string& identity) {
     std::string first = certificateOf(node, identity).value("serial", "");
-    return !first.empty() && eventually(
-                                 [&] {
-                                   auto s = certificateOf(node, identity).value("serial", "");
-                                   return !s.empty() && s != first;
-                                 },
-                                 std::chrono::seconds(3 * kCertTtlSeconds), 100ms);
+    std::string next;
+    bool changed = !first.empty() && eventually(
+                                         [&] {
+                                           next = certificateOf(node, identity)
+                                                      .value("serial", "");
+                                           return !next.empty() && next != first;
+                                         },
+                                         std::chrono::seconds(3 * kCertTtlSeconds), 100ms);
+    return changed ? next : "";
   }
 
   static Json echo(const std::string& pod, const std::string& target, int count,
@@ -442,8 +445,8 @@ class MtlsE2E : public ::testing::Test {
     auto r = cluster_->exec(
         kPlainClient,
         {"sh", "-c",
-         fmt::format("sleep 0.5 | timeout 20 openssl s_client -connect {}:{} -CAfile {} -cert {} "
-                     "-key {} -alpn h2 -tls1_3 2>/dev/null | openssl x509 -noout -serial",
+         fmt::format("timeout 20 openssl s_client -connect {}:{} -CAfile {} -cert {} -key {} "
+                     "-alpn h2 -tls1_3 </dev/null 2>/dev/null | openssl x509 -noout -serial",
                      kMeshServerIp, kHbonePort, simCa_, cert("client.crt"), cert("client.key"))},
         30s);
     *out = r.describe();
@@ -495,8 +498,8 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
 
   // A certificate newer than any pooled HBONE connection: ours makes a fresh one (the pool is
   // keyed by the credentials' serial), so its handshake is in the capture.
-  ASSERT_TRUE(waitForNextSerial("node1", kMeshIdentity)) << "node1's client certificate for "
-                                                         << kMeshIdentity << " did not renew";
+  ASSERT_FALSE(waitForNextSerial("node1", kMeshIdentity).empty())
+      << "node1's client certificate for " << kMeshIdentity << " did not renew";
   double hs0 = metric("node1", kClientHandshakes);
   double mtls0 = metric("node1", kOpened,
                         {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}});
@@ -716,7 +719,7 @@ TEST_F(MtlsE2E, ThousandConnectionsSharePooledHboneConnections) {
   int issued0 = certificateOf("node1", kMeshIdentity).value("issued", -1);
   // Start at the beginning of a certificate's life (every renewal keys a new pool entry), so
   // the run meets as few renewals as it can.
-  ASSERT_TRUE(waitForNextSerial("node1", kMeshIdentity));
+  ASSERT_FALSE(waitForNextSerial("node1", kMeshIdentity).empty());
   auto t0 = std::chrono::steady_clock::now();
   auto j = echo(kMeshClient, fmt::format("{}:{}", kMeshServerIp, kHashPort), kConns, 256, 1, 3,
                 300s);
@@ -796,16 +799,18 @@ TEST_F(MtlsE2E, LongLivedConnectionSurvivesRotationsAndNewOnesGetCurrentCertific
   auto code = socat.wait(15s, &out);
   EXPECT_TRUE(code && *code == 0) << "socat did not end cleanly: " << out;
 
-  // The serial moves every ~2 s: retry while it changed between our two looks.
+  // The serial moves every ~2 s: start right after a renewal, and retry while it changed
+  // between our two looks.
   bool matched = false;
   std::string last;
   for (int i = 0; i < 5 && !matched; ++i) {
-    std::string before = certificateOf("node2", kMeshIdentity).value("serial", "");
+    std::string before = waitForNextSerial("node2", kMeshIdentity);
+    ASSERT_FALSE(before.empty()) << "node2's certificate did not renew";
     std::string served = servedSerial(&out);
     std::string after = certificateOf("node2", kMeshIdentity).value("serial", "");
     ASSERT_FALSE(served.empty()) << "no server certificate from s_client: " << out;
-    last = fmt::format("served {} while node2 reported {} before and {} after", served, before,
-                       after);
+    last = fmt::format("attempt {}: served {} while node2 reported {} before and {} after",
+                       i + 1, served, before, after);
     if (before != after) continue;
     EXPECT_TRUE(sameSerial(served, before)) << last;
     matched = true;
