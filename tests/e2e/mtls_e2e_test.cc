@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cstdlib>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -183,7 +184,10 @@ struct Frame {
   std::vector<std::string> opaqueTypes;   // TLS 1.3 encrypted records' outer type
   std::vector<std::string> handshakeTypes, supportedVersions;
   std::string reassembledIn;
-  std::string raw;
+  bool retransmission = false;
+  uint64_t seq = 0;        // relative
+  std::string payloadHex;  // the TCP payload
+  std::string raw;         // the fields above but the payload, for messages
 };
 
 std::vector<std::string> nonEmpty(const std::string& field) {
@@ -237,6 +241,18 @@ class MtlsE2E : public ::testing::Test {
     }
     simCa_ = (*st)["state_dir"].get<std::string>() + "/ca/ca-cert.pem";
     fabricNetns_ = (*st)["fabric_netns"].get<std::string>();
+    for (auto& n : (*st)["nodes"]) {
+      if (n.value("name", "") == "node2") node2Netns_ = n.value("netns", "");
+    }
+    for (auto& p : (*st)["pods"]) {
+      if (p.value("namespace", "") == "plain" && p.value("name", "") == "client") {
+        plainClientNetns_ = p.value("netns", "");
+      }
+    }
+    if (node2Netns_.empty() || plainClientNetns_.empty()) {
+      setupError_ = "scripts/sim status --json names no netns for node2 or plain/client";
+      return;
+    }
     if (!makeCertificates(&err)) setupError_ = err;
   }
 
@@ -439,21 +455,48 @@ class MtlsE2E : public ::testing::Test {
                o);
   }
 
-  // openssl s_client from plain/client to the mesh server's 15008 with our sim-CA certificate;
-  // the serial of the certificate the server presented ("" when none).
-  static std::string servedSerial(std::string* out) {
-    auto r = cluster_->exec(
-        kPlainClient,
-        {"sh", "-c",
-         fmt::format("timeout 20 openssl s_client -connect {}:{} -CAfile {} -cert {} -key {} "
-                     "-alpn h2 -tls1_3 </dev/null 2>/dev/null | openssl x509 -noout -serial",
-                     kMeshServerIp, kHbonePort, simCa_, cert("client.crt"), cert("client.key"))},
-        30s);
-    *out = r.describe();
-    std::string s = r.out;
-    while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
-    if (r.exitCode != 0 || s.rfind("serial=", 0) != 0) return "";
-    return s.substr(7);
+  // In one host shell, so the three steps take milliseconds, not the seconds of three `sim`
+  // calls (the serial changes every ~2 s): node2's config_dump, openssl s_client from
+  // plain/client's netns to the mesh server's 15008 with our sim-CA certificate, config_dump
+  // again. The serials of kMeshIdentity before and after, and the one the server presented.
+  struct ServedProbe {
+    std::string before, served, after, error;
+  };
+  static ServedProbe probeServedCertificate() {
+    ServedProbe p;
+    std::string d = dir_ + "/probe";
+    std::string dump = fmt::format(
+        "ip netns exec {} curl -sS --max-time 5 http://127.0.0.1:15000/config_dump", node2Netns_);
+    auto r = run({"/bin/sh", "-c",
+                  fmt::format("set -e; mkdir -p {0}; {1} > {0}/before.json; "
+                              "ip netns exec {2} timeout 20 openssl s_client -connect {3}:{4} "
+                              "-CAfile {5} -cert {6} -key {7} -alpn h2 -tls1_3 </dev/null "
+                              "2>/dev/null | openssl x509 -noout -serial > {0}/served.txt; "
+                              "{1} > {0}/after.json",
+                              d, dump, plainClientNetns_, kMeshServerIp, kHbonePort, simCa_,
+                              cert("client.crt"), cert("client.key"))},
+                 withTimeout(60s));
+    if (r.exitCode != 0) {
+      p.error = r.describe();
+      return p;
+    }
+    auto serialIn = [](const std::string& file) -> std::string {
+      auto j = Json::parse(readWhole(file), nullptr, false);
+      if (j.is_discarded() || !j.contains("certificates")) return "";
+      for (auto& c : j["certificates"]) {
+        if (c.value("identity", "") == kMeshIdentity) return c.value("serial", "");
+      }
+      return "";
+    };
+    p.before = serialIn(d + "/before.json");
+    p.after = serialIn(d + "/after.json");
+    std::string served = readWhole(d + "/served.txt");
+    while (!served.empty() && (served.back() == '\n' || served.back() == '\r')) {
+      served.pop_back();
+    }
+    if (served.rfind("serial=", 0) == 0) p.served = served.substr(7);
+    if (p.served.empty()) p.error = "s_client printed no server certificate: " + served;
+    return p;
   }
 
   static inline std::unique_ptr<SimCluster> cluster_;
@@ -462,6 +505,8 @@ class MtlsE2E : public ::testing::Test {
   static inline std::string meshServerLog_;
   static inline std::string simCa_;
   static inline std::string fabricNetns_;
+  static inline std::string node2Netns_;
+  static inline std::string plainClientNetns_;
 };
 
 bool sameSerial(std::string a, std::string b) {
@@ -516,6 +561,13 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
   std::this_thread::sleep_for(500ms);  // the last ACKs and FINs
   stopCapture.stop();
   ASSERT_TRUE(fs::exists(pcap)) << "no capture file; dumpcap said: " << stopCapture.out;
+  std::printf("dumpcap: %s\n", stopCapture.out.c_str());
+  // For a look with Wireshark: WEFT_E2E_KEEP_CAPTURE=DIR keeps a copy (ours goes with dir_).
+  if (const char* keep = std::getenv("WEFT_E2E_KEEP_CAPTURE")) {
+    std::error_code ec;
+    fs::copy_file(pcap, fs::path(keep) / fmt::format("mtls-fabric-{}.pcapng", ::getpid()),
+                  fs::copy_options::overwrite_existing, ec);
+  }
 
   EXPECT_EQ(metric("node1", kOpened,
                    {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}}),
@@ -538,16 +590,17 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
                 "tcp.stream", "-e", "tcp.srcport", "-e", "tcp.dstport", "-e", "tcp.len", "-e",
                 "tcp.flags.syn", "-e", "tcp.flags.ack", "-e", "tls.record.content_type", "-e",
                 "tls.record.opaque_type", "-e", "tls.handshake.type", "-e",
-                "tls.handshake.extensions.supported_version", "-e", "tcp.reassembled_in"},
+                "tls.handshake.extensions.supported_version", "-e", "tcp.reassembled_in", "-e",
+                "tcp.analysis.retransmission", "-e", "tcp.seq", "-e", "tcp.payload"},
                withTimeout(60s));
   ASSERT_EQ(r.exitCode, 0) << r.describe();
   std::vector<Frame> frames;
   for (auto& line : split(r.out, '\n')) {
     if (line.empty()) continue;
     auto f = split(line, '\t');
-    if (f.size() < 15) f.resize(15);
+    if (f.size() < 18) f.resize(18);
     Frame fr;
-    fr.raw = line;
+    fr.raw = fmt::format("{}", fmt::join(f.begin(), f.begin() + 17, "\t"));
     fr.number = f[0], fr.src = f[1], fr.dst = f[2], fr.proto = f[3], fr.stream = f[4];
     fr.srcPort = std::atoi(f[5].c_str()), fr.dstPort = std::atoi(f[6].c_str());
     fr.tcpLen = std::atoi(f[7].c_str());
@@ -555,6 +608,9 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
     fr.contentTypes = nonEmpty(f[10]), fr.opaqueTypes = nonEmpty(f[11]);
     fr.handshakeTypes = nonEmpty(f[12]), fr.supportedVersions = nonEmpty(f[13]);
     fr.reassembledIn = f[14];
+    fr.retransmission = !f[15].empty();
+    fr.seq = std::strtoull(f[16].c_str(), nullptr, 10);
+    fr.payloadHex = f[17];
     frames.push_back(fr);
   }
   ASSERT_FALSE(frames.empty()) << "no frames between " << kMeshClientIp << " and "
@@ -564,6 +620,7 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
     std::vector<std::string> plaintext;  // content types of the unencrypted records, in order
     size_t encrypted = 0;
     bool sawEncrypted = false;
+    std::string bytesHex;  // the byte stream by relative sequence number ('?' = not seen)
   };
   struct Stream {
     bool synSeen = false;
@@ -585,9 +642,22 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
     if (up && fr.syn && !fr.ack) s.synSeen = true;
     Direction& d = up ? s.up : s.down;
     if (fr.tcpLen > 0) {
-      EXPECT_TRUE(!fr.contentTypes.empty() || !fr.opaqueTypes.empty() ||
-                  !fr.reassembledIn.empty())
-          << "payload that is not (part of) a TLS record";
+      ASSERT_EQ(fr.payloadHex.size(), 2u * fr.tcpLen) << "tshark printed no whole payload";
+      size_t at = 2 * fr.seq;
+      if (fr.retransmission) {
+        // tshark does not dissect a retransmission again: it must repeat bytes already seen.
+        EXPECT_EQ(d.bytesHex.substr(std::min(at, d.bytesHex.size()), fr.payloadHex.size()),
+                  fr.payloadHex)
+            << "a retransmission carrying bytes that were not sent before";
+      } else {
+        EXPECT_TRUE(!fr.contentTypes.empty() || !fr.opaqueTypes.empty() ||
+                    !fr.reassembledIn.empty())
+            << "payload that is not (part of) a TLS record";
+        if (d.bytesHex.size() < at + fr.payloadHex.size()) {
+          d.bytesHex.resize(at + fr.payloadHex.size(), '?');
+        }
+        d.bytesHex.replace(at, fr.payloadHex.size(), fr.payloadHex);
+      }
     }
     if (!fr.contentTypes.empty()) {
       // Unencrypted records exist only before the first encrypted one (a frame can carry the
@@ -631,9 +701,11 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
     }
   }
   EXPECT_GE(handshakesSeen, 1) << "no HBONE connection was opened during the capture";
+  size_t retransmissions = std::count_if(frames.begin(), frames.end(),
+                                         [](const Frame& f) { return f.retransmission; });
   std::printf("capture: %zu frames between the meshed pods in %zu TCP connection(s), %d with "
-              "their TLS 1.3 handshake\n",
-              frames.size(), streams.size(), handshakesSeen);
+              "their TLS 1.3 handshake, %zu retransmission(s)\n",
+              frames.size(), streams.size(), handshakesSeen, retransmissions);
 }
 
 // Clients we did not write (python3-h2, Node's http2) and openssl s_client against a meshed
@@ -804,15 +876,14 @@ TEST_F(MtlsE2E, LongLivedConnectionSurvivesRotationsAndNewOnesGetCurrentCertific
   bool matched = false;
   std::string last;
   for (int i = 0; i < 5 && !matched; ++i) {
-    std::string before = waitForNextSerial("node2", kMeshIdentity);
-    ASSERT_FALSE(before.empty()) << "node2's certificate did not renew";
-    std::string served = servedSerial(&out);
-    std::string after = certificateOf("node2", kMeshIdentity).value("serial", "");
-    ASSERT_FALSE(served.empty()) << "no server certificate from s_client: " << out;
+    ASSERT_FALSE(waitForNextSerial("node2", kMeshIdentity).empty())
+        << "node2's certificate did not renew";
+    ServedProbe p = probeServedCertificate();
+    ASSERT_TRUE(p.error.empty()) << p.error;
     last = fmt::format("attempt {}: served {} while node2 reported {} before and {} after",
-                       i + 1, served, before, after);
-    if (before != after) continue;
-    EXPECT_TRUE(sameSerial(served, before)) << last;
+                       i + 1, p.served, p.before, p.after);
+    if (p.before != p.after) continue;
+    EXPECT_TRUE(sameSerial(p.served, p.before)) << last;
     matched = true;
   }
   EXPECT_TRUE(matched) << "node2's serial changed during every attempt: " << last;
