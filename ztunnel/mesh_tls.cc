@@ -290,7 +290,8 @@ nlohmann::json MeshTls::toJson() const {
                              {"bad_400", s.bad400},
                              {"denied_401", s.denied401},
                              {"failed_503", s.failed503}}},
-          {"connections_waiting_for_certificate", pending_inbound_.size()}};
+          // Held connections of both directions (outbound ones wait in the identity manager).
+          {"connections_waiting_for_certificate", identities_.pendingWaits()}};
 }
 
 }  // namespace weft::ztunnel

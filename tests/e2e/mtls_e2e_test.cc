@@ -815,7 +815,7 @@ TEST_F(MtlsE2E, ThousandConnectionsSharePooledHboneConnections) {
   std::printf("pooling: %d connections in %lld ms, %.0f HBONE handshakes, %d certificates "
               "issued for the client identity (from just before the run to its end)\n",
               kConns, static_cast<long long>(ms), hs, issued1 - issued0);
-  EXPECT_LE(hs, 3) << "HBONE handshakes for " << kConns << " sequential connections";
+  EXPECT_LE(hs, 5) << "HBONE handshakes (a handful) for " << kConns << " sequential connections";
   EXPECT_GE(hs, 1);
   // Each certificate version used (the one we waited for, and any renewal during the run) may
   // start one pooled connection (the pool is keyed by it), nothing more.
