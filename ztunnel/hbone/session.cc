@@ -12,6 +12,7 @@ namespace weft::hbone {
 namespace {
 
 constexpr size_t kFlushBatch = 256 * 1024;
+constexpr size_t kStageBatch = 64 * 1024;
 constexpr size_t kChunk = 256 * 1024;  // a tunnel's read buffer chunk
 constexpr size_t kSpareChunks = 2;
 
@@ -379,9 +380,15 @@ void H2Session::flush() {
       return;
     }
     if (n == 0) break;
-    // Frames gather as TLS records in the memory BIO and go out in one socket write per
-    // 256 KiB (or at the end of this flush) instead of one write per frame.
-    Status st = tls_->write(out, static_cast<size_t>(n), /*flushNow=*/false);
+    // Frames are staged and encrypted 64 KiB at a time, so TLS records are full 16 KiB ones
+    // rather than one per frame (a DATA frame is 16 KiB + a 9-byte header); the records gather
+    // in the memory BIO and go out in one socket write per 256 KiB or at the end of this flush.
+    staged_.insert(staged_.end(), out, out + n);
+    Status st;
+    if (staged_.size() >= kStageBatch) {
+      st = tls_->write(staged_.data(), staged_.size(), /*flushNow=*/false);
+      staged_.clear();
+    }
     if (st && tls_->pendingCiphertext() >= kFlushBatch) st = tls_->flush();
     if (!st) {
       inFlush_ = false;
@@ -390,7 +397,12 @@ void H2Session::flush() {
     }
   }
   if (!closing_) {
-    Status st = tls_->flush();
+    Status st;
+    if (!staged_.empty()) {
+      st = tls_->write(staged_.data(), staged_.size(), /*flushNow=*/false);
+      staged_.clear();
+    }
+    if (st) st = tls_->flush();
     if (!st) {
       inFlush_ = false;
       close(st);

@@ -172,6 +172,7 @@ class H2Session {
   void onTlsClosed(const Status& st);
   void cleanup(const Status& why);
   uv_timer_t* timer_ = nullptr;
+  std::vector<uint8_t> staged_;  // HTTP/2 output not yet encrypted (see flush())
   bool closing_ = false;
   bool goingAway_ = false;
   bool inFlush_ = false;
