@@ -199,6 +199,7 @@ std::string KubeSource::target(const Resource& r, bool watch, const std::string&
 }
 
 void KubeSource::fail(Resource& r, const std::string& what) {
+  if (stopping_) return;  // a wait cut short by stop() is not a failure
   std::string msg = "kubernetes " + r.name + ": " + what;
   bool repeated;
   {

@@ -203,7 +203,7 @@ class KubeSourceTest : public ::testing::Test {
     while (std::chrono::steady_clock::now() < deadline) {
       uv_run(&loop_, UV_RUN_NOWAIT);
       if (pred()) return true;
-      std::this_thread::sleep_for(10ms);
+      std::this_thread::sleep_for(20ms);
     }
     uv_run(&loop_, UV_RUN_NOWAIT);
     return pred();
@@ -357,11 +357,12 @@ TEST_F(KubeSourceTest, ErrorEvent410RelistsAndDropsWhatWasDeletedMeanwhile) {
   startSource(options());
   ASSERT_TRUE(source_->waitForSync(5s));
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 1; }));
-  // The server forgets history (compaction), the object goes, the watch breaks: the next watch
+  // The object goes while its event is compacted away, then the watch breaks: the next watch
   // from the old version gets 200 + an ERROR event with a 410 Status, as from a real server.
-  control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "disconnect"}});
-  control("/fixture/delete", {{"kind", "Pod"}, {"namespace", "mesh"}, {"name", "a"}});
+  control("/fixture/delete",
+          {{"kind", "Pod"}, {"namespace", "mesh"}, {"name", "a"}, {"silent", true}});
   control("/fixture/compact");
+  control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "disconnect"}});
   ASSERT_TRUE(runUntil([&] { return stat(kLocal).gone >= 1 && stat(kLocal).lists == 2; }))
       << stat(kLocal).last_error;
   ASSERT_TRUE(runUntil([&] { return !hasPod("mesh/a"); }));
@@ -392,8 +393,10 @@ TEST_F(KubeSourceTest, MalformedEventsAreCountedAndSkippedAndTheWatchContinues) 
       std::string(5000, 'x'),
       std::string(100, '[') + std::string(100, ']'),
   };
+  Json script = Json::array();
   for (const auto& l : lines)
-    control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "line"}, {"text", l}});
+    script.push_back({{"resource", "pods"}, {"selector", kLocalSel}, {"action", "line"}, {"text", l}});
+  control("/fixture/script", script);
   control("/fixture/apply", podObj("mesh", "ok", "node1", "10.244.1.14"));
   ASSERT_TRUE(runUntil([&] { return hasPod("mesh/ok"); }));
   EXPECT_EQ(stat(kLocal).malformed, lines.size());
