@@ -395,7 +395,8 @@ int main(int argc, char** argv) {
                "detach and unpin everything of this instance, then exit");
   CLI11_PARSE(app, argc, argv);
   if (!flags.cleanup && flags.source == "manifests" && flags.manifests.empty()) {
-    std::fprintf(stderr, "--manifests is required (except with --cleanup or --source kubernetes)\n");
+    std::fprintf(stderr,
+                 "--manifests is required (except with --cleanup or --source kubernetes)\n");
     return 2;
   }
   initLogging("agent", flags.log_level, flags.log_json);
