@@ -106,6 +106,7 @@ class KubeSourceTest : public ::testing::Test {
 
   void SetUp() override {
     if (::access(kPython, X_OK) != 0) GTEST_SKIP() << "no " << kPython;
+    if (::access("/usr/bin/curl", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/curl (control API)";
     ASSERT_EQ(uv_loop_init(&loop_), 0);
   }
 
@@ -198,7 +199,7 @@ class KubeSourceTest : public ::testing::Test {
   }
 
   // Runs the loop until pred() or the limit.
-  bool runUntil(const std::function<bool()>& pred, std::chrono::milliseconds limit = 5s) {
+  bool runUntil(const std::function<bool()>& pred, std::chrono::milliseconds limit = 10s) {
     auto deadline = std::chrono::steady_clock::now() + limit;
     while (std::chrono::steady_clock::now() < deadline) {
       uv_run(&loop_, UV_RUN_NOWAIT);
@@ -252,7 +253,7 @@ constexpr const char* kLocalSel = "spec.nodeName=node1";
 TEST_F(KubeSourceTest, ListsThenWatchesIntoTheSameModelAsManifests) {
   startServer(baseObjects());
   startSource(options());
-  ASSERT_TRUE(source_->waitForSync(5s)) << stat(kLocal).last_error;
+  ASSERT_TRUE(source_->waitForSync(10s)) << stat(kLocal).last_error;
   const ClusterModel& m = model();
   ASSERT_EQ(m.namespaces.size(), 2u);
   EXPECT_EQ(m.namespaces.at("mesh").meta.labels.at("weft.dev/dataplane-mode"), "ambient");
@@ -308,7 +309,7 @@ TEST_F(KubeSourceTest, ListIsPaginatedWithContinue) {
   auto o = options();
   o.list_page_size = 3;
   startSource(o);
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   EXPECT_EQ(model().pods.size(), 7u);
   auto lists = podRequests(kLocalSel, false);
   ASSERT_EQ(lists.size(), 3u) << "7 pods in pages of 3";
@@ -318,7 +319,7 @@ TEST_F(KubeSourceTest, ListIsPaginatedWithContinue) {
 TEST_F(KubeSourceTest, DisconnectMidStreamResumesFromTheLastResourceVersion) {
   startServer(baseObjects());
   startSource(options());
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 1; }));
   control("/fixture/apply", podObj("mesh", "c", "node1", "10.244.1.11"));
   ASSERT_TRUE(runUntil([&] { return hasPod("mesh/c"); }));
@@ -339,7 +340,7 @@ TEST_F(KubeSourceTest, DisconnectMidStreamResumesFromTheLastResourceVersion) {
 TEST_F(KubeSourceTest, HttpGoneOnWatchRelists) {
   startServer(baseObjects());
   startSource(options());
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 1; }));
   control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "status"},
                               {"code", 410}, {"verb", "watch"}});
@@ -355,7 +356,7 @@ TEST_F(KubeSourceTest, HttpGoneOnWatchRelists) {
 TEST_F(KubeSourceTest, ErrorEvent410RelistsAndDropsWhatWasDeletedMeanwhile) {
   startServer(baseObjects());
   startSource(options());
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 1; }));
   // The object goes while its event is compacted away, then the watch breaks: the next watch
   // from the old version gets 200 + an ERROR event with a 410 Status, as from a real server.
@@ -377,7 +378,7 @@ TEST_F(KubeSourceTest, MalformedEventsAreCountedAndSkippedAndTheWatchContinues) 
   auto o = options();
   o.max_event_bytes = 4096;
   startSource(o);
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 1; }));
   Json badIp = {{"type", "ADDED"}, {"object", podObj("mesh", "x", "node1", "10.244.1.300")}};
   Json badKind = {{"type", "ADDED"}, {"object", svcObj("mesh", "y", "10.96.0.11")}};
@@ -410,7 +411,7 @@ TEST_F(KubeSourceTest, MalformedEventsAreCountedAndSkippedAndTheWatchContinues) 
 TEST_F(KubeSourceTest, BookmarkMovesTheResourceVersionForTheNextWatch) {
   startServer(baseObjects());
   startSource(options());
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 1; }));
   // Changes elsewhere move the server's version; the bookmark tells this watch.
   control("/fixture/apply", svcObj("mesh", "other", "10.96.0.12"));
@@ -428,7 +429,7 @@ TEST_F(KubeSourceTest, BookmarkMovesTheResourceVersionForTheNextWatch) {
 TEST_F(KubeSourceTest, EventsSplitAcrossChunksAreReassembled) {
   startServer(baseObjects(), "FAKE_APISERVER_FRAGMENT=1");
   startSource(options());
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   control("/fixture/apply", podObj("mesh", "c", "node1", "10.244.1.11"));
   ASSERT_TRUE(runUntil([&] { return hasPod("mesh/c"); }));
   EXPECT_EQ(stat(kLocal).malformed, 0u);
@@ -437,7 +438,7 @@ TEST_F(KubeSourceTest, EventsSplitAcrossChunksAreReassembled) {
 TEST_F(KubeSourceTest, PodsWithoutAddressFinishedOrHostNetworkStayOutOfTheModel) {
   startServer(baseObjects());
   startSource(options());
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   Json pending = podObj("mesh", "p", "node1", "10.244.1.15");
   pending["status"] = {{"phase", "Pending"}};
   control("/fixture/apply", pending);
@@ -469,7 +470,7 @@ TEST_F(KubeSourceTest, WrongTokenFailsNamingTheResourceUntilTheFileIsFixed) {
   EXPECT_NE(s.last_error.find("kubernetes namespaces: list: HTTP 401"), std::string::npos)
       << s.last_error;
   writeFile(o.config.token_file, kToken);  // rotated: read again on the next connect
-  EXPECT_TRUE(source_->waitForSync(5s));
+  EXPECT_TRUE(source_->waitForSync(10s));
 }
 
 TEST_F(KubeSourceTest, ServerNotSignedByTheClusterCaIsRefused) {
@@ -486,7 +487,7 @@ TEST_F(KubeSourceTest, ServerNotSignedByTheClusterCaIsRefused) {
 TEST_F(KubeSourceTest, StopsPromptlyWhileWatching) {
   startServer(baseObjects());
   startSource(options());
-  ASSERT_TRUE(source_->waitForSync(5s));
+  ASSERT_TRUE(source_->waitForSync(10s));
   auto t0 = std::chrono::steady_clock::now();
   source_->stop();
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 1s);
