@@ -138,8 +138,8 @@ Result<std::unique_ptr<HttpsConnection>> HttpsConnection::connect(
   std::string host_header = cfg.host.find(':') != std::string::npos
                                 ? "[" + cfg.host + "]:" + std::to_string(cfg.port)
                                 : cfg.host + ":" + std::to_string(cfg.port);
-  std::unique_ptr<HttpsConnection> conn(new HttpsConnection(
-      std::move(sock.value()), ctx, ssl, wake_fd, std::move(host_header)));
+  std::unique_ptr<HttpsConnection> conn(
+      new HttpsConnection(std::move(sock.value()), ctx, ssl, wake_fd, std::move(host_header)));
   X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
   if (isIpLiteral(cfg.host)) {
     if (X509_VERIFY_PARAM_set1_ip_asc(param, cfg.host.c_str()) != 1)
@@ -159,7 +159,10 @@ Result<std::unique_ptr<HttpsConnection>> HttpsConnection::connect(
 
 HttpsConnection::HttpsConnection(UniqueFd fd, SSL_CTX* ctx, SSL* ssl, int wake_fd,
                                  std::string host_header)
-    : fd_(std::move(fd)), ctx_(ctx), ssl_(ssl), wake_fd_(wake_fd),
+    : fd_(std::move(fd)),
+      ctx_(ctx),
+      ssl_(ssl),
+      wake_fd_(wake_fd),
       host_header_(std::move(host_header)) {}
 
 HttpsConnection::~HttpsConnection() {
@@ -178,8 +181,7 @@ Status HttpsConnection::handshake(Clock::time_point deadline) {
     if (rc == 1) return Status::ok();
     int err = SSL_get_error(ssl_, rc);
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-      if (Status s = waitFor(err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, deadline); !s)
-        return s;
+      if (Status s = waitFor(err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, deadline); !s) return s;
       continue;
     }
     long verify = SSL_get_verify_result(ssl_);
@@ -382,8 +384,7 @@ Result<bool> HttpsConnection::fillBody(Clock::time_point deadline) {
   return true;
 }
 
-Result<std::string> HttpsConnection::readBody(size_t max_bytes,
-                                              std::chrono::milliseconds timeout) {
+Result<std::string> HttpsConnection::readBody(size_t max_bytes, std::chrono::milliseconds timeout) {
   const auto deadline = Clock::now() + timeout;
   for (;;) {
     if (body_.size() > max_bytes) return Status::errorf("body larger than {} bytes", max_bytes);

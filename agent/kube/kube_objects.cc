@@ -10,9 +10,12 @@ using Json = nlohmann::json;
 
 const char* kindName(ResourceKind kind) {
   switch (kind) {
-    case ResourceKind::kNamespace: return "Namespace";
-    case ResourceKind::kPod: return "Pod";
-    case ResourceKind::kService: return "Service";
+    case ResourceKind::kNamespace:
+      return "Namespace";
+    case ResourceKind::kPod:
+      return "Pod";
+    case ResourceKind::kService:
+      return "Service";
   }
   return "?";
 }
@@ -23,12 +26,16 @@ Result<nlohmann::json> parseJson(std::string_view text, int max_depth) {
   bool in_string = false, escaped = false;
   for (char c : text) {
     if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
       continue;
     }
-    if (c == '"') in_string = true;
+    if (c == '"')
+      in_string = true;
     else if (c == '{' || c == '[') {
       if (++depth > max_depth) return Status::errorf("JSON nested deeper than {}", max_depth);
     } else if (c == '}' || c == ']') {
@@ -43,16 +50,19 @@ Result<nlohmann::json> parseJson(std::string_view text, int max_depth) {
 Result<YAML::Node> jsonToYaml(const Json& j, int max_depth) {
   if (max_depth <= 0) return Status::error("JSON nested too deeply");
   switch (j.type()) {
-    case Json::value_t::null: return YAML::Node(YAML::NodeType::Null);
+    case Json::value_t::null:
+      return YAML::Node(YAML::NodeType::Null);
     case Json::value_t::string: {
       YAML::Node n(j.get<std::string>());
       n.SetTag("!");
       return n;
     }
-    case Json::value_t::boolean: return YAML::Node(j.get<bool>() ? "true" : "false");
+    case Json::value_t::boolean:
+      return YAML::Node(j.get<bool>() ? "true" : "false");
     case Json::value_t::number_integer:
     case Json::value_t::number_unsigned:
-    case Json::value_t::number_float: return YAML::Node(j.dump());
+    case Json::value_t::number_float:
+      return YAML::Node(j.dump());
     case Json::value_t::array: {
       YAML::Node n(YAML::NodeType::Sequence);
       for (const Json& e : j) {
@@ -71,7 +81,8 @@ Result<YAML::Node> jsonToYaml(const Json& j, int max_depth) {
       }
       return n;
     }
-    default: return Status::error("unsupported JSON value");
+    default:
+      return Status::error("unsupported JSON value");
   }
 }
 
@@ -141,8 +152,7 @@ Result<std::optional<ModelObject>> toModelObject(ResourceKind kind, const Json& 
   if (kind == ResourceKind::kPod) {
     // Objects a real cluster has that the model has no place for: not an error, not in force.
     const Json* phase = path(object, {"status", "phase"});
-    if (phase && phase->is_string() &&
-        (*phase == "Succeeded" || *phase == "Failed"))
+    if (phase && phase->is_string() && (*phase == "Succeeded" || *phase == "Failed"))
       return std::optional<ModelObject>();  // finished: its IPs may already be someone else's
     const Json* host_net = path(object, {"spec", "hostNetwork"});
     if (host_net && host_net->is_boolean() && host_net->get<bool>())
@@ -186,12 +196,18 @@ Result<WatchEvent> parseWatchEvent(std::string_view line) {
   if (type == j->end() || !type->is_string()) return Status::error("watch event: type: required");
   WatchEvent ev;
   const std::string t = type->get<std::string>();
-  if (t == "ADDED") ev.type = WatchEventType::kAdded;
-  else if (t == "MODIFIED") ev.type = WatchEventType::kModified;
-  else if (t == "DELETED") ev.type = WatchEventType::kDeleted;
-  else if (t == "BOOKMARK") ev.type = WatchEventType::kBookmark;
-  else if (t == "ERROR") ev.type = WatchEventType::kError;
-  else return Status::errorf("watch event: type: unknown \"{}\"", t.substr(0, 40));
+  if (t == "ADDED")
+    ev.type = WatchEventType::kAdded;
+  else if (t == "MODIFIED")
+    ev.type = WatchEventType::kModified;
+  else if (t == "DELETED")
+    ev.type = WatchEventType::kDeleted;
+  else if (t == "BOOKMARK")
+    ev.type = WatchEventType::kBookmark;
+  else if (t == "ERROR")
+    ev.type = WatchEventType::kError;
+  else
+    return Status::errorf("watch event: type: unknown \"{}\"", t.substr(0, 40));
   auto obj = j->find("object");
   if (obj == j->end() || !obj->is_object())
     return Status::error("watch event: object: required, a JSON object");

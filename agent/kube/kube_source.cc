@@ -49,11 +49,16 @@ std::string urlEncode(const std::string& s) {
 
 const char* eventName(WatchEventType t) {
   switch (t) {
-    case WatchEventType::kAdded: return "ADDED";
-    case WatchEventType::kModified: return "MODIFIED";
-    case WatchEventType::kDeleted: return "DELETED";
-    case WatchEventType::kBookmark: return "BOOKMARK";
-    case WatchEventType::kError: return "ERROR";
+    case WatchEventType::kAdded:
+      return "ADDED";
+    case WatchEventType::kModified:
+      return "MODIFIED";
+    case WatchEventType::kDeleted:
+      return "DELETED";
+    case WatchEventType::kBookmark:
+      return "BOOKMARK";
+    case WatchEventType::kError:
+      return "ERROR";
   }
   return "?";
 }
@@ -77,7 +82,8 @@ std::string describeErrorResponse(HttpsConnection& conn, const ResponseHead& hea
 Result<KubeSourcePtr> KubeSource::create(uv_loop_t* loop, KubeSourceOptions options) {
   KubeSourcePtr src(new KubeSource(loop, std::move(options)));
   int fds[2];
-  if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return Status::errorf("pipe: {}", errnoText(errno));
+  if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0)
+    return Status::errorf("pipe: {}", errnoText(errno));
   src->stop_read_.reset(fds[0]);
   src->stop_write_.reset(fds[1]);
   int rc = src->async_.init(uv_async_init(loop, src->async_.get(), [](uv_async_t* a) {
@@ -111,7 +117,9 @@ KubeSource::KubeSource(uv_loop_t* loop, KubeSourceOptions options)
         "spec.nodeName!=" + options_.node_name);
 }
 
-KubeSource::~KubeSource() { stop(); }
+KubeSource::~KubeSource() {
+  stop();
+}
 
 void KubeSource::start() {
   if (!threads_.empty()) return;
@@ -168,9 +176,12 @@ bool KubeSource::refresh() {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& r : resources_) {
       for (const auto& [key, obj] : r->store) {
-        if (auto* ns = std::get_if<Namespace>(&obj)) m.namespaces[key] = *ns;
-        else if (auto* pod = std::get_if<Pod>(&obj)) m.pods[key] = *pod;
-        else if (auto* svc = std::get_if<Service>(&obj)) m.services[key] = *svc;
+        if (auto* ns = std::get_if<Namespace>(&obj))
+          m.namespaces[key] = *ns;
+        else if (auto* pod = std::get_if<Pod>(&obj))
+          m.pods[key] = *pod;
+        else if (auto* svc = std::get_if<Service>(&obj))
+          m.services[key] = *svc;
       }
     }
   }
@@ -209,8 +220,10 @@ void KubeSource::fail(Resource& r, const std::string& what) {
     r.stats.last_error = msg;
   }
   // The same failure every backoff step is logged once at warn.
-  if (repeated) spdlog::debug("{}", msg);
-  else spdlog::warn("{}", msg);
+  if (repeated)
+    spdlog::debug("{}", msg);
+  else
+    spdlog::warn("{}", msg);
 }
 
 void KubeSource::sleepBackoff(Resource& r, std::chrono::milliseconds& backoff) {
@@ -242,7 +255,8 @@ void KubeSource::run(Resource& r) {
     auto began = std::chrono::steady_clock::now();
     bool ok = watch(r, token.value());
     if (stopping_) break;
-    if (!ok || (!r.need_list && std::chrono::steady_clock::now() - began < std::chrono::seconds(1))) {
+    if (!ok ||
+        (!r.need_list && std::chrono::steady_clock::now() - began < std::chrono::seconds(1))) {
       // A failed watch, or one the server ended at once: wait before the next.
       sleepBackoff(r, backoff);
     } else {
@@ -262,8 +276,8 @@ bool KubeSource::list(Resource& r, const std::string& token) {
   uint64_t malformed = 0;
   int restarts = 0;
   for (int page = 0; page < 100000; page++) {
-    auto conn = HttpsConnection::connect(options_.config, stop_read_.get(),
-                                         options_.connect_timeout);
+    auto conn =
+        HttpsConnection::connect(options_.config, stop_read_.get(), options_.connect_timeout);
     if (!conn) {
       fail(r, "list: " + conn.status().message());
       return false;
@@ -308,8 +322,7 @@ bool KubeSource::list(Resource& r, const std::string& token) {
         malformed++;
         auto old = previous.find(key.value());
         spdlog::warn("kubernetes {}: list item rejected ({}): {}", r.name,
-                     old != previous.end() ? "its last good version stays in force"
-                                           : "not applied",
+                     old != previous.end() ? "its last good version stays in force" : "not applied",
                      obj.status().message());
         if (old != previous.end()) fresh[key.value()] = old->second;
         continue;
@@ -335,8 +348,7 @@ bool KubeSource::list(Resource& r, const std::string& token) {
     r.stats.objects = r.store.size();
   }
   synced_cv_.notify_all();
-  spdlog::info("kubernetes {}: listed {} objects at resourceVersion {}", r.name,
-               fresh_count, rv);
+  spdlog::info("kubernetes {}: listed {} objects at resourceVersion {}", r.name, fresh_count, rv);
   r.rv = rv;
   r.need_list = false;
   notifyLoop();
@@ -373,8 +385,10 @@ bool KubeSource::applyEvent(Resource& r, WatchEventType type, const Json& object
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (obj) r.store[key.value()] = std::move(*obj);
-    else r.store.erase(key.value());
+    if (obj)
+      r.store[key.value()] = std::move(*obj);
+    else
+      r.store.erase(key.value());
     r.stats.events++;
     r.stats.resource_version = r.rv;
     r.stats.objects = r.store.size();
@@ -386,8 +400,7 @@ bool KubeSource::applyEvent(Resource& r, WatchEventType type, const Json& object
 }
 
 bool KubeSource::watch(Resource& r, const std::string& token) {
-  auto conn = HttpsConnection::connect(options_.config, stop_read_.get(),
-                                       options_.connect_timeout);
+  auto conn = HttpsConnection::connect(options_.config, stop_read_.get(), options_.connect_timeout);
   if (!conn) {
     fail(r, "watch: " + conn.status().message());
     return false;

@@ -36,29 +36,29 @@ struct KubeSourceOptions {
   // Other nodes' pods: the ztunnel needs every mesh workload of the cluster (its node, identity
   // and addresses) to reach it over HBONE. Off = this node's pods only.
   bool remote_pods = true;
-  uint32_t list_page_size = 500;               // ?limit= of each list request
-  size_t max_event_bytes = 4 * 1024 * 1024;    // one watch line (one object, with its envelope)
+  uint32_t list_page_size = 500;             // ?limit= of each list request
+  size_t max_event_bytes = 4 * 1024 * 1024;  // one watch line (one object, with its envelope)
   size_t max_list_page_bytes = 64 * 1024 * 1024;
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds list_timeout{60000};
-  uint32_t watch_timeout_s = 300;              // ?timeoutSeconds=; the server ends the watch
+  uint32_t watch_timeout_s = 300;  // ?timeoutSeconds=; the server ends the watch
   std::chrono::milliseconds backoff_initial{250};
   std::chrono::milliseconds backoff_max{30000};
 };
 
 // Counters and state of one watched resource (admin API, logs, tests).
 struct KubeResourceStats {
-  std::string name;  // "namespaces", "services", "pods (node X)", "pods (other nodes)"
+  std::string name;     // "namespaces", "services", "pods (node X)", "pods (other nodes)"
   bool synced = false;  // a full list has been applied at least once
   std::string resource_version;
-  uint64_t lists = 0;          // completed lists (each re-list included)
-  uint64_t watches = 0;        // watch requests answered 200
-  uint64_t events = 0;         // ADDED/MODIFIED/DELETED applied
+  uint64_t lists = 0;    // completed lists (each re-list included)
+  uint64_t watches = 0;  // watch requests answered 200
+  uint64_t events = 0;   // ADDED/MODIFIED/DELETED applied
   uint64_t bookmarks = 0;
-  uint64_t gone = 0;           // 410 Gone (HTTP or ERROR event): re-listed
-  uint64_t malformed = 0;      // events or list items skipped
-  uint64_t errors = 0;         // failed requests / broken streams (then backoff)
-  uint64_t objects = 0;        // in the store now (in the model)
+  uint64_t gone = 0;       // 410 Gone (HTTP or ERROR event): re-listed
+  uint64_t malformed = 0;  // events or list items skipped
+  uint64_t errors = 0;     // failed requests / broken streams (then backoff)
+  uint64_t objects = 0;    // in the store now (in the model)
   std::string last_error;
 };
 

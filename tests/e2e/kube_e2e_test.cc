@@ -1,6 +1,8 @@
 // End-to-end with the Kubernetes API source: a 2-node sim whose agents list+watch the fake API
 // server (tests/fixtures/kube/fake_apiserver.py, `scripts/sim up --kube-api fake`) instead of
 // reading the manifest directory; pods reach the agents as watch events, then get enrolled.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -8,11 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <thread>
-
-#include <fmt/format.h>
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "tests/e2e/sim_cluster.h"
 
@@ -23,7 +22,7 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using Json = nlohmann::json;
 
-constexpr const char* kClient = "mesh/client";  // node1
+constexpr const char* kClient = "mesh/client";    // node1
 constexpr const char* kServerIp = "10.244.2.40";  // mesh/server, node2
 constexpr int kPort = 8080;
 
@@ -62,8 +61,8 @@ class KubeE2E : public ::testing::Test {
     PodSpec server;
     server.ns = "mesh", server.name = "server", server.node = "node2";
     server.ip4 = kServerIp, server.ip6 = "fd00:10:244:2::40";
-    server.command = fmt::format("{} --port {} --log-peers {}/server.log", echoServerPath(),
-                                 kPort, logDir_);
+    server.command =
+        fmt::format("{} --port {} --log-peers {}/server.log", echoServerPath(), kPort, logDir_);
     server.labels = {{"app", "server"}};
     std::string err;
     bool up = cluster_->up(2,
@@ -133,15 +132,14 @@ class KubeE2E : public ::testing::Test {
 
   static double opened(const std::string& node, const std::string& reporter) {
     auto m = cluster_->metrics(node);
-    return m ? sumSamples(*m, "istio_tcp_connections_opened_total", {{"reporter", reporter}})
-             : -1;
+    return m ? sumSamples(*m, "istio_tcp_connections_opened_total", {{"reporter", reporter}}) : -1;
   }
 
   static Json echo(int count, int seed) {
-    auto r = cluster_->exec(kClient, {echoClientPath(), "--target",
-                                      fmt::format("{}:{}", kServerIp, kPort), "--count",
-                                      std::to_string(count), "--max-bytes", "4096",
-                                      "--concurrency", "1", "--seed", std::to_string(seed)},
+    auto r = cluster_->exec(kClient,
+                            {echoClientPath(), "--target", fmt::format("{}:{}", kServerIp, kPort),
+                             "--count", std::to_string(count), "--max-bytes", "4096",
+                             "--concurrency", "1", "--seed", std::to_string(seed)},
                             60s);
     auto j = Json::parse(r.out, nullptr, false);
     if (!j.is_object()) return Json{{"error", r.describe()}, {"ok", -1}};

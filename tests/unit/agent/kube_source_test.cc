@@ -1,11 +1,12 @@
 // The Kubernetes API source against tests/fixtures/kube/fake_apiserver.py on loopback (HTTPS with
 // a CA made here by the openssl CLI): list+watch, pagination, bookmarks, 410 Gone both ways,
 // disconnects, malformed events, auth and certificate failures; plus the pure conversions.
+#include "agent/kube/kube_source.h"
+
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 #include <uv.h>
 
 #include <chrono>
@@ -19,7 +20,6 @@
 
 #include "agent/kube/kube_config.h"
 #include "agent/kube/kube_objects.h"
-#include "agent/kube/kube_source.h"
 
 namespace weft::agent::kube {
 namespace {
@@ -31,9 +31,13 @@ using Json = nlohmann::json;
 constexpr const char* kToken = "test-token-0123456789";
 constexpr const char* kPython = "/usr/bin/python3";
 
-std::string fixturePath() { return std::string(WEFT_SOURCE_DIR) + "/tests/fixtures/kube/fake_apiserver.py"; }
+std::string fixturePath() {
+  return std::string(WEFT_SOURCE_DIR) + "/tests/fixtures/kube/fake_apiserver.py";
+}
 
-int sh(const std::string& cmd) { return std::system(cmd.c_str()); }
+int sh(const std::string& cmd) {
+  return std::system(cmd.c_str());
+}
 
 std::string slurp(const std::string& path) {
   std::ifstream in(path);
@@ -65,15 +69,15 @@ Json podObj(const std::string& ns, const std::string& name, const std::string& n
 }
 
 Json svcObj(const std::string& ns, const std::string& name, const std::string& vip) {
-  return {{"kind", "Service"},
-          {"apiVersion", "v1"},
-          {"metadata", {{"name", name}, {"namespace", ns}}},
-          {"spec",
-           {{"selector", {{"app", name}}},
-            {"clusterIP", vip},
-            {"clusterIPs", {vip}},
-            {"ports", {{{"name", "http"}, {"port", 80}, {"targetPort", 8080},
-                        {"protocol", "TCP"}}}}}}};
+  return {
+      {"kind", "Service"},
+      {"apiVersion", "v1"},
+      {"metadata", {{"name", name}, {"namespace", ns}}},
+      {"spec",
+       {{"selector", {{"app", name}}},
+        {"clusterIP", vip},
+        {"clusterIPs", {vip}},
+        {"ports", {{{"name", "http"}, {"port", 80}, {"targetPort", 8080}, {"protocol", "TCP"}}}}}}};
 }
 
 // Certificates, token and objects shared by the suite.
@@ -86,7 +90,8 @@ class KubeSourceTest : public ::testing::Test {
     const std::string d = dir_;
     // A CA, a server certificate for 127.0.0.1 signed by it, and an unrelated CA.
     std::string cmd =
-        "cd " + d + " && "
+        "cd " + d +
+        " && "
         "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 "
         "-subj /CN=test-kube-ca -keyout ca.key -out ca.crt >/dev/null 2>&1 && "
         "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
@@ -131,20 +136,20 @@ class KubeSourceTest : public ::testing::Test {
     pid_ = ::fork();
     ASSERT_GE(pid_, 0);
     if (pid_ == 0) {
-      if (!env.empty()) ::setenv(env.substr(0, env.find('=')).c_str(),
-                                 env.substr(env.find('=') + 1).c_str(), 1);
+      if (!env.empty())
+        ::setenv(env.substr(0, env.find('=')).c_str(), env.substr(env.find('=') + 1).c_str(), 1);
       std::string log = dir_ + "/server.log";
       FILE* f = std::freopen(log.c_str(), "a", stderr);
       (void)f;
       ::execl(kPython, kPython, fixturePath().c_str(), "--listen", "127.0.0.1:0", "--cert",
-              (dir_ + "/server.crt").c_str(), "--key", (dir_ + "/server.key").c_str(),
-              "--token", kToken, "--objects", objFile.c_str(), "--port-file", portFile.c_str(),
+              (dir_ + "/server.crt").c_str(), "--key", (dir_ + "/server.key").c_str(), "--token",
+              kToken, "--objects", objFile.c_str(), "--port-file", portFile.c_str(),
               (char*)nullptr);
       ::_exit(127);
     }
     for (int i = 0; i < 200 && !fs::exists(portFile); i++) std::this_thread::sleep_for(25ms);
-    ASSERT_TRUE(fs::exists(portFile)) << "fake apiserver did not start: "
-                                      << slurp(dir_ + "/server.log");
+    ASSERT_TRUE(fs::exists(portFile))
+        << "fake apiserver did not start: " << slurp(dir_ + "/server.log");
     port_ = std::stoi(slurp(portFile));
   }
 
@@ -160,10 +165,11 @@ class KubeSourceTest : public ::testing::Test {
   Json control(const std::string& path, const Json& body = Json::object()) {
     const std::string bodyFile = dir_ + "/body.json";
     writeFile(bodyFile, body.dump());
-    std::string cmd = "curl -sS --max-time 10 --cacert " + dir_ + "/ca.crt -H 'Authorization: Bearer " +
-                      kToken + "' " + (path.rfind("GET ", 0) == 0 ? "" : "-X POST --data-binary @" + bodyFile + " ") +
-                      "https://127.0.0.1:" + std::to_string(port_) +
-                      (path.rfind("GET ", 0) == 0 ? path.substr(4) : path);
+    std::string cmd =
+        "curl -sS --max-time 10 --cacert " + dir_ + "/ca.crt -H 'Authorization: Bearer " + kToken +
+        "' " + (path.rfind("GET ", 0) == 0 ? "" : "-X POST --data-binary @" + bodyFile + " ") +
+        "https://127.0.0.1:" + std::to_string(port_) +
+        (path.rfind("GET ", 0) == 0 ? path.substr(4) : path);
     FILE* p = ::popen(cmd.c_str(), "r");
     std::string out;
     char buf[4096];
@@ -285,9 +291,11 @@ TEST_F(KubeSourceTest, ListsThenWatchesIntoTheSameModelAsManifests) {
   control("/fixture/apply", podObj("mesh", "c", "node1", "10.244.1.11"));
   ASSERT_TRUE(runUntil([&] { return hasPod("mesh/c"); }));
   EXPECT_GT(changes_, 0);
-  control("/fixture/apply", podObj("mesh", "c", "node1", "10.244.1.11", {{"weft.dev/dataplane-mode", "none"}}));
+  control("/fixture/apply",
+          podObj("mesh", "c", "node1", "10.244.1.11", {{"weft.dev/dataplane-mode", "none"}}));
   ASSERT_TRUE(runUntil([&] {
-    return hasPod("mesh/c") && model().pods.at("mesh/c").meta.labels.count("weft.dev/dataplane-mode");
+    return hasPod("mesh/c") &&
+           model().pods.at("mesh/c").meta.labels.count("weft.dev/dataplane-mode");
   }));
   EXPECT_FALSE(meshEnrolledByLabels(model(), model().pods.at("mesh/c")));
   control("/fixture/delete", {{"kind", "Pod"}, {"namespace", "mesh"}, {"name", "c"}});
@@ -304,7 +312,8 @@ TEST_F(KubeSourceTest, ListsThenWatchesIntoTheSameModelAsManifests) {
 TEST_F(KubeSourceTest, ListIsPaginatedWithContinue) {
   Json objs = Json::array({nsObj("mesh", true)});
   for (int i = 0; i < 7; i++)
-    objs.push_back(podObj("mesh", "p" + std::to_string(i), "node1", "10.244.1." + std::to_string(20 + i)));
+    objs.push_back(
+        podObj("mesh", "p" + std::to_string(i), "node1", "10.244.1." + std::to_string(20 + i)));
   startServer(objs);
   auto o = options();
   o.list_page_size = 3;
@@ -324,7 +333,8 @@ TEST_F(KubeSourceTest, DisconnectMidStreamResumesFromTheLastResourceVersion) {
   control("/fixture/apply", podObj("mesh", "c", "node1", "10.244.1.11"));
   ASSERT_TRUE(runUntil([&] { return hasPod("mesh/c"); }));
   const std::string rvAfterC = stat(kLocal).resource_version;
-  control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "disconnect"}});
+  control("/fixture/script",
+          {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "disconnect"}});
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 2; }))
       << "no new watch after the disconnect";
   EXPECT_EQ(podRequests(kLocalSel, true)[1].value("resourceVersion", ""), rvAfterC)
@@ -342,8 +352,11 @@ TEST_F(KubeSourceTest, HttpGoneOnWatchRelists) {
   startSource(options());
   ASSERT_TRUE(source_->waitForSync(10s));
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 1; }));
-  control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "status"},
-                              {"code", 410}, {"verb", "watch"}});
+  control("/fixture/script", {{"resource", "pods"},
+                              {"selector", kLocalSel},
+                              {"action", "status"},
+                              {"code", 410},
+                              {"verb", "watch"}});
   control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "end"}});
   ASSERT_TRUE(runUntil([&] { return stat(kLocal).lists == 2; })) << stat(kLocal).last_error;
   EXPECT_EQ(stat(kLocal).gone, 1u);
@@ -363,7 +376,8 @@ TEST_F(KubeSourceTest, ErrorEvent410RelistsAndDropsWhatWasDeletedMeanwhile) {
   control("/fixture/delete",
           {{"kind", "Pod"}, {"namespace", "mesh"}, {"name", "a"}, {"silent", true}});
   control("/fixture/compact");
-  control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "disconnect"}});
+  control("/fixture/script",
+          {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "disconnect"}});
   ASSERT_TRUE(runUntil([&] { return stat(kLocal).gone >= 1 && stat(kLocal).lists == 2; }))
       << stat(kLocal).last_error;
   ASSERT_TRUE(runUntil([&] { return !hasPod("mesh/a"); }));
@@ -382,7 +396,8 @@ TEST_F(KubeSourceTest, MalformedEventsAreCountedAndSkippedAndTheWatchContinues) 
   ASSERT_TRUE(runUntil([&] { return podRequests(kLocalSel, true).size() == 1; }));
   Json badIp = {{"type", "ADDED"}, {"object", podObj("mesh", "x", "node1", "10.244.1.300")}};
   Json badKind = {{"type", "ADDED"}, {"object", svcObj("mesh", "y", "10.96.0.11")}};
-  Json goodButModifiedBad = {{"type", "MODIFIED"}, {"object", podObj("mesh", "a", "node1", "nope")}};
+  Json goodButModifiedBad = {{"type", "MODIFIED"},
+                             {"object", podObj("mesh", "a", "node1", "nope")}};
   std::vector<std::string> lines = {
       "this is not json",
       R"({"type": "ADDED"})",
@@ -396,7 +411,8 @@ TEST_F(KubeSourceTest, MalformedEventsAreCountedAndSkippedAndTheWatchContinues) 
   };
   Json script = Json::array();
   for (const auto& l : lines)
-    script.push_back({{"resource", "pods"}, {"selector", kLocalSel}, {"action", "line"}, {"text", l}});
+    script.push_back(
+        {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "line"}, {"text", l}});
   control("/fixture/script", script);
   control("/fixture/apply", podObj("mesh", "ok", "node1", "10.244.1.14"));
   ASSERT_TRUE(runUntil([&] { return hasPod("mesh/ok"); }));
@@ -418,7 +434,8 @@ TEST_F(KubeSourceTest, BookmarkMovesTheResourceVersionForTheNextWatch) {
   control("/fixture/apply", svcObj("mesh", "other2", "10.96.0.13"));
   Json st = control("GET /fixture/state");
   const std::string serverRv = std::to_string(st["resourceVersion"].get<int>());
-  control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "bookmark"}});
+  control("/fixture/script",
+          {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "bookmark"}});
   ASSERT_TRUE(runUntil([&] { return stat(kLocal).bookmarks == 1; }));
   EXPECT_EQ(stat(kLocal).resource_version, serverRv);
   control("/fixture/script", {{"resource", "pods"}, {"selector", kLocalSel}, {"action", "end"}});
