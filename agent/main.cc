@@ -16,6 +16,7 @@
 #include "agent/bpf/dataplane.h"
 #include "agent/cni_server.h"
 #include "agent/enrollment.h"
+#include "agent/kube/kube_source.h"
 #include "agent/manifests.h"
 #include "agent/node_server.h"
 #include "agent/pod_store.h"
@@ -53,7 +54,13 @@ Result<std::string> defaultCgroupRoot() {
 
 struct Flags {
   std::string node;
+  std::string source = "manifests";  // or "kubernetes"
   std::string manifests;
+  std::string kube_api_server;  // default https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT
+  std::string kube_token_file;
+  std::string kube_ca_file;
+  bool kube_remote_pods = true;
+  uint64_t kube_sync_timeout_s = 120;
   std::string cgroup_root;
   std::string bpf_pin_dir;
   std::string ztunnel_socket = "/var/run/weft/ztunnel.sock";
@@ -155,9 +162,50 @@ int run(const Flags& flags) {
   }
   int exit_code = 0;
   {
-    ManifestSource manifests(flags.manifests);
-    manifests.rescan();
-    for (const auto& e : manifests.errors()) spdlog::warn("config error: {}", e);
+    // The cluster source: a manifest directory, or the Kubernetes API (its reflector threads
+    // hand complete models to this loop; see agent/kube/kube_source.h).
+    std::unique_ptr<ManifestSource> manifests;
+    kube::KubeSourcePtr kube_source;
+    if (flags.source == "kubernetes") {
+      kube::KubeConfigFlags kf{flags.kube_api_server, flags.kube_token_file, flags.kube_ca_file};
+      auto cfg = kube::loadKubeConfig(kf);
+      if (!cfg) {
+        spdlog::error("kubernetes source: {}", cfg.status().message());
+        uv_loop_close(&loop);
+        return 1;
+      }
+      kube::KubeSourceOptions ko;
+      ko.config = cfg.value();
+      ko.node_name = flags.node;
+      ko.remote_pods = flags.kube_remote_pods;
+      auto created = kube::KubeSource::create(&loop, ko);
+      if (!created) {
+        spdlog::error("kubernetes source: {}", created.status().message());
+        uv_loop_close(&loop);
+        return 1;
+      }
+      kube_source = std::move(created.value());
+      kube_source->start();
+      spdlog::info("kubernetes source: https://{}:{}, waiting for the first list of every "
+                   "resource (at most {} s)", ko.config.host, ko.config.port,
+                   flags.kube_sync_timeout_s);
+      if (!kube_source->waitForSync(std::chrono::seconds(flags.kube_sync_timeout_s))) {
+        spdlog::error("kubernetes source: not synced after {} s; exiting (enrollment must not "
+                      "start from a partial cluster state)", flags.kube_sync_timeout_s);
+        kube_source.reset();
+        for (int i = 0; i < 100 && uv_run(&loop, UV_RUN_NOWAIT) != 0; i++) {
+        }
+        uv_loop_close(&loop);
+        return 1;
+      }
+    } else {
+      manifests = std::make_unique<ManifestSource>(flags.manifests);
+      manifests->rescan();
+      for (const auto& e : manifests->errors()) spdlog::warn("config error: {}", e);
+    }
+    auto currentModel = [&]() -> const ClusterModel& {
+      return kube_source ? kube_source->model() : manifests->model();
+    };
 
     PodStore store(flags.state_dir);
     if (Status s = store.load(); !s)
@@ -168,9 +216,16 @@ int run(const Flags& flags) {
     en_opts.bpf_pin_dir = pin_dir;
     en_opts.cni_add_timeout_ms = flags.cni_add_timeout_s * 1000;
     EnrollmentController enrollment(&loop, en_opts, dataplane.value().get(), &store);
-    ManifestWatcher watcher(&loop, &manifests, [&] { enrollment.setModel(manifests.model()); });
-    enrollment.setRescanHook([&] { watcher.rescanNow(); });
-    enrollment.start(manifests.model());
+    std::unique_ptr<ManifestWatcher> watcher;
+    if (kube_source) {
+      kube_source->setOnChange([&] { enrollment.setModel(kube_source->model()); });
+      // A CNI ADD for a pod not seen yet simply waits: the watch delivers it.
+    } else {
+      watcher = std::make_unique<ManifestWatcher>(
+          &loop, manifests.get(), [&] { enrollment.setModel(manifests->model()); });
+      enrollment.setRescanHook([&] { watcher->rescanNow(); });
+    }
+    enrollment.start(currentModel());
 
     std::unique_ptr<CertificateAuthority> ca;
     NodeServerPtr node_server;
@@ -217,7 +272,7 @@ int run(const Flags& flags) {
       AdminSources sources;
       sources.node_name = flags.node;
       sources.enrollment = &enrollment;
-      sources.manifests = &manifests;
+      sources.manifests = manifests.get();  // null with the Kubernetes source
       sources.node_stats = [&] { return node_server->stats(); };
       bool adopted = dataplane.value()->info().adopted;
       sources.dataplane_adopted = [adopted] { return adopted; };
@@ -228,7 +283,9 @@ int run(const Flags& flags) {
       if (!admin) { fail(admin.status().context("admin socket " + flags.admin_socket)); break; }
       admin_server = std::move(admin.value());
 
-      if (Status s = watcher.start(); !s) { fail(s); break; }
+      if (watcher) {
+        if (Status s = watcher->start(); !s) { fail(s); break; }
+      }
 
       for (auto* sig : {&sigterm, &sigint}) {
         if (int rc = sig->init(uv_signal_init(&loop, sig->get())); rc != 0) {
@@ -257,6 +314,7 @@ int run(const Flags& flags) {
     cni_server.reset();
     node_server.reset();
     ca.reset();
+    if (kube_source) kube_source->stop();
   }
   // Let close callbacks run; bounded so a stuck handle cannot hang the exit.
   for (int i = 0; i < 100 && uv_run(&loop, UV_RUN_NOWAIT) != 0; i++) {
@@ -273,8 +331,30 @@ int main(int argc, char** argv) {
   CLI::App app{"weft-agent: enrolls this node's pods into the Weft mesh"};
   app.add_option("--node", flags.node, "this node's name (matches Pod spec.nodeName)")
       ->required();
+  app.add_option("--source", flags.source,
+                 "where the cluster state comes from: manifests (--manifests DIR) or kubernetes "
+                 "(the API server, in-cluster credentials)")
+      ->check(CLI::IsMember({"manifests", "kubernetes"}))
+      ->capture_default_str();
   app.add_option("--manifests", flags.manifests,
                  "directory of Namespace/Pod/Service YAML manifests (the cluster state)");
+  app.add_option("--kube-api-server", flags.kube_api_server,
+                 "https://HOST:PORT of the API server (default: https://"
+                 "$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT)");
+  app.add_option("--kube-token-file", flags.kube_token_file,
+                 std::string("bearer token file, re-read on every connect (default ") +
+                     kube::kDefaultTokenFile + ")");
+  app.add_option("--kube-ca-file", flags.kube_ca_file,
+                 std::string("CA bundle the API server is verified against (default ") +
+                     kube::kDefaultCaFile + ")");
+  app.add_option("--kube-remote-pods", flags.kube_remote_pods,
+                 "also watch other nodes' pods (spec.nodeName!=<node>): the ztunnel needs them "
+                 "to reach remote mesh workloads over HBONE")
+      ->capture_default_str();
+  app.add_option("--kube-sync-timeout", flags.kube_sync_timeout_s,
+                 "seconds to wait at start for the first list of every resource")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 3600));
   app.add_option("--cgroup-root", flags.cgroup_root,
                  "cgroup v2 directory the cgroup programs attach to (default: the host's "
                  "cgroup2 mount, or one mounted at /run/weft/cgroupv2)");
@@ -314,8 +394,9 @@ int main(int argc, char** argv) {
   app.add_flag("--cleanup", flags.cleanup,
                "detach and unpin everything of this instance, then exit");
   CLI11_PARSE(app, argc, argv);
-  if (!flags.cleanup && flags.manifests.empty()) {
-    std::fprintf(stderr, "--manifests is required (except with --cleanup)\n");
+  if (!flags.cleanup && flags.source == "manifests" && flags.manifests.empty()) {
+    std::fprintf(stderr,
+                 "--manifests is required (except with --cleanup or --source kubernetes)\n");
     return 2;
   }
   initLogging("agent", flags.log_level, flags.log_json);

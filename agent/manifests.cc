@@ -325,6 +325,27 @@ Check coreApiVersion(const YAML::Node& doc) {
   return std::nullopt;
 }
 
+// One object of a core kind: metadata, apiVersion, then the kind's own fields.
+Check parseNamespaceFields(const YAML::Node& doc, Namespace* ns) {
+  Check err = parseMeta(doc, "Namespace", false, &ns->meta);
+  if (!err) err = coreApiVersion(doc);
+  return err;
+}
+
+Check parsePodFields(const YAML::Node& doc, Pod* pod) {
+  Check err = parseMeta(doc, "Pod", true, &pod->meta);
+  if (!err) err = coreApiVersion(doc);
+  if (!err) err = parsePod(doc, pod);
+  return err;
+}
+
+Check parseServiceFields(const YAML::Node& doc, Service* svc) {
+  Check err = parseMeta(doc, "Service", true, &svc->meta);
+  if (!err) err = coreApiVersion(doc);
+  if (!err) err = parseService(doc, svc);
+  return err;
+}
+
 Status parseDocuments(const std::string& file, const std::vector<YAML::Node>& docs,
                       ManifestObjects* out) {
   std::set<std::string> seen;  // "Kind ns/name" within this file
@@ -339,22 +360,17 @@ Status parseDocuments(const std::string& file, const std::vector<YAML::Node>& do
     Check err;
     if (*kind == "Namespace") {
       Namespace ns;
-      err = parseMeta(doc, *kind, false, &ns.meta);
-      if (!err) err = coreApiVersion(doc);
+      err = parseNamespaceFields(doc, &ns);
       meta = ns.meta;
       if (!err) out->namespaces.push_back(std::move(ns));
     } else if (*kind == "Pod") {
       Pod pod;
-      err = parseMeta(doc, *kind, true, &pod.meta);
-      if (!err) err = coreApiVersion(doc);
-      if (!err) err = parsePod(doc, &pod);
+      err = parsePodFields(doc, &pod);
       meta = pod.meta;
       if (!err) out->pods.push_back(std::move(pod));
     } else if (*kind == "Service") {
       Service svc;
-      err = parseMeta(doc, *kind, true, &svc.meta);
-      if (!err) err = coreApiVersion(doc);
-      if (!err) err = parseService(doc, &svc);
+      err = parseServiceFields(doc, &svc);
       meta = svc.meta;
       if (!err) out->services.push_back(std::move(svc));
     } else if (*kind == "PeerAuthentication") {
@@ -447,6 +463,43 @@ Result<ManifestObjects> parseManifest(const std::string& file, const std::string
     return Status::errorf("{}: {}", file, e.what());
   }
   return out;
+}
+
+namespace {
+
+// parseXxxObject: the kind check, the fields, and the "<Kind> ns/name: field: what" message.
+template <typename T>
+Result<T> parseObject(const YAML::Node& doc, const char* kind, Check (*fields)(const YAML::Node&,
+                                                                               T*)) {
+  T out;
+  try {
+    if (!doc.IsDefined() || !doc.IsMap()) return Status::errorf("{}: not a mapping", kind);
+    YAML::Node k = doc["kind"];
+    if (k.IsDefined() && !k.IsNull()) {
+      auto s = scalar(k);
+      if (!s || *s != kind)
+        return Status::errorf("{}: kind: \"{}\" where {} was expected", kind, s ? *s : "?", kind);
+    }
+    if (Check err = fields(doc, &out))
+      return Status::error(describe(kind, out.meta) + ": " + err->field + ": " + err->what);
+  } catch (const YAML::Exception& e) {
+    return Status::errorf("{}: {}", describe(kind, out.meta), e.what());
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<Namespace> parseNamespaceObject(const YAML::Node& doc) {
+  return parseObject<Namespace>(doc, "Namespace", parseNamespaceFields);
+}
+
+Result<Pod> parsePodObject(const YAML::Node& doc) {
+  return parseObject<Pod>(doc, "Pod", parsePodFields);
+}
+
+Result<Service> parseServiceObject(const YAML::Node& doc) {
+  return parseObject<Service>(doc, "Service", parseServiceFields);
 }
 
 ManifestSource::ManifestSource(std::string dir) : dir_(std::move(dir)) {}

@@ -15,6 +15,10 @@
 #include "common/status.h"
 #include "common/uv_handle.h"
 
+namespace YAML {
+class Node;
+}
+
 namespace weft::agent {
 
 // Limits on untrusted manifest input.
@@ -33,6 +37,13 @@ struct ManifestObjects {
 // problem rejects the whole file with "<file>: <Kind> <namespace>/<name>: <field>: <what>", or
 // "<file>: line L, column C: <yaml error>" for syntax errors.
 Result<ManifestObjects> parseManifest(const std::string& file, const std::string& text);
+
+// One object of a core kind, validated exactly as a manifest document of that kind (shared by
+// the manifest and the Kubernetes API sources). The kind is the caller's (API list items carry
+// none); `doc.kind`, if present, must match. Errors read "<Kind> <ns>/<name>: <field>: <what>".
+Result<Namespace> parseNamespaceObject(const YAML::Node& doc);
+Result<Pod> parsePodObject(const YAML::Node& doc);
+Result<Service> parseServiceObject(const YAML::Node& doc);
 
 // The merged state of a manifest directory, with per-file last-good objects.
 class ManifestSource {

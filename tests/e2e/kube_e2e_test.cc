@@ -1,0 +1,214 @@
+// End-to-end with the Kubernetes API source: a 2-node sim whose agents list+watch the fake API
+// server (tests/fixtures/kube/fake_apiserver.py, `scripts/sim up --kube-api fake`) instead of
+// reading the manifest directory; pods reach the agents as watch events, then get enrolled.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "tests/e2e/sim_cluster.h"
+
+namespace weft::e2e {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Json = nlohmann::json;
+
+constexpr const char* kClient = "mesh/client";    // node1
+constexpr const char* kServerIp = "10.244.2.40";  // mesh/server, node2
+constexpr int kPort = 8080;
+
+bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
+                std::chrono::milliseconds step = 200ms) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    if (pred()) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(step);
+  }
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+class KubeE2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    setupError_.clear();
+    if (::geteuid() != 0) return;
+    char tmpl[] = "/tmp/weft-e2e-kube-XXXXXX";
+    if (!::mkdtemp(tmpl)) {
+      setupError_ = "mkdtemp failed";
+      return;
+    }
+    logDir_ = tmpl;
+    ::chmod(logDir_.c_str(), 0755);
+    cluster_ = std::make_unique<SimCluster>(fmt::format("k{}", ::getpid() % 100000000));
+    PodSpec client;
+    client.ns = "mesh", client.name = "client", client.node = "node1";
+    client.ip4 = "10.244.1.40", client.ip6 = "fd00:10:244:1::40";
+    client.command = "sleep infinity";
+    PodSpec server;
+    server.ns = "mesh", server.name = "server", server.node = "node2";
+    server.ip4 = kServerIp, server.ip6 = "fd00:10:244:2::40";
+    server.command =
+        fmt::format("{} --port {} --log-peers {}/server.log", echoServerPath(), kPort, logDir_);
+    server.labels = {{"app", "server"}};
+    std::string err;
+    bool up = cluster_->up(2,
+                           {{"ns.yaml", namespaceYaml("mesh", true)},
+                            {"pods.yaml", podYaml(client) + "---\n" + podYaml(server)}},
+                           &err, {"--kube-api", "fake"});
+    if (!up) {
+      setupError_ = err;
+      return;
+    }
+    auto st = cluster_->status(&err);
+    if (!st || !st->contains("kube_api") || !(*st)["kube_api"].is_object()) {
+      setupError_ = "sim status has no kube_api: " + err;
+      return;
+    }
+    kube_ = (*st)["kube_api"];
+    if (!eventually([] { return fs::exists(logDir_ + "/server.log"); }, 20s))
+      setupError_ = "echo server did not start";
+  }
+
+  static void TearDownTestSuite() {
+    if (cluster_) cluster_->down();
+    cluster_.reset();
+    if (!logDir_.empty()) {
+      std::error_code ec;
+      fs::remove_all(logDir_, ec);
+    }
+  }
+
+  void SetUp() override {
+    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
+    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
+  }
+
+  void TearDown() override {
+    if (!HasFailure() || !cluster_) return;
+    auto st = cluster_->status();
+    if (!st) return;
+    for (auto& n : (*st)["nodes"])
+      std::fprintf(stderr, "--- %s agent log:\n%s\n", n.value("name", "?").c_str(),
+                   slurp(n["agent"].value("log", "")).c_str());
+  }
+
+  // POST to the fake API server's control API, from inside the fabric netns.
+  static RunResult kubeControl(const std::string& path, const Json& body) {
+    std::string token = slurp(kube_["token_file"].get<std::string>());
+    while (!token.empty() && token.back() == '\n') token.pop_back();
+    RunOptions o = withTimeout(15s);
+    o.stdinText = body.dump();
+    return run({"ip", "netns", "exec", kube_["netns"].get<std::string>(), "curl", "-sS", "-f",
+                "--max-time", "10", "--cacert", kube_["ca_file"].get<std::string>(), "-H",
+                "Authorization: Bearer " + token, "--data-binary", "@-",
+                kube_["url"].get<std::string>() + path},
+               o);
+  }
+
+  // /workloads of `node`'s agent, the entry for ns/name (null if absent).
+  static Json workload(const std::string& node, const std::string& key) {
+    auto body = cluster_->agentAdmin(node, "/workloads");
+    if (!body) return nullptr;
+    auto j = Json::parse(*body, nullptr, false);
+    if (!j.is_array()) return nullptr;
+    for (auto& w : j)
+      if (w.value("namespace", "") + "/" + w.value("name", "") == key) return w;
+    return nullptr;
+  }
+
+  static double opened(const std::string& node, const std::string& reporter) {
+    auto m = cluster_->metrics(node);
+    return m ? sumSamples(*m, "istio_tcp_connections_opened_total", {{"reporter", reporter}}) : -1;
+  }
+
+  static Json echo(int count, int seed) {
+    auto r = cluster_->exec(kClient,
+                            {echoClientPath(), "--target", fmt::format("{}:{}", kServerIp, kPort),
+                             "--count", std::to_string(count), "--max-bytes", "4096",
+                             "--concurrency", "1", "--seed", std::to_string(seed)},
+                            60s);
+    auto j = Json::parse(r.out, nullptr, false);
+    if (!j.is_object()) return Json{{"error", r.describe()}, {"ok", -1}};
+    return j;
+  }
+
+  static inline std::unique_ptr<SimCluster> cluster_;
+  static inline std::string setupError_;
+  static inline std::string logDir_;
+  static inline Json kube_;
+};
+
+// The agents run with --source kubernetes and learned every pod from a watch event: their
+// first pod list was empty (the sim creates pods through the API as it starts them).
+TEST_F(KubeE2E, AgentsWatchTheApiServerAndPodsArriveAsWatchEvents) {
+  for (const char* node : {"node1", "node2"}) {
+    auto cmd = cluster_->agentCommand(node);
+    ASSERT_TRUE(cmd);
+    std::string joined;
+    for (auto& a : *cmd) joined += a + " ";
+    EXPECT_NE(joined.find("--source kubernetes"), std::string::npos) << joined;
+    EXPECT_EQ(joined.find("--manifests"), std::string::npos) << joined;
+    auto st = cluster_->status();
+    ASSERT_TRUE(st);
+    std::string log;
+    for (auto& n : (*st)["nodes"])
+      if (n["name"] == node) log = slurp(n["agent"]["log"].get<std::string>());
+    EXPECT_NE(log.find(fmt::format("kubernetes pods (node {}): listed 0 objects", node)),
+              std::string::npos)
+        << "the agent's first list of its pods must be empty";
+  }
+  Json w = workload("node1", kClient);
+  ASSERT_TRUE(w.is_object());
+  EXPECT_TRUE(w.value("enrolled", false)) << w.dump();
+  Json remote = workload("node1", "mesh/server");
+  ASSERT_TRUE(remote.is_object()) << "node1 knows node2's pod (other nodes' pods watch)";
+  EXPECT_EQ(remote.value("node", ""), "node2");
+}
+
+// An enrolled client on node1 reaches an enrolled server on node2 through both ztunnels.
+TEST_F(KubeE2E, CrossNodeConnectionIsMeshed) {
+  double src0 = opened("node1", "source"), dst0 = opened("node2", "destination");
+  Json j = echo(3, 1);
+  EXPECT_EQ(j.value("ok", -1), 3) << j.dump();
+  EXPECT_EQ(j.value("mismatches", -1), 0) << j.dump();
+  EXPECT_TRUE(eventually([&] { return opened("node1", "source") >= src0 + 3; }, 5s));
+  EXPECT_TRUE(eventually([&] { return opened("node2", "destination") >= dst0 + 3; }, 5s));
+}
+
+// A Namespace MODIFIED through the API takes the pod out of the mesh and back in.
+TEST_F(KubeE2E, NamespaceLabelChangedThroughTheApiLeavesAndRejoins) {
+  Json ns = {{"kind", "Namespace"}, {"apiVersion", "v1"}, {"metadata", {{"name", "mesh"}}}};
+  auto r = kubeControl("/fixture/apply", ns);
+  ASSERT_EQ(r.exitCode, 0) << r.describe();
+  EXPECT_TRUE(eventually([] { return !workload("node1", kClient).value("enrolled", true); }, 10s))
+      << workload("node1", kClient).dump();
+  double src0 = opened("node1", "source");
+  Json j = echo(2, 2);
+  EXPECT_EQ(j.value("ok", -1), 2) << j.dump();
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(opened("node1", "source"), src0) << "not meshed while the label is gone";
+  ns["metadata"]["labels"] = {{"weft.dev/dataplane-mode", "ambient"}};
+  r = kubeControl("/fixture/apply", ns);
+  ASSERT_EQ(r.exitCode, 0) << r.describe();
+  EXPECT_TRUE(eventually([] { return workload("node1", kClient).value("enrolled", false); }, 10s));
+  j = echo(2, 3);
+  EXPECT_EQ(j.value("ok", -1), 2) << j.dump();
+  EXPECT_TRUE(eventually([&] { return opened("node1", "source") >= src0 + 2; }, 5s));
+}
+
+}  // namespace
+}  // namespace weft::e2e
