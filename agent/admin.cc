@@ -123,6 +123,8 @@ json services(const AdminSources& s) {
                        {"workload", pod->meta.namespace_ + "/" + pod->meta.name},
                        {"ip", ip.toString()}});
     j["endpoints"] = eps;
+    auto lb = serviceLoadBalancer(svc, nullptr);
+    j["load_balancer"] = lb == LoadBalancer::kPeakEwma ? "peak-ewma" : "round-robin";
     out.push_back(std::move(j));
   }
   return out;

@@ -36,6 +36,10 @@ pb::Service serviceProto(const ClusterModel& model, const Service& service) {
     out->set_protocol(p.protocol);
     out->set_name(p.name);
   }
+  // A source that cannot refuse the object (the Kubernetes API) keeps the default for an
+  // unknown value; the manifest source rejects it with the file and field.
+  if (serviceLoadBalancer(service, nullptr) == LoadBalancer::kPeakEwma)
+    s.set_load_balancer(pb::LOAD_BALANCER_PEAK_EWMA);
   for (const Pod* pod : serviceEndpoints(model, service)) {
     for (const IpAddr& ip : pod->ips) {
       pb::ServiceEndpoint* e = s.add_endpoints();

@@ -241,6 +241,9 @@ Check parseService(const YAML::Node& doc, Service* svc) {
         return FieldError{path, "more than one IP of the same family"};
     svc->cluster_ips.push_back(*ip);
   }
+  std::string lb_error;
+  if (!serviceLoadBalancer(*svc, &lb_error))
+    return FieldError{std::string("metadata.annotations.") + kLoadBalancerAnnotation, lb_error};
   return std::nullopt;
 }
 

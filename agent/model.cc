@@ -71,6 +71,15 @@ bool selectorMatches(const Labels& selector, const Labels& labels) {
   return true;
 }
 
+std::optional<LoadBalancer> serviceLoadBalancer(const Service& service, std::string* error) {
+  auto it = service.meta.annotations.find(kLoadBalancerAnnotation);
+  if (it == service.meta.annotations.end() || it->second == "round-robin")
+    return LoadBalancer::kRoundRobin;
+  if (it->second == "peak-ewma") return LoadBalancer::kPeakEwma;
+  if (error != nullptr) *error = "\"" + it->second + "\" is not round-robin or peak-ewma";
+  return std::nullopt;
+}
+
 std::vector<const Pod*> serviceEndpoints(const ClusterModel& model, const Service& service) {
   std::vector<const Pod*> out;
   if (service.selector.empty()) return out;

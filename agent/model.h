@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -57,6 +58,15 @@ struct Service {
   bool headless = false;
   bool operator==(const Service&) const = default;
 };
+
+// Service annotation choosing how the ztunnel balances the service's endpoints:
+// "round-robin" (the default when absent) or "peak-ewma" (power of two choices over peak-EWMA
+// connect latency × open connections). ARCHITECTURE.md "Load balancing".
+constexpr const char* kLoadBalancerAnnotation = "weft.dev/load-balancer";
+enum class LoadBalancer { kRoundRobin, kPeakEwma };
+// The service's algorithm from its annotation; nullopt and `*error` (if given) when the value
+// is not one of the names above.
+std::optional<LoadBalancer> serviceLoadBalancer(const Service& service, std::string* error);
 
 // PeerAuthentication (security.weft.dev/v1), Istio's shape without selectors: one per
 // namespace, namespace-wide; mesh-wide when in the root namespace.

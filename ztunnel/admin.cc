@@ -37,7 +37,7 @@ nlohmann::json serviceJson(const ServiceInfo& s) {
   for (const ServiceEndpointInfo& e : s.endpoints)
     eps.push_back({{"workload_uid", e.workload_uid}, {"ip", e.ip.toString()}});
   return {{"name", s.name}, {"namespace", s.namespace_}, {"vips", vips}, {"ports", ports},
-          {"endpoints", eps}};
+          {"endpoints", eps}, {"load_balancer", loadBalancingName(s.load_balancing)}};
 }
 
 }  // namespace
@@ -88,7 +88,8 @@ nlohmann::json Ztunnel::configDump() const {
           {"agent_connected", agent_ && agent_->connected()},
           {"local_workloads", workloads_.toJson()},
           {"workloads", workloads},
-          {"services", services}};
+          {"services", services},
+          {"endpoint_load", proxy_.balancer().toJson()}};
 }
 
 HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {

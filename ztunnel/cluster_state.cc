@@ -15,6 +15,10 @@ const IpAddr* WorkloadInfo::ipOfFamily(int family) const {
   return nullptr;
 }
 
+const char* loadBalancingName(LoadBalancing lb) {
+  return lb == LoadBalancing::kPeakEwma ? "peak-ewma" : "round-robin";
+}
+
 std::string ServiceInfo::hostname(const std::string& cluster_domain) const {
   return name + "." + namespace_ + ".svc." + (cluster_domain.empty() ? "cluster.local"
                                                                       : cluster_domain);
@@ -67,6 +71,10 @@ Result<ServiceInfo> serviceFromProto(const node::v1::Service& s) {
     if (!ip) return Status::errorf("{}: endpoints: '{}' is not an IP address", what, e.ip());
     out.endpoints.push_back(ServiceEndpointInfo{e.workload_uid(), *ip});
   }
+  // A value from a newer agent that this ztunnel does not know falls back to the default.
+  out.load_balancing = s.load_balancer() == node::v1::LOAD_BALANCER_PEAK_EWMA
+                           ? LoadBalancing::kPeakEwma
+                           : LoadBalancing::kRoundRobin;
   return out;
 }
 

@@ -44,12 +44,17 @@ struct ServiceEndpointInfo {
   IpAddr ip;
 };
 
+// A service's endpoint choice (ARCHITECTURE "Load balancing").
+enum class LoadBalancing { kRoundRobin, kPeakEwma };
+const char* loadBalancingName(LoadBalancing lb);  // "round-robin" | "peak-ewma"
+
 struct ServiceInfo {
   std::string name;
   std::string namespace_;
   std::vector<IpAddr> vips;
   std::vector<ServicePortInfo> ports;
   std::vector<ServiceEndpointInfo> endpoints;
+  LoadBalancing load_balancing = LoadBalancing::kRoundRobin;
 
   std::string key() const { return namespace_ + "/" + name; }
   // "name.namespace.svc.<cluster domain>", Istio's destination_service label.

@@ -100,6 +100,7 @@ void ProxyConnection::tunnelOutbound(hbone::HboneClient& client, hbone::Outbound
   watch_->onEnd = [this] { onTunnelEnd(); };
   req.watch = watch_;
   proxy_->stats().hbone_outbound_streams_total++;
+  if (lease_) lease_->begin();  // latency = time to the CONNECT's answer
   client.open(req, UniqueFd(dup), [this](int status, const Status& err) {
     onTunnelAnswer(status, err);
   });
@@ -108,6 +109,9 @@ void ProxyConnection::tunnelOutbound(hbone::HboneClient& client, hbone::Outbound
 void ProxyConnection::onTunnelAnswer(int status, const Status& err) {
   tunnel_answered_ = true;
   tunnel_ok_ = status == 200;
+  // 200 = the far ztunnel reached the app; 503 or no answer = the endpoint is not usable.
+  // Other answers (400, 401: refused by policy) say nothing about the endpoint's health.
+  if (tunnel_ok_ || status == 503 || status <= 0) reportConnect(tunnel_ok_);
   if (tunnel_ok_) {
     if (state_ == State::kClosing) {
       // Aborted while the CONNECT was in flight: cut the tunnel too.
@@ -181,8 +185,10 @@ void ProxyConnection::connectUpstream(UniqueFd sock) {
   sockaddr_storage ss;
   upstream.toSockaddr(&ss);
   connect_req_.data = this;
+  if (lease_) lease_->begin();  // latency = TCP connect time (SYN to SYN-ACK)
   rc = uv_tcp_connect(&connect_req_, &up_, reinterpret_cast<sockaddr*>(&ss), onConnect);
   if (rc != 0) {
+    reportConnect(false);
     proxy_->stats().upstream_connect_failures_total++;
     refuse("connect " + upstream.toString() + ": " + uv_strerror(rc));
     return;
@@ -193,6 +199,7 @@ void ProxyConnection::connectUpstream(UniqueFd sock) {
 void ProxyConnection::onConnect(uv_connect_t* req, int status) {
   auto* self = static_cast<ProxyConnection*>(req->data);
   if (self->state_ != State::kConnecting) return;  // aborted meanwhile; closing
+  self->reportConnect(status == 0);
   if (status != 0) {
     self->proxy_->stats().upstream_connect_failures_total++;
     spdlog::debug("{} {} -> {}: connect {}: {}", directionName(self->direction_),
@@ -225,6 +232,16 @@ void ProxyConnection::onRelayDone(const RelayOutcome& o) {
   bool reset_down = !o.clean && failed != 0;
   bool reset_up = !o.clean && failed != 1;
   closeAll(reset_down, reset_up);
+}
+
+void ProxyConnection::reportConnect(bool ok) {
+  if (!lease_) return;
+  if (ok) lease_->succeeded();
+  else if (lease_->failed()) {
+    proxy_->stats().lb_ejections_total++;
+    spdlog::info("endpoint {} ejected after {} connect failures in a row", upstream.toString(),
+                 proxy_->balancer().options().eject_after_failures);
+  }
 }
 
 void ProxyConnection::refuse(const std::string& why) {

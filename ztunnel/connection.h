@@ -11,6 +11,7 @@
 #include "common/address.h"
 #include "common/fd.h"
 #include "common/status.h"
+#include "ztunnel/balancer.h"
 #include "ztunnel/hbone/client.h"
 #include "ztunnel/hbone/session.h"
 #include "ztunnel/relay.h"
@@ -51,6 +52,9 @@ class ProxyConnection {
   // Instead of connectUpstream: the client socket goes into an HBONE CONNECT stream (the client
   // gets a dup of it); counted and closed with a reset when the tunnel does not come up.
   void tunnelOutbound(hbone::HboneClient& client, hbone::OutboundConnect req);
+  // A service endpoint's hold, released with the connection: the connect (plain) or the
+  // CONNECT's answer (HBONE) reports success and latency, or a failure, to the balancer.
+  void setEndpointLease(EndpointLeasePtr lease) { lease_ = std::move(lease); }
   // Something to cancel if the connection ends before it is used (a certificate wait).
   void setPendingCancel(std::function<void()> cancel) { pending_cancel_ = std::move(cancel); }
   bool closing() const { return state_ == State::kClosing; }
@@ -80,6 +84,8 @@ class ProxyConnection {
   void onTunnelAttached();
   void onTunnelEnd();
   void maybeReleaseTunnel();
+  // Reports the upstream connect's outcome to the balancer (once; no-op without a lease).
+  void reportConnect(bool ok);
 
   Proxy* proxy_;
   ConnectionDirection direction_;
@@ -94,6 +100,7 @@ class ProxyConnection {
   uint64_t started_ms_ = 0;
   std::unique_ptr<Relay> relay_;
   std::function<void()> pending_cancel_;
+  EndpointLeasePtr lease_;  // null unless the route was a service endpoint
   // HBONE: the tunnel counts as one open handle until it is answered and ended.
   hbone::TunnelWatchPtr watch_;
   bool tunnel_ = false;

@@ -36,7 +36,7 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
 
   static const ClusterState kEmpty;
   const ClusterState& state = proxy.state() ? *proxy.state() : kEmpty;
-  Route route = decideOutbound(*orig, &src, state, proxy.roundRobin());
+  Route route = decideOutbound(*orig, &src, state, proxy.balancer());
   c->route = std::string(routeKindName(route.kind)) + ": " + route.reason;
   if (route.destination_workload) {
     c->labels.destination_workload = route.destination_workload->name;
@@ -53,6 +53,11 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
     return;
   }
   c->upstream = route.next_hop;
+  if (route.kind == RouteKind::kServiceEndpoint) {
+    // Counts as the endpoint's open connection until it ends; the connect reports back.
+    if (route.all_ejected) proxy.stats().lb_all_ejected_total++;
+    c->setEndpointLease(proxy.balancer().lease(route.next_hop));
+  }
 
   // A pod in the mesh (on any node) is reached over HBONE, with mTLS; anything else plainly.
   if (route.destination_workload && route.destination_workload->enrolled && proxy.meshTls()) {

@@ -10,8 +10,11 @@
 
 namespace weft::ztunnel {
 
-Proxy::Proxy(uv_loop_t* loop, RelayOptions relay_options)
-    : loop_(loop), relay_options_(relay_options), state_(std::make_shared<ClusterState>()) {}
+Proxy::Proxy(uv_loop_t* loop, RelayOptions relay_options, BalancerOptions balancer_options)
+    : loop_(loop),
+      relay_options_(relay_options),
+      state_(std::make_shared<ClusterState>()),
+      balancer_(balancer_options) {}
 
 Proxy::~Proxy() = default;
 

@@ -1,5 +1,5 @@
-// The proxy of one event loop: the cluster snapshot it reads, its round-robin cursors,
-// counters, TCP metrics and live connections. A later multi-loop ztunnel has one per loop.
+// The proxy of one event loop: the cluster snapshot it reads, its load balancer (round-robin
+// cursors, endpoint latencies and ejections), counters, TCP metrics and live connections. A later multi-loop ztunnel has one per loop.
 #pragma once
 
 #include <uv.h>
@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/fd.h"
+#include "ztunnel/balancer.h"
 #include "ztunnel/cluster_state.h"
 #include "ztunnel/relay.h"
 #include "ztunnel/route.h"
@@ -31,7 +32,8 @@ using LocalPodPtr = std::shared_ptr<const LocalPod>;
 
 class Proxy {
  public:
-  explicit Proxy(uv_loop_t* loop, RelayOptions relay_options = {});
+  explicit Proxy(uv_loop_t* loop, RelayOptions relay_options = {},
+                 BalancerOptions balancer_options = {});
   ~Proxy();
 
   uv_loop_t* loop() const { return loop_; }
@@ -39,7 +41,8 @@ class Proxy {
   void setState(ClusterStatePtr s) { state_ = std::move(s); }
   const std::string& clusterDomain() const { return cluster_domain_; }
   void setClusterDomain(std::string d) { cluster_domain_ = std::move(d); }
-  RoundRobin& roundRobin() { return rr_; }
+  Balancer& balancer() { return balancer_; }
+  const Balancer& balancer() const { return balancer_; }
   ZtunnelStats& stats() { return stats_; }
   TcpMetrics& tcpMetrics() { return tcp_metrics_; }
   const RelayOptions& relayOptions() const { return relay_options_; }
@@ -78,7 +81,7 @@ class Proxy {
   RelayOptions relay_options_;
   ClusterStatePtr state_;
   std::string cluster_domain_ = "cluster.local";
-  RoundRobin rr_;
+  Balancer balancer_;
   ZtunnelStats stats_;
   TcpMetrics tcp_metrics_;
   std::unordered_set<ProxyConnection*> connections_;

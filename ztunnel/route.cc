@@ -1,5 +1,5 @@
-// Outbound route decisions: service VIPs to endpoints (round robin, targetPort), pod IPs
-// direct, anything else passed through.
+// Outbound route decisions: service VIPs to endpoints (by the service's balancer, at
+// targetPort), pod IPs direct, anything else passed through.
 #include "ztunnel/route.h"
 
 #include <vector>
@@ -41,7 +41,7 @@ const IpAddr* endpointIp(const ServiceEndpointInfo& e, int family, const Cluster
 }  // namespace
 
 Route decideOutbound(const SocketAddress& original_dst, const WorkloadInfo* source,
-                     const ClusterState& state, RoundRobin& rr) {
+                     const ClusterState& state, Balancer& balancer) {
   const IpAddr& ip = original_dst.ip();
   if (ip.family() == 0 || original_dst.port() == 0)
     return refuse("original destination " + original_dst.toString() + " is not usable");
@@ -76,13 +76,19 @@ Route decideOutbound(const SocketAddress& original_dst, const WorkloadInfo* sour
       r.no_endpoints = true;
       return r;
     }
-    const Candidate& c = candidates[rr.next(svc->key()) % candidates.size()];
+    uint16_t target = port->target_port != 0 ? port->target_port : port->port;
+    std::vector<SocketAddress> hops;
+    hops.reserve(candidates.size());
+    for (const Candidate& c : candidates) hops.emplace_back(c.ip, target);
+    Balancer::Pick pick = balancer.pick(svc->key(), svc->load_balancing, hops);
     Route r;
     r.kind = RouteKind::kServiceEndpoint;
-    r.next_hop = SocketAddress(c.ip, port->target_port != 0 ? port->target_port : port->port);
+    r.next_hop = hops[pick.index];
     r.destination_service = svc;
-    r.destination_workload = c.workload;
-    r.reason = "service " + svc->key();
+    r.destination_workload = candidates[pick.index].workload;
+    r.all_ejected = pick.all_ejected;
+    r.reason = "service " + svc->key() + " (" + loadBalancingName(svc->load_balancing) +
+               (pick.all_ejected ? ", all endpoints ejected" : "") + ")";
     return r;
   }
 

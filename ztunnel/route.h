@@ -1,12 +1,12 @@
-// Decide, then do: the outbound route of a connection as a plain value, computed by a pure
-// function of (original destination, source workload, cluster snapshot, round-robin cursor).
+// Decide, then do: the outbound route of a connection as a plain value, computed from (original
+// destination, source workload, cluster snapshot, the loop's balancer state).
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <string>
 
 #include "common/address.h"
+#include "ztunnel/balancer.h"
 #include "ztunnel/cluster_state.h"
 
 namespace weft::ztunnel {
@@ -27,21 +27,13 @@ struct Route {
   ServiceInfoPtr destination_service;    // may be null
   std::string reason;                    // why (for refusals and logs)
   bool no_endpoints = false;             // refused because the service has no usable endpoint
+  bool all_ejected = false;              // every endpoint was ejected; one was used anyway
 };
 
-// Per-loop round-robin cursors, one per service. The only state route decisions carry; each
-// event loop owns its own, so decisions need no locks.
-class RoundRobin {
- public:
-  // Returns the cursor for `service_key` and advances it.
-  uint64_t next(const std::string& service_key) { return cursors_[service_key]++; }
-
- private:
-  std::map<std::string, uint64_t> cursors_;
-};
-
-// Where an outbound connection from `source` (may be null) to `original_dst` goes.
+// Where an outbound connection from `source` (may be null) to `original_dst` goes. A service's
+// endpoint is chosen by `balancer` (the loop's own, so decisions need no locks), which is the
+// only state a decision reads or changes besides the snapshot.
 Route decideOutbound(const SocketAddress& original_dst, const WorkloadInfo* source,
-                     const ClusterState& state, RoundRobin& rr);
+                     const ClusterState& state, Balancer& balancer);
 
 }  // namespace weft::ztunnel

@@ -18,6 +18,8 @@ namespace weft::ztunnel {
   X(accept_failures_total, "Accepts that failed")                                            \
   X(outbound_original_dst_failures_total, "Outbound connections without an original destination") \
   X(no_endpoint_total, "Outbound connections to a service with no usable endpoint")          \
+  X(lb_ejections_total, "Service endpoints ejected after consecutive connect failures")      \
+  X(lb_all_ejected_total, "Service connections sent to an ejected endpoint: all were ejected") \
   X(route_refused_total, "Outbound connections refused by routing (other than no endpoint)") \
   X(inbound_wrong_destination_total, "Inbound connections to an IP that is not the pod's")   \
   X(upstream_socket_failures_total, "Upstream sockets that could not be created or marked")  \

@@ -118,3 +118,31 @@ TEST(ClusterState, ServiceHostname) {
 
 }  // namespace
 }  // namespace weft::ztunnel
+
+namespace weft::ztunnel {
+namespace {
+
+TEST(ClusterState, ServiceLoadBalancerFromProto) {
+  node::v1::ClusterUpdate u;
+  u.set_full(true);
+  *u.add_upsert_services() = svc("plain", "10.96.0.1");
+  node::v1::Service ewma = svc("ewma", "10.96.0.2");
+  ewma.set_load_balancer(node::v1::LOAD_BALANCER_PEAK_EWMA);
+  *u.add_upsert_services() = ewma;
+  node::v1::Service future = svc("future", "10.96.0.3");
+  future.set_load_balancer(static_cast<node::v1::LoadBalancer>(7));  // a newer agent's value
+  *u.add_upsert_services() = future;
+  auto s = ClusterState::apply(nullptr, u);
+  ASSERT_TRUE(s) << s.status().message();
+  auto lbOf = [&](const char* vip) {
+    return (*s)->serviceByVip(*IpAddr::parse(vip))->load_balancing;
+  };
+  EXPECT_EQ(lbOf("10.96.0.1"), LoadBalancing::kRoundRobin);
+  EXPECT_EQ(lbOf("10.96.0.2"), LoadBalancing::kPeakEwma);
+  EXPECT_EQ(lbOf("10.96.0.3"), LoadBalancing::kRoundRobin);
+  EXPECT_STREQ(loadBalancingName(LoadBalancing::kPeakEwma), "peak-ewma");
+  EXPECT_STREQ(loadBalancingName(LoadBalancing::kRoundRobin), "round-robin");
+}
+
+}  // namespace
+}  // namespace weft::ztunnel

@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
+
 namespace weft::ztunnel {
 namespace {
 
@@ -45,7 +48,7 @@ class RouteTest : public ::testing::Test {
   Route decide(const char* dst) { return decideOutbound(addr(dst), source_.get(), state_, rr_); }
 
   ClusterState state_;
-  RoundRobin rr_;
+  Balancer rr_{BalancerOptions{.seed = 1}};
   WorkloadInfoPtr source_;
 };
 
@@ -65,6 +68,57 @@ TEST_F(RouteTest, RoundRobinCyclesEndpoints) {
   EXPECT_EQ(hops, (std::vector<std::string>{"10.244.1.3:8080", "10.244.2.3:8080",
                                              "10.244.2.4:8080", "10.244.1.3:8080",
                                              "10.244.2.3:8080", "10.244.2.4:8080"}));
+}
+
+TEST_F(RouteTest, EjectedEndpointIsSkippedAndComesBack) {
+  int64_t now = 0;
+  Balancer lb(BalancerOptions{.seed = 1}, [&] { return now; });
+  auto at = [&](const char* dst) { return decideOutbound(addr(dst), source_.get(), state_, lb); };
+  for (int i = 0; i < 5; i++) lb.lease(addr("10.244.2.3:8080"))->failed();
+  std::vector<std::string> hops;
+  for (int i = 0; i < 4; i++) {
+    Route r = at("10.96.0.10:80");
+    EXPECT_FALSE(r.all_ejected);
+    hops.push_back(r.next_hop.toString());
+  }
+  EXPECT_EQ(hops, (std::vector<std::string>{"10.244.1.3:8080", "10.244.2.4:8080",
+                                             "10.244.1.3:8080", "10.244.2.4:8080"}));
+  now += 10'000'000'000;  // the 10 s ejection is over
+  hops.clear();
+  for (int i = 0; i < 3; i++) hops.push_back(at("10.96.0.10:80").next_hop.toString());
+  std::sort(hops.begin(), hops.end());
+  EXPECT_EQ(hops, (std::vector<std::string>{"10.244.1.3:8080", "10.244.2.3:8080",
+                                             "10.244.2.4:8080"}));
+}
+
+TEST_F(RouteTest, AllEndpointsEjectedStillRoutesAndSaysSo) {
+  for (const char* ep : {"10.244.1.3:8080", "10.244.2.3:8080", "10.244.2.4:8080"})
+    for (int i = 0; i < 5; i++) rr_.lease(addr(ep))->failed();
+  Route r = decide("10.96.0.10:80");
+  EXPECT_EQ(r.kind, RouteKind::kServiceEndpoint);
+  EXPECT_TRUE(r.all_ejected);
+  EXPECT_NE(r.reason.find("all endpoints ejected"), std::string::npos) << r.reason;
+}
+
+TEST_F(RouteTest, PeakEwmaServiceAvoidsTheSlowEndpoint) {
+  ServiceInfo svc = *state_.serviceByVip(ip("10.96.0.10"));
+  svc.load_balancing = LoadBalancing::kPeakEwma;
+  state_.addService(svc);
+  int64_t now = 0;
+  Balancer lb(BalancerOptions{.seed = 3}, [&] { return now; });
+  std::map<std::string, int> counts;
+  for (int i = 0; i < 300; i++) {
+    Route r = decideOutbound(addr("10.96.0.10:80"), source_.get(), state_, lb);
+    ASSERT_EQ(r.kind, RouteKind::kServiceEndpoint);
+    EXPECT_NE(r.reason.find("(peak-ewma)"), std::string::npos) << r.reason;
+    auto lease = lb.lease(r.next_hop);
+    lease->begin();
+    now += r.next_hop == addr("10.244.2.4:8080") ? 200'000'000 : 1'000'000;
+    lease->succeeded();
+    if (i >= 30) counts[r.next_hop.toString()]++;
+  }
+  EXPECT_EQ(counts["10.244.2.4:8080"], 0);
+  EXPECT_EQ(counts["10.244.1.3:8080"] + counts["10.244.2.3:8080"], 270);
 }
 
 TEST_F(RouteTest, TargetPortZeroMeansSamePort) {

@@ -1,0 +1,380 @@
+// End-to-end load balancing on a 2-node sim: round robin over a service's three endpoints
+// (IPv4 and IPv6 VIPs), ejection of an endpoint that refuses connects, and peak-EWMA avoiding an
+// endpoint whose packets are held 200 ms (weft-delay-queue: netem's delay via NFQUEUE).
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+#include <thread>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/e2e/sim_cluster.h"
+
+namespace weft::e2e {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Json = nlohmann::json;
+
+// node1: the client and backend-3; node2: backend-1, backend-2 and `dead` (no server).
+constexpr const char* kClient = "lb/client";
+constexpr int kBackendPort = 8080;
+constexpr int kServicePort = 80;
+constexpr const char* kRrVip = "10.96.40.1";
+constexpr const char* kRrVip6 = "fd00:10:96::40:1";
+constexpr const char* kEwmaVip = "10.96.40.2";
+constexpr const char* kEjectVip = "10.96.40.3";
+constexpr int kBackends = 3;
+constexpr const char* kBackendIps[kBackends] = {"10.244.2.41", "10.244.2.42", "10.244.1.43"};
+constexpr const char* kBackendIps6[kBackends] = {"fd00:10:244:2::41", "fd00:10:244:2::42",
+                                                 "fd00:10:244:1::43"};
+constexpr const char* kBackendNodes[kBackends] = {"node2", "node2", "node1"};
+constexpr int kSlow = 1;  // backend-2 gets the 200 ms delay
+constexpr int kDelayQueue = 40;
+
+std::string delayQueuePath() { return WEFT_E2E_DELAY_QUEUE; }
+
+// Connections each backend's echo server accepted: its peer log has one "accept" line each.
+size_t acceptLines(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  size_t n = 0;
+  while (std::getline(in, line)) n += line.rfind("accept ", 0) == 0;
+  return n;
+}
+
+bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
+                std::chrono::milliseconds step = 200ms) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    if (pred()) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(step);
+  }
+}
+
+std::string tailOf(const std::string& path, size_t lines) {
+  std::ifstream in(path);
+  if (!in) return "(cannot read " + path + ")";
+  std::vector<std::string> all;
+  std::string l;
+  while (std::getline(in, l)) all.push_back(l);
+  std::string out;
+  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i)
+    out += "    " + all[i] + "\n";
+  return out;
+}
+
+// Tears the sim down when the run is interrupted; only async-signal-safe calls in the handler.
+std::vector<std::string> g_downArgv;
+std::vector<std::string> g_cleanArgv;
+void runFromSignal(std::vector<std::string>& args) {
+  if (args.empty()) return;
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  if (pid > 0) ::waitpid(pid, nullptr, 0);
+}
+void downOnSignal(int sig) {
+  runFromSignal(g_downArgv);
+  runFromSignal(g_cleanArgv);
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+std::string serviceYaml(const std::string& name, const std::vector<std::string>& ips,
+                        const std::string& selector, const std::string& lb) {
+  std::string y = fmt::format("apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n"
+                              "  namespace: lb\n",
+                              name);
+  if (!lb.empty()) y += fmt::format("  annotations:\n    weft.dev/load-balancer: {}\n", lb);
+  y += fmt::format("spec:\n  selector: {{{}}}\n  clusterIPs:\n", selector);
+  for (const std::string& ip : ips) y += fmt::format("  - \"{}\"\n", ip);
+  y += fmt::format("  ports:\n  - name: tcp\n    port: {}\n    targetPort: {}\n", kServicePort,
+                   kBackendPort);
+  return y;
+}
+
+class LbE2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    setupError_.clear();
+    if (::geteuid() != 0) return;
+    char tmpl[] = "/tmp/weft-lb-e2e-XXXXXX";
+    if (!::mkdtemp(tmpl)) {
+      setupError_ = "mkdtemp failed";
+      return;
+    }
+    logDir_ = tmpl;
+    ::chmod(logDir_.c_str(), 0755);
+    std::string name = fmt::format("lb{}", ::getpid() % 10000000);
+    cluster_ = std::make_unique<SimCluster>(name);
+    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
+    ::signal(SIGTERM, downOnSignal);
+    ::signal(SIGINT, downOnSignal);
+    std::string err;
+    bool isUp = cluster_->up(2, manifests(), &err);
+    g_cleanArgv = {"/bin/rm", "-rf", "--", logDir_, cluster_->manifestCopyDir()};
+    if (!isUp) setupError_ = err;
+  }
+
+  static void TearDownTestSuite() {
+    if (cluster_) cluster_->down();
+    cluster_.reset();
+    g_downArgv.clear();
+    g_cleanArgv.clear();
+    ::signal(SIGTERM, SIG_DFL);
+    ::signal(SIGINT, SIG_DFL);
+    if (!logDir_.empty()) {
+      std::error_code ec;
+      fs::remove_all(logDir_, ec);
+      logDir_.clear();
+    }
+  }
+
+  void SetUp() override {
+    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF, NFQUEUE)";
+    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
+    ASSERT_TRUE(cluster_ && cluster_->isUp());
+  }
+
+  void TearDown() override {
+    if (HasFailure() && cluster_ && cluster_->isUp()) dumpLogs();
+  }
+
+  static std::string backendLog(int i) { return fmt::format("{}/backend-{}.log", logDir_, i + 1); }
+
+  static std::vector<ManifestFile> manifests() {
+    std::vector<ManifestFile> files = {{"ns-lb.yaml", namespaceYaml("lb", true)}};
+    std::string pods;
+    PodSpec client;
+    client.ns = "lb", client.name = "client", client.node = "node1";
+    client.ip4 = "10.244.1.40", client.ip6 = "fd00:10:244:1::40";
+    client.command = "sleep infinity";
+    pods += podYaml(client);
+    for (int i = 0; i < kBackends; i++) {
+      PodSpec b;
+      b.ns = "lb", b.name = fmt::format("backend-{}", i + 1), b.node = kBackendNodes[i];
+      b.ip4 = kBackendIps[i], b.ip6 = kBackendIps6[i];
+      b.command = fmt::format("{} --port {} --log-peers {}", echoServerPath(), kBackendPort,
+                              backendLog(i));
+      b.readyPort = kBackendPort;
+      b.labels = {{"app", "lb-backend"}, {"lb-eject", "yes"}};
+      pods += "---\n" + podYaml(b);
+    }
+    // In the mesh but serving nothing: its ztunnel answers the CONNECT with 503.
+    PodSpec dead;
+    dead.ns = "lb", dead.name = "dead", dead.node = "node2";
+    dead.ip4 = "10.244.2.44", dead.ip6 = "fd00:10:244:2::44";
+    dead.command = "sleep infinity";
+    dead.labels = {{"lb-eject", "yes"}};
+    pods += "---\n" + podYaml(dead);
+    files.push_back({"pods-lb.yaml", pods});
+    files.push_back({"services-lb.yaml",
+                     serviceYaml("lb-rr", {kRrVip, kRrVip6}, "app: lb-backend", "") + "---\n" +
+                         serviceYaml("lb-ewma", {kEwmaVip}, "app: lb-backend", "peak-ewma") +
+                         "---\n" +
+                         serviceYaml("lb-eject", {kEjectVip}, "lb-eject: \"yes\"",
+                                     "round-robin")});
+    return files;
+  }
+
+  void dumpLogs() {
+    auto s = cluster_->status();
+    if (!s || !s->contains("nodes")) return;
+    std::string out = "--- sim logs (tails) ---\n";
+    for (auto& n : (*s)["nodes"]) {
+      for (const char* what : {"agent", "ztunnel"}) {
+        if (n.contains(what) && n[what].is_object() && n[what].contains("log")) {
+          std::string log = n[what]["log"].get<std::string>();
+          out += n.value("name", "?") + " " + what + " " + log + ":\n" + tailOf(log, 25);
+        }
+      }
+    }
+    std::fprintf(stderr, "%s", out.c_str());
+  }
+
+  static std::string target(const std::string& ip, int port) {
+    return ip.find(':') != std::string::npos ? fmt::format("[{}]:{}", ip, port)
+                                             : fmt::format("{}:{}", ip, port);
+  }
+
+  // weft-echo-client in the client pod; its JSON summary (or {"error": ...}).
+  static Json echo(const std::string& vip, int count, int concurrency, int seed) {
+    auto r = cluster_->exec(kClient,
+                            {echoClientPath(), "--target", target(vip, kServicePort), "--count",
+                             std::to_string(count), "--min-bytes", "16", "--max-bytes", "256",
+                             "--concurrency", std::to_string(concurrency), "--seed",
+                             std::to_string(seed), "--timeout-s", "10"},
+                            120s);
+    auto j = Json::parse(r.out, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) return Json{{"error", r.describe()}, {"ok", -1}};
+    return j;
+  }
+
+  static std::vector<size_t> accepted() {
+    std::vector<size_t> v;
+    for (int i = 0; i < kBackends; i++) v.push_back(acceptLines(backendLog(i)));
+    return v;
+  }
+  // Connections per backend since `before`, once the servers logged `total` of them.
+  static std::vector<size_t> acceptedSince(const std::vector<size_t>& before, size_t total) {
+    std::vector<size_t> d;
+    eventually(
+        [&] {
+          d = accepted();
+          size_t sum = 0;
+          for (int i = 0; i < kBackends; i++) sum += (d[i] -= before[i]);
+          return sum >= total;
+        },
+        5s, 100ms);
+    return d;
+  }
+
+  static double counter(const std::string& node, const std::string& name) {
+    std::string err;
+    auto m = cluster_->metrics(node, &err);
+    if (!m) {
+      ADD_FAILURE() << err;
+      return -1;
+    }
+    return sumSamples(*m, "weft_ztunnel_" + name, {});
+  }
+
+  // node1's ztunnel's view of the endpoints (config_dump "endpoint_load"), by endpoint.
+  static std::map<std::string, Json> endpointLoad() {
+    std::map<std::string, Json> out;
+    auto r = cluster_->onNode("node1", {"curl", "-sS", "--max-time", "5",
+                                        "http://127.0.0.1:15000/config_dump"});
+    auto j = Json::parse(r.out, nullptr, false);
+    if (j.is_discarded() || !j.contains("endpoint_load")) {
+      ADD_FAILURE() << "config_dump: " << r.describe();
+      return out;
+    }
+    for (auto& e : j["endpoint_load"]) out[e.value("endpoint", "")] = e;
+    return out;
+  }
+
+  static inline std::unique_ptr<SimCluster> cluster_;
+  static inline std::string setupError_;
+  static inline std::string logDir_;
+};
+
+// Three endpoints, round robin: 300 connections are exactly 100 each; the IPv6 VIP of the same
+// service continues the same cursor: 150 more are exactly 50 each.
+TEST_F(LbE2E, RoundRobinSpreadsExactlyEvenly) {
+  auto before = accepted();
+  auto j = echo(kRrVip, 300, 4, 1);
+  EXPECT_EQ(j.value("ok", -1), 300) << j.dump();
+  auto d = acceptedSince(before, 300);
+  EXPECT_EQ(d, (std::vector<size_t>{100, 100, 100})) << "connections per backend";
+
+  before = accepted();
+  j = echo(kRrVip6, 150, 4, 2);
+  EXPECT_EQ(j.value("ok", -1), 150) << j.dump();
+  d = acceptedSince(before, 150);
+  EXPECT_EQ(d, (std::vector<size_t>{50, 50, 50})) << "connections per backend over IPv6";
+}
+
+// A fourth endpoint in the mesh with no server: each connection to it gets the far ztunnel's
+// 503 (the client a reset). Round robin sends it every 4th connection until its 5th failure
+// ejects it for 10 s; after that every connection succeeds.
+TEST_F(LbE2E, RefusingEndpointIsEjected) {
+  double ejections0 = counter("node1", "lb_ejections_total");
+  auto before = accepted();
+  auto j = echo(kEjectVip, 40, 1, 3);
+  EXPECT_EQ(j.value("failures", -1), 5) << j.dump();
+  EXPECT_EQ(j.value("ok", -1), 35) << j.dump();
+  auto d = acceptedSince(before, 35);
+  EXPECT_EQ(d[0] + d[1] + d[2], 35u);
+  EXPECT_EQ(counter("node1", "lb_ejections_total"), ejections0 + 1);
+  auto load = endpointLoad();
+  std::string dead = target("10.244.2.44", kBackendPort);
+  ASSERT_TRUE(load.count(dead)) << "no endpoint_load entry for " << dead;
+  EXPECT_GT(load[dead].value("ejected_ms", 0), 0) << load[dead].dump();
+  EXPECT_EQ(load[dead].value("failures", 0), 5) << load[dead].dump();
+}
+
+// backend-2's outgoing packets are held 200 ms (NFQUEUE in its netns), so the CONNECT's 200
+// from its ztunnel arrives 200 ms late. Peak-EWMA learns it within a few connections and then
+// sends it under 10%; round robin on the same endpoints still gives it a third.
+TEST_F(LbE2E, PeakEwmaAvoidsADelayedEndpoint) {
+  std::string slowPod = fmt::format("lb/backend-{}", kSlow + 1);
+  std::string rule = fmt::format("POSTROUTING -o eth0 -j NFQUEUE --queue-num {} --queue-bypass",
+                                 kDelayQueue);
+  Child delayer;
+  ASSERT_TRUE(delayer.start(cluster_->execArgv(
+      slowPod, {delayQueuePath(), "--queue", std::to_string(kDelayQueue), "--delay-ms", "200",
+                "--duration-s", "120"})));
+  ASSERT_TRUE(delayer.readUntil("ready", 10s)) << "weft-delay-queue did not start";
+  auto addRule = [&](const char* tool, const char* op) {
+    std::vector<std::string> argv = {tool, "-w", "-t", "mangle", op};
+    std::istringstream in(rule);
+    std::string w;
+    while (in >> w) argv.push_back(w);
+    return cluster_->exec(slowPod, argv, 10s);
+  };
+  auto r4 = addRule("iptables-legacy", "-A");
+  ASSERT_EQ(r4.exitCode, 0) << r4.describe();
+  struct Cleanup {
+    std::function<void()> f;
+    ~Cleanup() { f(); }
+  } cleanup{[&] {
+    addRule("iptables-legacy", "-D");
+    delayer.kill();
+  }};
+
+  // Warm-up: the balancer sees the new latency on the first connections that go there.
+  auto warm = echo(kEwmaVip, 30, 4, 4);
+  EXPECT_EQ(warm.value("ok", -1), 30) << warm.dump();
+  auto load = endpointLoad();
+  std::string slow = target(kBackendIps[kSlow], kBackendPort);
+  ASSERT_TRUE(load.count(slow)) << "no endpoint_load entry for " << slow;
+  ASSERT_TRUE(load[slow]["latency_ms"].is_number()) << load[slow].dump();
+  EXPECT_GE(load[slow]["latency_ms"].get<double>(), 150.0)
+      << "the latency the balancer uses must show the delay: " << load[slow].dump();
+  for (int i = 0; i < kBackends; i++) {
+    if (i == kSlow) continue;
+    std::string fast = target(kBackendIps[i], kBackendPort);
+    ASSERT_TRUE(load[fast]["latency_ms"].is_number()) << load[fast].dump();
+    EXPECT_LT(load[fast]["latency_ms"].get<double>(), 50.0) << load[fast].dump();
+  }
+
+  constexpr int kConns = 200;
+  auto before = accepted();
+  auto j = echo(kEwmaVip, kConns, 4, 5);
+  EXPECT_EQ(j.value("ok", -1), kConns) << j.dump();
+  auto d = acceptedSince(before, kConns);
+  std::fprintf(stderr, "peak-ewma after warm-up: backend-1 %zu, backend-2 (delayed) %zu, "
+                       "backend-3 %zu\n", d[0], d[1], d[2]);
+  EXPECT_LT(d[kSlow] * 10, static_cast<size_t>(kConns))
+      << "the delayed endpoint must get under 10% (got " << d[kSlow] << " of " << kConns << ")";
+  EXPECT_EQ(d[0] + d[1] + d[2], static_cast<size_t>(kConns));
+
+  // Same endpoints, same delay, round robin: a third each, so the avoidance above is the
+  // balancer's doing.
+  before = accepted();
+  j = echo(kRrVip, 30, 4, 6);
+  EXPECT_EQ(j.value("ok", -1), 30) << j.dump();
+  d = acceptedSince(before, 30);
+  EXPECT_EQ(d[kSlow], 10u);
+}
+
+}  // namespace
+}  // namespace weft::e2e
