@@ -16,6 +16,7 @@
 #include "ztunnel/relay.h"
 #include "ztunnel/route.h"
 #include "ztunnel/stats.h"
+#include "ztunnel/verdicts.h"
 
 namespace weft::ztunnel {
 
@@ -42,6 +43,7 @@ class Proxy {
   RoundRobin& roundRobin() { return rr_; }
   ZtunnelStats& stats() { return stats_; }
   TcpMetrics& tcpMetrics() { return tcp_metrics_; }
+  VerdictLog& verdicts() { return verdicts_; }
   const RelayOptions& relayOptions() const { return relay_options_; }
 
   // Accept callbacks of a pod's listeners.
@@ -81,6 +83,7 @@ class Proxy {
   RoundRobin rr_;
   ZtunnelStats stats_;
   TcpMetrics tcp_metrics_;
+  VerdictLog verdicts_;
   std::unordered_set<ProxyConnection*> connections_;
   std::function<void()> on_idle_;
   DestinationHook destination_hook_;
