@@ -130,7 +130,8 @@ void addAll(const std::vector<std::string>& in, Repeated* out) {
   for (const std::string& s : in) *out->Add() = s;
 }
 
-Check parseSource(const YAML::Node& src, const std::string& path, pb::AuthorizationPolicySource* out,
+Check parseSource(const YAML::Node& src, const std::string& path,
+                  pb::AuthorizationPolicySource* out,
                   std::vector<std::string>* l7) {
   if (!src.IsMap() || src.size() == 0)
     return PolicyFieldError{path, "must be a non-empty mapping (principals, namespaces, ...)"};
@@ -334,7 +335,8 @@ std::optional<PolicyFieldError> parseAuthorizationPolicy(const YAML::Node& doc,
 
   if (present(s["selector"])) {
     YAML::Node sel = s["selector"];
-    if (!sel.IsMap()) return PolicyFieldError{"spec.selector", "must be a mapping with matchLabels"};
+    if (!sel.IsMap())
+      return PolicyFieldError{"spec.selector", "must be a mapping with matchLabels"};
     if (auto e = onlyKeys(sel, "spec.selector", {"matchLabels"})) return e;
     YAML::Node ml = sel["matchLabels"];
     if (present(ml)) {

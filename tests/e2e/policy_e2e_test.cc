@@ -418,8 +418,9 @@ TEST_F(PolicyE2E, PolicyEditAppliesWithinASecond) {
       5s, 50ms));
   EXPECT_LT(took.count(), 1000) << "the first allowed connection started " << took.count()
                                 << " ms after the edit";
-  std::printf("policy edit: enforced (checked at +1000 ms, edit at +%lld ms from test start); "
-              "back to dry-run: first allowed connection started %lld ms after the edit\n",
+  std::printf("policy edit: dry-run -> enforced: denied on the connection 1000 ms after the "
+              "edit (%lld ms between the two edits); enforced -> dry-run: the first allowed "
+              "connection started %lld ms after the edit\n",
               static_cast<long long>(
                   std::chrono::duration_cast<std::chrono::milliseconds>(t1 - t0).count()),
               static_cast<long long>(took.count()));

@@ -105,10 +105,12 @@ TEST(AuthorizationPolicyParse, EveryField) {
 
 TEST(AuthorizationPolicyParse, DefaultsAndScopes) {
   auto r = parseManifest("ap.yaml",
-                         "kind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: a}\n"
+                         "kind: AuthorizationPolicy\n"
+                         "metadata: {name: allow-nothing, namespace: a}\n"
                          "spec: {}\n---\n"
                          "kind: AuthorizationPolicy\nmetadata: {name: nospec, namespace: a}\n---\n"
-                         "kind: AuthorizationPolicy\nmetadata: {name: mesh, namespace: weft-system}\n"
+                         "kind: AuthorizationPolicy\n"
+                         "metadata: {name: mesh, namespace: weft-system}\n"
                          "spec: {action: AUDIT, selector: {}, rules: [{}]}\n---\n"
                          "kind: AuthorizationPolicy\nmetadata: {name: get, namespace: a}\n"
                          "spec: {rules: [{to: [{operation: {paths: [\"/x\"]}}]}]}\n");

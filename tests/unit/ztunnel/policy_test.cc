@@ -226,10 +226,12 @@ TEST(Scope, SelectorNarrows) {
   ConnectionAttributes other = conn();
   other.destination_labels = {{"app", "web"}};
   EXPECT_TRUE(evaluate({sel}, other).allowed);
-  auto both = P("app", "p", DENY).selector({{"app", "server"}, {"tier", "front"}}).anyRule().build();
+  auto both =
+      P("app", "p", DENY).selector({{"app", "server"}, {"tier", "front"}}).anyRule().build();
   EXPECT_TRUE(evaluate({both}, conn()).allowed) << "every matchLabel must match";
   // A selector in the root namespace picks workloads of every namespace.
-  auto meshSel = P(kPolicyRootNamespace, "p", DENY).selector({{"tier", "backend"}}).anyRule().build();
+  auto meshSel =
+      P(kPolicyRootNamespace, "p", DENY).selector({{"tier", "backend"}}).anyRule().build();
   EXPECT_FALSE(evaluate({meshSel}, conn()).allowed);
   EXPECT_TRUE(evaluate({meshSel}, other).allowed);
   // A selector does not leave its namespace.
@@ -615,10 +617,12 @@ TEST(VerdictLogTest, BoundedRingAndCounters) {
   EXPECT_EQ(since["verdicts"][0]["seq"], 5);
   EXPECT_EQ(log.toJson(0, 1)["verdicts"][0]["seq"], 5) << "limit keeps the newest";
   std::string prom = log.renderPrometheus();
-  EXPECT_NE(prom.find("weft_ztunnel_policy_verdicts_total{result=\"allow\",action_policy=\"none\"} 4"),
+  EXPECT_NE(prom.find("weft_ztunnel_policy_verdicts_total"
+                      "{result=\"allow\",action_policy=\"none\"} 4"),
             std::string::npos)
       << prom;
-  EXPECT_NE(prom.find("weft_ztunnel_policy_verdicts_total{result=\"deny\",action_policy=\"DENY\"} 1"),
+  EXPECT_NE(prom.find("weft_ztunnel_policy_verdicts_total"
+                      "{result=\"deny\",action_policy=\"DENY\"} 1"),
             std::string::npos);
   EXPECT_NE(prom.find("weft_ztunnel_policy_dry_run_verdicts_total{result=\"deny\"} 4"),
             std::string::npos);
