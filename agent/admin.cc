@@ -41,6 +41,7 @@ json status(const AdminSources& s) {
                  {"local_pods", local},
                  {"services", m.services.size()},
                  {"peer_authentications", m.peer_authentications.size()},
+                 {"authorization_policies", m.authorization_policies.size()},
                  {"pods_with_netns", s.enrollment->localPods().size()},
                  {"enrolled", s.enrollment->enrolledCount()},
                  {"cni_waiting", s.enrollment->waitingCniRequests()},
@@ -143,6 +144,32 @@ json peerAuthentications(const AdminSources& s) {
   return out;
 }
 
+json authorizationPolicies(const AdminSources& s) {
+  const ClusterModel& m = s.enrollment->model();
+  json out = json::array();
+  for (const auto& [key, ap] : m.authorization_policies) {
+    const auto& spec = ap.spec;
+    json selector = nullptr;
+    if (spec.has_selector()) {
+      selector = json::object();
+      for (const auto& [k, v] : spec.match_labels()) selector[k] = v;
+    }
+    out.push_back({{"namespace", ap.meta.namespace_},
+                   {"name", ap.meta.name},
+                   {"uid", ap.meta.uid},
+                   {"action", weft::node::v1::AuthorizationPolicy::Action_Name(spec.action())},
+                   {"scope", spec.has_selector() ? "selector"
+                             : ap.meta.namespace_ == kRootNamespace ? "mesh"
+                                                                    : "namespace"},
+                   {"selector", selector},
+                   {"dry_run", spec.dry_run()},
+                   {"rules", spec.rules_size()},
+                   // Why it is enforced differently from what it says (L7-only fields).
+                   {"status", {{"warnings", ap.warnings}}}});
+  }
+  return out;
+}
+
 }  // namespace
 
 HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
@@ -153,6 +180,7 @@ HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
   if (req.path == "/workloads") return jsonResponse(workloads(s));
   if (req.path == "/services") return jsonResponse(services(s));
   if (req.path == "/peer-authentications") return jsonResponse(peerAuthentications(s));
+  if (req.path == "/authorization-policies") return jsonResponse(authorizationPolicies(s));
   if (req.path == "/config-errors") {
     json errs = json::array();
     if (s.manifests)
@@ -162,7 +190,7 @@ HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
   }
   return jsonResponse({{"error", "not found"},
                        {"paths", {"/status", "/workloads", "/services", "/peer-authentications",
-                                  "/config-errors", "/healthz"}}},
+                                  "/authorization-policies", "/config-errors", "/healthz"}}},
                       404);
 }
 

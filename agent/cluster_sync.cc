@@ -55,6 +55,8 @@ pb::ClusterUpdate fullClusterUpdate(const ClusterModel& model) {
   u.set_full(true);
   for (const auto& [key, pod] : model.pods) *u.add_upsert_workloads() = workloadProto(model, pod);
   for (const auto& [key, svc] : model.services) *u.add_upsert_services() = serviceProto(model, svc);
+  for (const auto& [key, ap] : model.authorization_policies)
+    *u.add_upsert_authorization_policies() = ap.spec;
   return u;
 }
 
@@ -81,12 +83,22 @@ pb::ClusterUpdate clusterDelta(const ClusterModel& before, const ClusterModel& a
   }
   for (const auto& [key, svc] : before.services)
     if (after.services.count(key) == 0) u.add_remove_services(key);
+  for (const auto& [key, ap] : after.authorization_policies) {
+    auto it = before.authorization_policies.find(key);
+    if (it == before.authorization_policies.end() ||
+        !MessageDifferencer::Equals(it->second.spec, ap.spec))
+      *u.add_upsert_authorization_policies() = ap.spec;
+  }
+  for (const auto& [key, ap] : before.authorization_policies)
+    if (after.authorization_policies.count(key) == 0) u.add_remove_authorization_policies(key);
   return u;
 }
 
 bool isEmptyUpdate(const pb::ClusterUpdate& u) {
   return u.upsert_workloads_size() == 0 && u.remove_workloads_size() == 0 &&
-         u.upsert_services_size() == 0 && u.remove_services_size() == 0;
+         u.upsert_services_size() == 0 && u.remove_services_size() == 0 &&
+         u.upsert_authorization_policies_size() == 0 &&
+         u.remove_authorization_policies_size() == 0;
 }
 
 }  // namespace weft::agent

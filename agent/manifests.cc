@@ -13,6 +13,7 @@
 #include <charconv>
 #include <set>
 
+#include "agent/authorization_policy.h"
 #include "common/fd.h"
 #include "common/log.h"
 
@@ -392,12 +393,22 @@ Status parseDocuments(const std::string& file, const std::vector<YAML::Node>& do
       }
       meta = pa.meta;
       if (!err) out->peer_authentications.push_back(std::move(pa));
+    } else if (*kind == "AuthorizationPolicy") {
+      AuthorizationPolicy ap;
+      err = parseMeta(doc, *kind, true, &ap.meta);
+      if (!err) err = securityApiVersion(doc);
+      if (!err) {
+        if (auto e = parseAuthorizationPolicy(doc, &ap)) err = FieldError{e->field, e->what};
+      }
+      meta = ap.meta;
+      if (!err) out->authorization_policies.push_back(std::move(ap));
     } else {
       // Name the object as well as it can be named, so the user finds it in the file.
       (void)parseMeta(doc, *kind, true, &meta);
       const std::string who = meta.name.empty() ? where : file + ": " + describe(*kind, meta);
       return Status::error(who + ": kind: unknown kind \"" + *kind +
-                           "\" (known: Namespace, Pod, Service, PeerAuthentication)");
+                           "\" (known: Namespace, Pod, Service, PeerAuthentication, "
+                           "AuthorizationPolicy)");
     }
     const std::string object = describe(*kind, meta);
     if (err) {
@@ -533,6 +544,11 @@ std::string ManifestSource::findDuplicate(const std::string& file,
         if (a.meta.name == b.meta.name && a.meta.namespace_ == b.meta.namespace_)
           return file + ": Service " + objectKey(a.meta.namespace_, a.meta.name) +
                  ": also defined in " + other;
+    for (const AuthorizationPolicy& a : objects.authorization_policies)
+      for (const AuthorizationPolicy& b : st.good.authorization_policies)
+        if (a.meta.name == b.meta.name && a.meta.namespace_ == b.meta.namespace_)
+          return file + ": AuthorizationPolicy " + objectKey(a.meta.namespace_, a.meta.name) +
+                 ": also defined in " + other;
     for (const PeerAuthentication& a : objects.peer_authentications)
       for (const PeerAuthentication& b : st.good.peer_authentications) {
         if (a.meta.namespace_ != b.meta.namespace_) continue;
@@ -568,6 +584,10 @@ bool ManifestSource::apply(const std::string& file, FileState& st) {
   st.error.clear();
   st.has_good = true;
   st.good = std::move(parsed.value());
+  for (const AuthorizationPolicy& ap : st.good.authorization_policies)
+    for (const std::string& w : ap.warnings)
+      spdlog::warn("{}: AuthorizationPolicy {}: {}", file,
+                   objectKey(ap.meta.namespace_, ap.meta.name), w);
   return true;
 }
 
@@ -653,6 +673,8 @@ void ManifestSource::rebuildModel() {
       model_.services[objectKey(s.meta.namespace_, s.meta.name)] = s;
     for (const PeerAuthentication& pa : fs.good.peer_authentications)
       model_.peer_authentications[pa.meta.namespace_] = pa;
+    for (const AuthorizationPolicy& ap : fs.good.authorization_policies)
+      model_.authorization_policies[objectKey(ap.meta.namespace_, ap.meta.name)] = ap;
   }
 }
 

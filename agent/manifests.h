@@ -1,5 +1,5 @@
 // Local manifest source: a directory of Kubernetes-shaped YAML files (Namespace, Pod, Service,
-// PeerAuthentication), parsed and validated file by file, merged into the cluster model and
+// PeerAuthentication, AuthorizationPolicy), parsed and validated file by file, merged into the cluster model and
 // watched for changes.
 #pragma once
 
@@ -31,6 +31,7 @@ struct ManifestObjects {
   std::vector<Pod> pods;
   std::vector<Service> services;
   std::vector<PeerAuthentication> peer_authentications;
+  std::vector<AuthorizationPolicy> authorization_policies;
 };
 
 // Parses and validates one file's text (`file` names it in errors). All or nothing: the first

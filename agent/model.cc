@@ -3,6 +3,7 @@
 #include "agent/model.h"
 
 #include <fmt/format.h>
+#include <google/protobuf/util/message_differencer.h>
 
 namespace weft::agent {
 
@@ -20,6 +21,11 @@ uint64_t fnv1a(const std::string& s, uint64_t seed) {
 constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;
 
 }  // namespace
+
+bool AuthorizationPolicy::operator==(const AuthorizationPolicy& o) const {
+  return meta == o.meta && warnings == o.warnings &&
+         google::protobuf::util::MessageDifferencer::Equals(spec, o.spec);
+}
 
 std::string objectKey(const std::string& ns, const std::string& name) { return ns + "/" + name; }
 

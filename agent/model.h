@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/address.h"
+#include "weft/node/v1/node.pb.h"
 
 namespace weft::agent {
 
@@ -80,6 +81,17 @@ struct PeerAuthentication {
   bool operator==(const PeerAuthentication&) const = default;
 };
 
+// AuthorizationPolicy (security.weft.dev/v1, Istio's shape; agent/authorization_policy.h):
+// validated into the message the ztunnel evaluates. Many per namespace; scope = its namespace
+// (mesh-wide in the root namespace), narrowed by spec.selector.matchLabels.
+struct AuthorizationPolicy {
+  ObjectMeta meta;
+  weft::node::v1::AuthorizationPolicy spec;
+  // Why the policy is enforced differently from what it says (L7-only fields, no waypoint).
+  std::vector<std::string> warnings;
+  bool operator==(const AuthorizationPolicy& o) const;
+};
+
 // "UNSET", "PERMISSIVE", "STRICT" (the manifest spelling).
 const char* mtlsModeName(MtlsMode mode);
 
@@ -92,6 +104,7 @@ struct ClusterModel {
   std::map<std::string, Service> services;      // by namespace/name
   // At most one per namespace (the manifests reject a second), so keyed by namespace.
   std::map<std::string, PeerAuthentication> peer_authentications;
+  std::map<std::string, AuthorizationPolicy> authorization_policies;  // by namespace/name
 
   const Pod* findPod(const std::string& ns, const std::string& name) const;
   const Namespace* findNamespace(const std::string& name) const;

@@ -96,6 +96,14 @@ std::vector<nodepb::ClusterUpdate> splitClusterUpdate(const nodepb::ClusterUpdat
     room(key.size());
     out.back().add_remove_services(key);
   }
+  for (const auto& p : update.upsert_authorization_policies()) {
+    room(p.ByteSizeLong());
+    *out.back().add_upsert_authorization_policies() = p;
+  }
+  for (const auto& key : update.remove_authorization_policies()) {
+    room(key.size());
+    out.back().add_remove_authorization_policies(key);
+  }
   return out;
 }
 

@@ -2,6 +2,7 @@
 // metrics, and readiness.
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
 #include <ctime>
 
 #include "common/log.h"
@@ -27,6 +28,28 @@ nlohmann::json workloadJson(const WorkloadInfo& w) {
           {"enrolled", w.enrolled}};
 }
 
+std::vector<std::string> splitQuery(const std::string& q) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start < q.size()) {
+    size_t amp = q.find('&', start);
+    if (amp == std::string::npos) amp = q.size();
+    if (amp > start) out.push_back(q.substr(start, amp - start));
+    start = amp + 1;
+  }
+  return out;
+}
+
+nlohmann::json policyJson(const AuthorizationPolicy& p) {
+  nlohmann::json rules = nlohmann::json::array();
+  for (const PolicyRule& r : p.rules)
+    rules.push_back({{"from", r.from.size()}, {"to", r.to.size()}, {"when", r.when.size()},
+                     {"l7_fields", r.l7_fields}});
+  return {{"namespace", p.namespace_}, {"name", p.name}, {"action", policyActionName(p.action)},
+          {"selector", p.has_selector ? nlohmann::json(p.match_labels) : nlohmann::json(nullptr)},
+          {"dry_run", p.dry_run}, {"rules", rules}};
+}
+
 nlohmann::json serviceJson(const ServiceInfo& s) {
   nlohmann::json vips = nlohmann::json::array(), ports = nlohmann::json::array(),
                  eps = nlohmann::json::array();
@@ -43,10 +66,12 @@ nlohmann::json serviceJson(const ServiceInfo& s) {
 }  // namespace
 
 nlohmann::json Ztunnel::configDump() const {
-  nlohmann::json workloads = nlohmann::json::array(), services = nlohmann::json::array();
+  nlohmann::json workloads = nlohmann::json::array(), services = nlohmann::json::array(),
+                 policies = nlohmann::json::array();
   if (const ClusterStatePtr& st = proxy_.state()) {
     for (const auto& [uid, w] : st->workloads()) workloads.push_back(workloadJson(*w));
     for (const auto& [key, s] : st->services()) services.push_back(serviceJson(*s));
+    for (const auto& p : st->authorizationPolicies()) policies.push_back(policyJson(*p));
   }
   nlohmann::json node = nullptr;
   if (have_node_config_) {
@@ -89,7 +114,8 @@ nlohmann::json Ztunnel::configDump() const {
           {"local_workloads", workloads_.toJson()},
           {"workloads", workloads},
           {"services", services},
-          {"endpoint_load", proxy_.balancer().toJson()}};
+          {"endpoint_load", proxy_.balancer().toJson()},
+          {"authorization_policies", policies}};
 }
 
 HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
@@ -107,10 +133,26 @@ HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
     refreshGauges();
     return json(200, proxy_.stats().toJson());
   }
+  if (req.path == "/verdicts") {
+    // ?since=SEQ (events after it) &limit=N (the newest N of those)
+    uint64_t since = 0;
+    size_t limit = VerdictLog::kDefaultCapacity;
+    for (const std::string& kv : splitQuery(req.query)) {
+      auto eq = kv.find('=');
+      std::string k = kv.substr(0, eq), v = eq == std::string::npos ? "" : kv.substr(eq + 1);
+      char* end = nullptr;
+      unsigned long long n = std::strtoull(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0') return error(400, "want since=SEQ and/or limit=N");
+      if (k == "since") since = n;
+      else if (k == "limit") limit = static_cast<size_t>(n);
+      else return error(400, "unknown parameter " + k + " (since, limit)");
+    }
+    return json(200, proxy_.verdicts().toJson(since, limit));
+  }
   if (req.path == "/" || req.path == "/help") {
     return json(200, {{"endpoints",
                        {"GET /config_dump", "GET /connections", "GET /stats",
-                        "POST /logging?level=L"}}});
+                        "GET /verdicts?since=SEQ&limit=N", "POST /logging?level=L"}}});
   }
   return error(404, "no such endpoint: " + req.path);
 }
@@ -122,6 +164,7 @@ HttpResponse Ztunnel::handleMetrics(const HttpRequest& req) {
   refreshGauges();
   return HttpResponse{200, "text/plain; version=0.0.4",
                       proxy_.renderTcpMetrics() + proxy_.stats().renderPrometheus() +
+                          proxy_.verdicts().renderPrometheus() +
                           (mesh_tls_ ? mesh_tls_->renderRefusals() : std::string())};
 }
 

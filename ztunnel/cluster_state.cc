@@ -35,6 +35,7 @@ Result<WorkloadInfo> workloadFromProto(const node::v1::Workload& w) {
   out.node = w.node();
   out.enrolled = w.enrolled();
   out.strict_mtls = w.strict_mtls();
+  for (const auto& [k, v] : w.labels()) out.labels[k] = v;
   for (const std::string& s : w.ips()) {
     auto ip = IpAddr::parse(s);
     if (!ip) return Status::errorf("{}: ips: '{}' is not an IP address", what, s);
@@ -84,6 +85,14 @@ Result<ClusterStatePtr> ClusterState::apply(const ClusterState* base,
   if (base != nullptr && !update.full()) {
     next->workloads_ = base->workloads_;
     next->services_ = base->services_;
+    next->policies_ = base->policies_;
+  }
+  for (const std::string& key : update.remove_authorization_policies()) next->policies_.erase(key);
+  for (const auto& p : update.upsert_authorization_policies()) {
+    auto policy = authorizationPolicyFromProto(p);
+    if (!policy) return policy.status().context("cluster update");
+    std::string key = policy->key();
+    next->policies_[key] = std::make_shared<const AuthorizationPolicy>(std::move(*policy));
   }
   for (const std::string& uid : update.remove_workloads()) next->workloads_.erase(uid);
   for (const std::string& key : update.remove_services()) next->services_.erase(key);
@@ -115,7 +124,15 @@ void ClusterState::addService(ServiceInfo s) {
   reindex();
 }
 
+void ClusterState::addAuthorizationPolicy(AuthorizationPolicy p) {
+  std::string key = p.key();
+  policies_[key] = std::make_shared<const AuthorizationPolicy>(std::move(p));
+  reindex();
+}
+
 void ClusterState::reindex() {
+  policy_list_.clear();
+  for (const auto& [key, p] : policies_) policy_list_.push_back(p);
   workload_by_ip_.clear();
   service_by_vip_.clear();
   for (const auto& [uid, w] : workloads_)

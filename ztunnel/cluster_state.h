@@ -11,6 +11,7 @@
 #include "common/address.h"
 #include "common/status.h"
 #include "weft/node/v1/node.pb.h"
+#include "ztunnel/policy.h"
 
 namespace weft::ztunnel {
 
@@ -25,6 +26,7 @@ struct WorkloadInfo {
   // PeerAuthentication STRICT: plaintext inbound to this workload is refused. Live value: the
   // current ClusterState's copy (ClusterUpdate upserts follow policy changes).
   bool strict_mtls = false;
+  std::map<std::string, std::string> labels;  // for AuthorizationPolicy selectors
 
   bool hasIp(const IpAddr& ip) const;
   // The first IP of `family` (AF_INET / AF_INET6), if any.
@@ -78,10 +80,15 @@ class ClusterState {
   ServiceInfoPtr serviceByVip(const IpAddr& vip) const;
   const std::map<std::string, WorkloadInfoPtr>& workloads() const { return workloads_; }
   const std::map<std::string, ServiceInfoPtr>& services() const { return services_; }
+  // Every AuthorizationPolicy, in namespace/name order (evaluate() checks their scope).
+  const std::vector<AuthorizationPolicyPtr>& authorizationPolicies() const {
+    return policy_list_;
+  }
 
   // For tests and the agent-less path: add objects directly, then index.
   void addWorkload(WorkloadInfo w);
   void addService(ServiceInfo s);
+  void addAuthorizationPolicy(AuthorizationPolicy p);
 
  private:
   void reindex();
@@ -90,6 +97,8 @@ class ClusterState {
   std::map<std::string, ServiceInfoPtr> services_;    // by namespace/name
   std::map<IpAddr, WorkloadInfoPtr> workload_by_ip_;
   std::map<IpAddr, ServiceInfoPtr> service_by_vip_;
+  std::map<std::string, AuthorizationPolicyPtr> policies_;  // by namespace/name
+  std::vector<AuthorizationPolicyPtr> policy_list_;         // the same, in key order
 };
 using ClusterStatePtr = std::shared_ptr<const ClusterState>;
 

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include "ztunnel/connection.h"
+#include "ztunnel/inbound_policy.h"
 #include "ztunnel/sockets.h"
 
 namespace weft::ztunnel {
@@ -64,6 +65,17 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
       c->refuse("connection to the inbound listener port itself");
       return;
     }
+  }
+  // Authorization: a plaintext caller is unauthenticated (no principal, no namespace); a
+  // denied connection is reset.
+  InboundPeer peer;
+  peer.path = "plaintext";
+  peer.source = c->source;
+  Verdict verdict = authorizeInbound(proxy, dst, peer, *local);
+  if (!verdict.allowed) {
+    c->refuse(std::string("denied by authorization policy: ") + verdictReasonName(verdict.reason) +
+              (verdict.decided_by.policy.empty() ? "" : " " + verdict.decided_by.policy));
+    return;
   }
   c->destination = *local;
   c->upstream = *local;

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include "ztunnel/connection.h"
+#include "ztunnel/inbound_policy.h"
 #include "ztunnel/sockets.h"
 
 namespace weft::ztunnel {
@@ -210,6 +211,16 @@ hbone::InboundDecision MeshTls::decideInbound(const Identity& id,
     // Not a pod of this node with the identity this connection presented.
     proxy_.stats().inbound_wrong_destination_total++;
     d.verdict = hbone::InboundDecision::Verdict::kMalformed;
+    return d;
+  }
+  // Authorization, before anything is set up for the stream: denied = 401.
+  InboundPeer peer;
+  peer.path = "hbone";
+  peer.source = req.peer;
+  if (auto fwd = forwardedFor(req.headers)) peer.remote_ip = *fwd;
+  peer.principal = req.peerIdentity;
+  if (!authorizeInbound(proxy_, *pod->info, peer, req.target).allowed) {
+    d.verdict = hbone::InboundDecision::Verdict::kDeny;
     return d;
   }
   proxy_.stats().hbone_inbound_streams_total++;

@@ -17,6 +17,7 @@
 #include "ztunnel/relay.h"
 #include "ztunnel/route.h"
 #include "ztunnel/stats.h"
+#include "ztunnel/verdicts.h"
 
 namespace weft::ztunnel {
 
@@ -45,6 +46,7 @@ class Proxy {
   const Balancer& balancer() const { return balancer_; }
   ZtunnelStats& stats() { return stats_; }
   TcpMetrics& tcpMetrics() { return tcp_metrics_; }
+  VerdictLog& verdicts() { return verdicts_; }
   const RelayOptions& relayOptions() const { return relay_options_; }
 
   // Accept callbacks of a pod's listeners.
@@ -84,6 +86,7 @@ class Proxy {
   Balancer balancer_;
   ZtunnelStats stats_;
   TcpMetrics tcp_metrics_;
+  VerdictLog verdicts_;
   std::unordered_set<ProxyConnection*> connections_;
   std::function<void()> on_idle_;
   DestinationHook destination_hook_;

@@ -177,10 +177,10 @@ INSTANTIATE_TEST_SUITE_P(
                 "Service ns/s: spec.clusterIPs[0]: must equal spec.clusterIP"},
         BadCase{"UnknownKind", "kind: Deployment\nmetadata: {name: d, namespace: ns}\n",
                 "Deployment ns/d: kind: unknown kind \"Deployment\" (known: Namespace, Pod, "
-                "Service, PeerAuthentication)"},
+                "Service, PeerAuthentication, AuthorizationPolicy)"},
         BadCase{"UnknownKindNoName", "kind: Deployment\n",
                 "document 1: kind: unknown kind \"Deployment\" (known: Namespace, Pod, Service, "
-                "PeerAuthentication)"},
+                "PeerAuthentication, AuthorizationPolicy)"},
         BadCase{"NoKind", "metadata: {name: d}\n", "document 1: kind: required"},
         BadCase{"NotMapping", "- a\n- b\n", "document 1: not a mapping"},
         BadCase{"TwiceInFile",
