@@ -4,6 +4,7 @@
 // code), and its answer reaches the app with the resolver's address as source (recvmsg4/6).
 // And what must not be captured is not.
 #include <arpa/inet.h>
+#include <linux/netlink.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -12,6 +13,7 @@
 #include <cstring>
 
 #include "bpf/abi/maps.h"
+#include "bpf/abi/ports.h"
 #include "common/address.h"
 #include "common/netns.h"
 #include "tests/bpf/bpf_test_env.h"

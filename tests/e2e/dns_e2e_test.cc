@@ -325,8 +325,9 @@ TEST_F(DnsE2E, FuzzLeavesTheProxyAnswering) {
   auto sum = nlohmann::json::parse(f.out, nullptr, false);
   ASSERT_TRUE(sum.is_object()) << f.out;
   EXPECT_EQ(sum.value("udp_sent", 0), 3000) << f.out;
-  // Everything sent was seen (the proxy counts every message it reads) and most were refused.
-  EXPECT_TRUE(eventually([&] { return counter("dns_queries_total") - queries_before >= 3000; },
+  // (Almost) everything sent was read by the proxy (loopback may drop a few datagrams when its
+  // socket buffer is full on a busy machine) and most of it was refused as malformed.
+  EXPECT_TRUE(eventually([&] { return counter("dns_queries_total") - queries_before >= 2850; },
                          10s))
       << counter("dns_queries_total") - queries_before;
   EXPECT_GE(counter("dns_malformed_total") - malformed_before, 1000);
