@@ -248,7 +248,7 @@ class DnsServerTest : public ::testing::Test {
     ASSERT_TRUE(zt_->onNodeConfig({}));
     node::v1::ClusterUpdate u;
     u.set_full(true);
-    auto* s = u.add_services();
+    auto* s = u.add_upsert_services();
     s->set_name("web");
     s->set_namespace_("default");
     s->add_vips("10.96.0.20");
