@@ -143,8 +143,8 @@ Result<uint64_t> udpSocketCookie(int diag_fd, const SocketAddress& app,
   msg.req.id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
   sockaddr_nl kernel{};
   kernel.nl_family = AF_NETLINK;
-  if (sendto(diag_fd, &msg, sizeof(msg), 0, reinterpret_cast<sockaddr*>(&kernel),
-             sizeof(kernel)) < 0)
+  if (sendto(diag_fd, &msg, sizeof(msg), 0, reinterpret_cast<sockaddr*>(&kernel), sizeof(kernel)) <
+      0)
     return Status::errorf("sock_diag send: {}", errnoText(errno));
   // The kernel answers within sendto(); earlier answers (of a failed exchange) are skipped.
   alignas(nlmsghdr) char buf[4096];
@@ -246,7 +246,7 @@ struct PodDnsServer::TcpSession {
   std::unique_ptr<UvHandle<uv_tcp_t>> upstream;  // null: no upstream connection
   bool upstream_connected = false;
   bool client_eof = false;
-  std::vector<uint8_t> in;          // client bytes not handled yet
+  std::vector<uint8_t> in;  // client bytes not handled yet
   std::vector<uint8_t> upstream_in;
   std::vector<uint8_t> upstream_pending;  // the framed query, until the connect finished
   std::optional<dns::Query> waiting;      // forwarded, answer not back yet
@@ -427,8 +427,9 @@ bool PodDnsServer::answerLocally(const dns::Query& q, size_t max_size, std::vect
   DnsDecision d = resolveLocal(q, *proxy_.state(), pod_->info->namespace_, proxy_.clusterDomain());
   if (d.kind == DnsDecision::Kind::kForward) return false;
   bool truncated = false;
-  *out = dns::buildResponse(q, d.kind == DnsDecision::Kind::kNxDomain ? dns::kNxDomain : dns::kNoError,
-                            d.ips, options_.ttl, /*authoritative=*/true, max_size, &truncated);
+  *out =
+      dns::buildResponse(q, d.kind == DnsDecision::Kind::kNxDomain ? dns::kNxDomain : dns::kNoError,
+                         d.ips, options_.ttl, /*authoritative=*/true, max_size, &truncated);
   ZtunnelStats& st = proxy_.stats();
   st.dns_answered_locally_total++;
   if (truncated) st.dns_truncated_total++;
@@ -488,8 +489,8 @@ void PodDnsServer::forwardUdp(UdpSocket& sock, const dns::Query& q, std::span<co
                               const SocketAddress& client) {
   ZtunnelStats& st = proxy_.stats();
   auto servfail = [&] {
-    sendUdp(sock, client, dns::buildResponse(q, dns::kServFail, {}, 0, false, q.maxUdpAnswer(),
-                                             nullptr));
+    sendUdp(sock, client,
+            dns::buildResponse(q, dns::kServFail, {}, 0, false, q.maxUdpAnswer(), nullptr));
   };
   if (forwards_.size() >= options_.max_in_flight) {
     st.dns_forward_failures_total++;
@@ -586,7 +587,9 @@ void PodDnsServer::forwardUdp(UdpSocket& sock, const dns::Query& q, std::span<co
   forwards_.emplace(key, std::move(f));
 }
 
-void PodDnsServer::finishForward(UdpForward* f) { forwards_.erase(f); }
+void PodDnsServer::finishForward(UdpForward* f) {
+  forwards_.erase(f);
+}
 
 // --- TCP ---
 
@@ -641,13 +644,15 @@ void PodDnsServer::acceptTcp(TcpListener& l) {
   key->armTimer();
 }
 
-void PodDnsServer::endSession(TcpSession* s) { sessions_.erase(s); }
+void PodDnsServer::endSession(TcpSession* s) {
+  sessions_.erase(s);
+}
 
 void PodDnsServer::TcpSession::write(uv_stream_t* to, const std::vector<uint8_t>& data) {
   auto* w = new WriteReq();
   w->data = data;
-  uv_buf_t b = uv_buf_init(reinterpret_cast<char*>(w->data.data()),
-                           static_cast<unsigned>(w->data.size()));
+  uv_buf_t b =
+      uv_buf_init(reinterpret_cast<char*>(w->data.data()), static_cast<unsigned>(w->data.size()));
   // The request owns its bytes and frees itself, also when the handle closes first (ECANCELED).
   int rc = uv_write(&w->req, to, &b, 1,
                     [](uv_write_t* req, int) { delete reinterpret_cast<WriteReq*>(req); });
@@ -730,30 +735,30 @@ void PodDnsServer::TcpSession::forward(const dns::Query& q, std::span<const uint
   // Heap-allocated: when the session goes first, libuv still calls back with ECANCELED.
   auto* req = new uv_connect_t();
   req->data = this;
-  rc = uv_tcp_connect(req, upstream->get(), reinterpret_cast<sockaddr*>(&ss), [](uv_connect_t* r,
-                                                                                  int status) {
-    std::unique_ptr<uv_connect_t> own(r);
-    if (status == UV_ECANCELED) return;  // the upstream (or the whole session) is gone
-    auto* self = static_cast<TcpSession*>(r->data);
-    if (status != 0) return self->upstreamFailed(uv_strerror(status), true);
-    self->upstream_connected = true;
-    self->write(self->upstream->stream(), self->upstream_pending);
-    self->upstream_pending.clear();
-    int rc2 = uv_read_start(
-        self->upstream->stream(),
-        [](uv_handle_t* h, size_t, uv_buf_t* buf) {
-          auto* s = static_cast<TcpSession*>(h->data);
-          buf->base = reinterpret_cast<char*>(s->server->recv_buf_.data());
-          buf->len = s->server->recv_buf_.size();
-        },
-        [](uv_stream_t* st, ssize_t nread, const uv_buf_t* buf) {
-          auto* s = static_cast<TcpSession*>(st->data);
-          if (nread < 0) return s->upstreamFailed(uv_strerror(static_cast<int>(nread)), true);
-          s->onUpstreamData(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(buf->base),
-                                                     static_cast<size_t>(nread)));
-        });
-    if (rc2 != 0) self->upstreamFailed(uv_strerror(rc2), true);
-  });
+  rc = uv_tcp_connect(
+      req, upstream->get(), reinterpret_cast<sockaddr*>(&ss), [](uv_connect_t* r, int status) {
+        std::unique_ptr<uv_connect_t> own(r);
+        if (status == UV_ECANCELED) return;  // the upstream (or the whole session) is gone
+        auto* self = static_cast<TcpSession*>(r->data);
+        if (status != 0) return self->upstreamFailed(uv_strerror(status), true);
+        self->upstream_connected = true;
+        self->write(self->upstream->stream(), self->upstream_pending);
+        self->upstream_pending.clear();
+        int rc2 = uv_read_start(
+            self->upstream->stream(),
+            [](uv_handle_t* h, size_t, uv_buf_t* buf) {
+              auto* s = static_cast<TcpSession*>(h->data);
+              buf->base = reinterpret_cast<char*>(s->server->recv_buf_.data());
+              buf->len = s->server->recv_buf_.size();
+            },
+            [](uv_stream_t* st, ssize_t nread, const uv_buf_t* buf) {
+              auto* s = static_cast<TcpSession*>(st->data);
+              if (nread < 0) return s->upstreamFailed(uv_strerror(static_cast<int>(nread)), true);
+              s->onUpstreamData(std::span<const uint8_t>(
+                  reinterpret_cast<const uint8_t*>(buf->base), static_cast<size_t>(nread)));
+            });
+        if (rc2 != 0) self->upstreamFailed(uv_strerror(rc2), true);
+      });
   if (rc != 0) {
     delete req;
     return upstreamFailed(uv_strerror(rc), false);

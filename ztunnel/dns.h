@@ -54,10 +54,10 @@ DnsDecision resolveLocal(const dns::Query& q, const ClusterState& state,
 
 struct DnsQueryOrigin {
   uint64_t netns_cookie = 0;
-  int diag_fd = -1;           // NETLINK_SOCK_DIAG socket inside the pod's netns
+  int diag_fd = -1;  // NETLINK_SOCK_DIAG socket inside the pod's netns
   bool tcp = false;
-  SocketAddress client;       // the app socket's address, as the proxy sees it
-  SocketAddress local;        // the proxy's own address the query came to
+  SocketAddress client;  // the app socket's address, as the proxy sees it
+  SocketAddress local;   // the proxy's own address the query came to
 };
 using DnsResolverLookup = std::function<Result<SocketAddress>(const DnsQueryOrigin&)>;
 
@@ -73,10 +73,10 @@ Result<uint64_t> udpSocketCookie(int diag_fd, const SocketAddress& app, const So
 
 struct DnsOptions {
   uint16_t port = 15053;
-  uint32_t ttl = 30;                    // TTL of the proxy's own answers
-  uint64_t forward_timeout_ms = 5000;   // an upstream that has not answered by then: dropped
-  size_t max_in_flight = 256;           // forwarded UDP queries waiting per pod
-  size_t max_tcp_sessions = 64;         // TCP connections per pod
+  uint32_t ttl = 30;                   // TTL of the proxy's own answers
+  uint64_t forward_timeout_ms = 5000;  // an upstream that has not answered by then: dropped
+  size_t max_in_flight = 256;          // forwarded UDP queries waiting per pod
+  size_t max_tcp_sessions = 64;        // TCP connections per pod
   uint64_t tcp_idle_ms = 10000;
 };
 
@@ -85,8 +85,7 @@ class PodDnsServer {
   // Binds UDP and TCP on 127.0.0.1:<port> and [::1]:<port> in the pod's netns (the IPv6 pair
   // is required only when the pod has an IPv6 address); every socket marked 0x539.
   static Result<std::unique_ptr<PodDnsServer>> create(Proxy& proxy, LocalPodPtr pod,
-                                                      DnsOptions options,
-                                                      DnsResolverLookup lookup);
+                                                      DnsOptions options, DnsResolverLookup lookup);
   ~PodDnsServer();
   PodDnsServer(const PodDnsServer&) = delete;
   PodDnsServer& operator=(const PodDnsServer&) = delete;

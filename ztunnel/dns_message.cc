@@ -40,7 +40,8 @@ Status readName(std::span<const uint8_t> m, size_t* pos, std::vector<std::string
       size_t target = (static_cast<size_t>(len & 0x3f) << 8) | m[at + 1];
       // Strictly backwards: every hop lowers the position, so a loop cannot exist; the hop
       // limit bounds the work on top of that.
-      if (target >= at) return Status::errorf("name at {}: pointer to {} is not backwards", *pos, target);
+      if (target >= at)
+        return Status::errorf("name at {}: pointer to {} is not backwards", *pos, target);
       if (++hops > kMaxPointerHops) return Status::errorf("name at {}: too many pointers", *pos);
       if (after == 0) after = at + 2;
       at = target;
@@ -161,8 +162,8 @@ std::vector<uint8_t> buildResponse(const Query& q, uint16_t rcode,
     std::vector<uint8_t> out;
     out.reserve(64 + answers.size() * 28);
     put16(out, q.id);
-    uint16_t flags = kFlagQR | (q.flags & 0x7800) | (q.flags & kFlagRD) | kFlagRA | extra_flags |
-                     (rcode & 0xf);
+    uint16_t flags =
+        kFlagQR | (q.flags & 0x7800) | (q.flags & kFlagRD) | kFlagRA | extra_flags | (rcode & 0xf);
     if (authoritative) flags |= kFlagAA;
     if (!with_answers) flags |= kFlagTC;
     put16(out, flags);
@@ -208,8 +209,7 @@ std::vector<uint8_t> buildResponse(const Query& q, uint16_t rcode,
 std::vector<uint8_t> truncateAnswer(const Query& q, const ResponseHeader& upstream) {
   Query copy = q;
   copy.id = upstream.id;
-  return buildResponse(copy, upstream.rcode(), {}, 0, (upstream.flags & kFlagAA) != 0, 0,
-                       nullptr);
+  return buildResponse(copy, upstream.rcode(), {}, 0, (upstream.flags & kFlagAA) != 0, 0, nullptr);
 }
 
 }  // namespace weft::ztunnel::dns

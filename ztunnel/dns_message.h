@@ -15,12 +15,12 @@
 namespace weft::ztunnel::dns {
 
 inline constexpr size_t kHeaderSize = 12;
-inline constexpr size_t kMaxMessage = 65535;     // a TCP frame's length field
-inline constexpr size_t kMaxUdpPlain = 512;      // RFC 1035 limit without EDNS
-inline constexpr uint16_t kOurUdpSize = 1232;    // what we advertise in our OPT (DNS flag day 2020)
-inline constexpr size_t kMaxNameWire = 255;      // whole name, length octets included
+inline constexpr size_t kMaxMessage = 65535;   // a TCP frame's length field
+inline constexpr size_t kMaxUdpPlain = 512;    // RFC 1035 limit without EDNS
+inline constexpr uint16_t kOurUdpSize = 1232;  // what we advertise in our OPT (DNS flag day 2020)
+inline constexpr size_t kMaxNameWire = 255;    // whole name, length octets included
 inline constexpr size_t kMaxLabel = 63;
-inline constexpr int kMaxPointerHops = 32;       // more than any sane name needs
+inline constexpr int kMaxPointerHops = 32;  // more than any sane name needs
 
 inline constexpr uint16_t kTypeA = 1;
 inline constexpr uint16_t kTypeAAAA = 28;
@@ -47,12 +47,12 @@ inline constexpr uint16_t kFlagRA = 0x0080;
 // A query, as far as the proxy needs it. Everything in it was bounds-checked.
 struct Query {
   uint16_t id = 0;
-  uint16_t flags = 0;                // the header's flag word as sent
-  std::vector<std::string> labels;   // question name, as sent (case kept); empty = the root
+  uint16_t flags = 0;               // the header's flag word as sent
+  std::vector<std::string> labels;  // question name, as sent (case kept); empty = the root
   uint16_t qtype = 0;
   uint16_t qclass = 0;
-  bool edns = false;                 // an OPT record was present
-  uint16_t edns_udp_size = 0;        // its advertised payload size (as sent)
+  bool edns = false;           // an OPT record was present
+  uint16_t edns_udp_size = 0;  // its advertised payload size (as sent)
   uint8_t edns_version = 0;
 
   uint8_t opcode() const { return static_cast<uint8_t>((flags >> 11) & 0xf); }

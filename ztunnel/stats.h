@@ -44,7 +44,7 @@ namespace weft::ztunnel {
   X(dns_answered_locally_total, "DNS queries answered from the cluster state")              \
   X(dns_forwarded_total, "DNS queries forwarded to the resolver the pod asked")              \
   X(dns_malformed_total, "DNS messages dropped as malformed")                                 \
-  X(dns_forward_failures_total, "Forwarded DNS queries that got no answer (no resolver known, send error, refused, timeout, too many in flight)") \
+  X(dns_forward_failures_total, "DNS queries to forward that got no upstream answer")        \
   X(dns_truncated_total, "DNS answers sent over UDP with TC set because they did not fit")   \
   X(dns_tcp_connections_total, "TCP connections accepted by the pods' DNS proxies")
 

@@ -202,8 +202,7 @@ class DnsRedirectTest : public BpfKernelTest {
   }
   pid_t startReal(int wait_ms = 1500) {
     return spawnServer(peer_fd_.get(), false, [wait_ms](int out) {
-      return realUdpServer(out, {"10.250.0.1:53", "[fd00:250::1]:53", "10.250.0.1:5353"},
-                           wait_ms);
+      return realUdpServer(out, {"10.250.0.1:53", "[fd00:250::1]:53", "10.250.0.1:5353"}, wait_ms);
     });
   }
 };
@@ -211,9 +210,8 @@ class DnsRedirectTest : public BpfKernelTest {
 TEST_F(DnsRedirectTest, ConnectedUdp4QueryReachesProxyAndAnswerComesFromTheResolver) {
   enrollPod();
   pid_t proxy = startProxy("127.0.0.1:15053");
-  auto app = run(pod_fd_.get(), true, [](int out) {
-    return udpApp(out, kResolverV4, /*connected=*/true, AF_INET);
-  });
+  auto app = run(pod_fd_.get(), true,
+                 [](int out) { return udpApp(out, kResolverV4, /*connected=*/true, AF_INET); });
   EXPECT_EQ(app.get("peer"), "127.0.0.1:15053") << app.raw;  // the socket is the proxy's now
   EXPECT_EQ(app.get("reply"), "answer") << app.raw;
   EXPECT_EQ(app.get("from"), kResolverV4) << app.raw;
@@ -226,9 +224,8 @@ TEST_F(DnsRedirectTest, ConnectedUdp4QueryReachesProxyAndAnswerComesFromTheResol
 TEST_F(DnsRedirectTest, UnconnectedUdp4QueryIsCapturedBySendmsg) {
   enrollPod();
   pid_t proxy = startProxy("127.0.0.1:15053");
-  auto app = run(pod_fd_.get(), true, [](int out) {
-    return udpApp(out, kResolverV4, /*connected=*/false, AF_INET);
-  });
+  auto app = run(pod_fd_.get(), true,
+                 [](int out) { return udpApp(out, kResolverV4, /*connected=*/false, AF_INET); });
   EXPECT_EQ(app.get("reply"), "answer") << app.raw;
   EXPECT_EQ(app.get("from"), kResolverV4) << app.raw;
   auto p = wait(proxy);
@@ -239,9 +236,8 @@ TEST_F(DnsRedirectTest, Udp6ConnectedAndUnconnected) {
   enrollPod();
   for (bool connected : {true, false}) {
     pid_t proxy = startProxy("[::1]:15053");
-    auto app = run(pod_fd_.get(), true, [connected](int out) {
-      return udpApp(out, kResolverV6, connected, AF_INET6);
-    });
+    auto app = run(pod_fd_.get(), true,
+                   [connected](int out) { return udpApp(out, kResolverV6, connected, AF_INET6); });
     EXPECT_EQ(app.get("reply"), "answer") << connected << ": " << app.raw;
     EXPECT_EQ(app.get("from"), kResolverV6) << connected << ": " << app.raw;
     auto p = wait(proxy);
@@ -254,9 +250,8 @@ TEST_F(DnsRedirectTest, V4MappedQueryOnV6SocketGoesToTheV4Proxy) {
   enrollPod();
   for (bool connected : {true, false}) {
     pid_t proxy = startProxy("127.0.0.1:15053");
-    auto app = run(pod_fd_.get(), true, [connected](int out) {
-      return udpApp(out, kResolverV4, connected, AF_INET6);
-    });
+    auto app = run(pod_fd_.get(), true,
+                   [connected](int out) { return udpApp(out, kResolverV4, connected, AF_INET6); });
     EXPECT_EQ(app.get("reply"), "answer") << connected << ": " << app.raw;
     EXPECT_EQ(app.get("from"), kResolverV4) << connected << ": " << app.raw;  // ::ffff: folded
     auto p = wait(proxy);
@@ -299,36 +294,30 @@ TEST_F(DnsRedirectTest, NotEnrolledMarkedOtherPortAndLoopbackAreNotCaptured) {
   pid_t proxy = startProxy("127.0.0.1:15053", 2500);
   pid_t real = startReal(2500);
   // Not enrolled yet: the real resolver answers.
-  auto a = run(pod_fd_.get(), true, [](int out) {
-    return udpApp(out, kResolverV4, true, AF_INET);
-  });
+  auto a =
+      run(pod_fd_.get(), true, [](int out) { return udpApp(out, kResolverV4, true, AF_INET); });
   EXPECT_EQ(a.get("reply"), "real") << a.raw;
   EXPECT_EQ(a.get("from"), kResolverV4);
   enrollPod();
   // The ztunnel's own sockets (mark 0x539) and other ports go where they were sent.
-  auto b = run(pod_fd_.get(), true, [](int out) {
-    return udpApp(out, kResolverV4, false, AF_INET, /*mark=*/true);
-  });
+  auto b = run(pod_fd_.get(), true,
+               [](int out) { return udpApp(out, kResolverV4, false, AF_INET, /*mark=*/true); });
   EXPECT_EQ(b.get("reply"), "real") << b.raw;
-  auto c = run(pod_fd_.get(), true, [](int out) {
-    return udpApp(out, "10.250.0.1:5353", true, AF_INET);
-  });
+  auto c = run(pod_fd_.get(), true,
+               [](int out) { return udpApp(out, "10.250.0.1:5353", true, AF_INET); });
   EXPECT_EQ(c.get("reply"), "real") << c.raw;
   // A process outside the cgroup is not seen by the hooks.
-  auto d = run(pod_fd_.get(), false, [](int out) {
-    return udpApp(out, kResolverV6, false, AF_INET6);
-  });
+  auto d =
+      run(pod_fd_.get(), false, [](int out) { return udpApp(out, kResolverV6, false, AF_INET6); });
   EXPECT_EQ(d.get("reply"), "real") << d.raw;
   EXPECT_EQ(wait(proxy).get("got"), "0");
   EXPECT_EQ(wait(real).get("got"), "4");
 
   // A resolver on the pod's own loopback (a local cache) stays local.
-  pid_t local = spawnServer(pod_fd_.get(), true, [](int out) {
-    return realUdpServer(out, {"127.0.0.53:53"}, 1500);
-  });
-  auto e = run(pod_fd_.get(), true, [](int out) {
-    return udpApp(out, "127.0.0.53:53", true, AF_INET);
-  });
+  pid_t local = spawnServer(pod_fd_.get(), true,
+                            [](int out) { return realUdpServer(out, {"127.0.0.53:53"}, 1500); });
+  auto e =
+      run(pod_fd_.get(), true, [](int out) { return udpApp(out, "127.0.0.53:53", true, AF_INET); });
   EXPECT_EQ(e.get("reply"), "real") << e.raw;
   EXPECT_EQ(wait(local).get("got"), "1");
 }
@@ -344,9 +333,8 @@ TEST_F(DnsRedirectTest, UnenrollStopsCaptureAndAppsCannotBindTheDnsPort) {
   EXPECT_EQ(b.get("bind"), strerror(EPERM)) << b.raw;
   ASSERT_TRUE(dp_->unenroll(pod_cookie_).isOk());
   pid_t real = startReal(1500);
-  auto a = run(pod_fd_.get(), true, [](int out) {
-    return udpApp(out, kResolverV4, false, AF_INET);
-  });
+  auto a =
+      run(pod_fd_.get(), true, [](int out) { return udpApp(out, kResolverV4, false, AF_INET); });
   EXPECT_EQ(a.get("reply"), "real") << a.raw;
   EXPECT_EQ(wait(real).get("got"), "1");
 }

@@ -3,6 +3,8 @@
 // upstream), other names are forwarded to the resolver the pod asked (a tiny DNS server of ours,
 // tests/fixtures/dns/upstream_dns.py, running as a pod) with truncation and TCP fallback, and a
 // fuzz run of malformed packets leaves the proxy answering.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -12,12 +14,9 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
-
-#include <fmt/format.h>
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include "tests/e2e/sim_cluster.h"
 
@@ -27,7 +26,7 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-constexpr const char* kClient = "mesh/client";     // enrolled, node1
+constexpr const char* kClient = "mesh/client";        // enrolled, node1
 constexpr const char* kPlainClient = "plain/client";  // not enrolled, node1
 constexpr const char* kClientIp = "10.244.1.10";
 constexpr const char* kUpstreamIp = "10.244.2.53";  // dns/upstream, not enrolled, node2
@@ -166,13 +165,12 @@ class DnsE2E : public ::testing::Test {
         "/usr/bin/python3 {}/tests/fixtures/dns/upstream_dns.py --bind {} --bind {} --log {}",
         repoRoot(), kUpstreamIp, kUpstreamIp6, upstreamLog_);
     return {
-        {"ns.yaml", namespaceYaml("mesh", true) + "---\n" + namespaceYaml("dns", false) +
-                        "---\n" + namespaceYaml("plain", false)},
+        {"ns.yaml", namespaceYaml("mesh", true) + "---\n" + namespaceYaml("dns", false) + "---\n" +
+                        namespaceYaml("plain", false)},
         {"pods.yaml",
          pod("mesh", "client", "node1", kClientIp, "fd00:10:244:1::10", "sleep infinity") +
              "---\n" +
-             pod("plain", "client", "node1", "10.244.1.20", "fd00:10:244:1::20",
-                 "sleep infinity") +
+             pod("plain", "client", "node1", "10.244.1.20", "fd00:10:244:1::20", "sleep infinity") +
              "---\n" + pod("dns", "upstream", "node2", kUpstreamIp, kUpstreamIp6, upstream, 53)},
         {"svc.yaml", fmt::format("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n"
                                  "  namespace: mesh\nspec:\n  clusterIP: {0}\n  clusterIPs: [{0}, "
@@ -185,9 +183,14 @@ class DnsE2E : public ::testing::Test {
   // private mount namespace (the sim's pods share the machine's files).
   static RunResult inPod(const std::string& pod, const std::vector<std::string>& cmd,
                          std::chrono::milliseconds timeout = 30s) {
-    std::vector<std::string> argv = {
-        "unshare", "-m", "--propagation", "private", "sh", "-c",
-        "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"", dir_ + "/resolv.conf"};
+    std::vector<std::string> argv = {"unshare",
+                                     "-m",
+                                     "--propagation",
+                                     "private",
+                                     "sh",
+                                     "-c",
+                                     "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
+                                     dir_ + "/resolv.conf"};
     argv.insert(argv.end(), cmd.begin(), cmd.end());
     return cluster_->exec(pod, argv, timeout);
   }
@@ -270,8 +273,8 @@ TEST_F(DnsE2E, OtherNamesAreForwardedToTheResolverThePodAsked) {
   auto nx = inPod(kClient, {"dig", "+tries=1", "+time=3", "missing.example.test"});
   EXPECT_NE(nx.out.find("status: NXDOMAIN"), std::string::npos) << nx.out;
   // To the pod's IPv6 resolver address: captured by sendmsg6/connect6, forwarded over IPv6.
-  auto v6 = inPod(kClient, {"dig", "+short", "+tries=1", "+time=3",
-                            std::string("@") + kUpstreamIp6, "www.example.test", "A"});
+  auto v6 = inPod(kClient, {"dig", "+short", "+tries=1", "+time=3", std::string("@") + kUpstreamIp6,
+                            "www.example.test", "A"});
   EXPECT_EQ(v6.out, "192.0.2.10\n") << v6.describe();
 
   // The upstream got them from the client pod's own address (the proxy forwards from the
@@ -297,8 +300,8 @@ TEST_F(DnsE2E, OtherNamesAreForwardedToTheResolverThePodAsked) {
 TEST_F(DnsE2E, TruncationAndTcpFallback) {
   double trunc_before = counter("dns_truncated_total");
   // Without EDNS the 1.8 KB answer does not fit 512 bytes: the proxy truncates it.
-  auto t = inPod(kClient, {"dig", "+noedns", "+ignore", "+tries=1", "+time=3",
-                           "big.example.test", "TXT"});
+  auto t = inPod(kClient,
+                 {"dig", "+noedns", "+ignore", "+tries=1", "+time=3", "big.example.test", "TXT"});
   EXPECT_NE(t.out.find(" tc "), std::string::npos) << t.out;
   EXPECT_NE(t.out.find("ANSWER: 0"), std::string::npos) << t.out;
   EXPECT_GE(counter("dns_truncated_total") - trunc_before, 1);
@@ -327,8 +330,8 @@ TEST_F(DnsE2E, FuzzLeavesTheProxyAnswering) {
   EXPECT_EQ(sum.value("udp_sent", 0), 3000) << f.out;
   // (Almost) everything sent was read by the proxy (loopback may drop a few datagrams when its
   // socket buffer is full on a busy machine) and most of it was refused as malformed.
-  EXPECT_TRUE(eventually([&] { return counter("dns_queries_total") - queries_before >= 2850; },
-                         10s))
+  EXPECT_TRUE(
+      eventually([&] { return counter("dns_queries_total") - queries_before >= 2850; }, 10s))
       << counter("dns_queries_total") - queries_before;
   EXPECT_GE(counter("dns_malformed_total") - malformed_before, 1000);
 

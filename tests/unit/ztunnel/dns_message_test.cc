@@ -428,9 +428,14 @@ TEST(DnsMessage, FuzzNeverCrashes) {
       for (int e = 0; e < edits && !m.empty(); ++e) {
         size_t at = rng() % m.size();
         switch (rng() % 3) {
-          case 0: m[at] = static_cast<uint8_t>(rng()); break;
-          case 1: m.erase(m.begin() + static_cast<long>(at)); break;
-          default: m.insert(m.begin() + static_cast<long>(at), static_cast<uint8_t>(rng()));
+          case 0:
+            m[at] = static_cast<uint8_t>(rng());
+            break;
+          case 1:
+            m.erase(m.begin() + static_cast<long>(at));
+            break;
+          default:
+            m.insert(m.begin() + static_cast<long>(at), static_cast<uint8_t>(rng()));
         }
       }
     }
@@ -438,8 +443,8 @@ TEST(DnsMessage, FuzzNeverCrashes) {
     if (!q) continue;
     ++accepted;
     bool truncated = false;
-    Bytes r = buildResponse(*q, kNoError, {*IpAddr::parse("10.1.2.3")}, 5, true,
-                            q->maxUdpAnswer(), &truncated);
+    Bytes r = buildResponse(*q, kNoError, {*IpAddr::parse("10.1.2.3")}, 5, true, q->maxUdpAnswer(),
+                            &truncated);
     ASSERT_TRUE(parseResponseHeader(r).isOk());
     ASSERT_LE(r.size(), std::max<size_t>(q->maxUdpAnswer(), 12 + 255 + 4 + 11));
   }

@@ -7,7 +7,9 @@
 namespace weft::ztunnel {
 namespace {
 
-IpAddr ip(const char* s) { return *IpAddr::parse(s); }
+IpAddr ip(const char* s) {
+  return *IpAddr::parse(s);
+}
 
 dns::Query q(const std::string& name, uint16_t type = dns::kTypeA) {
   dns::Query out;
@@ -40,8 +42,10 @@ class DnsResolveTest : public ::testing::Test {
     ServiceInfo headless;
     headless.name = "db";
     headless.namespace_ = "shop";
-    headless.endpoints = {{"u2", ip("10.244.1.5")}, {"u3", ip("10.244.2.5")},
-                          {"u4", ip("fd00:10:244:2::5")}, {"u5", ip("10.244.1.5")}};
+    headless.endpoints = {{"u2", ip("10.244.1.5")},
+                          {"u3", ip("10.244.2.5")},
+                          {"u4", ip("fd00:10:244:2::5")},
+                          {"u5", ip("10.244.1.5")}};
     state_.addService(headless);
   }
   DnsDecision resolve(const dns::Query& query, const std::string& ns = "mesh",
@@ -69,8 +73,7 @@ TEST_F(DnsResolveTest, CaseAndTrailingDomainSpellingDoNotMatter) {
   auto other = resolve(q("web.mesh.svc.corp.example"), "mesh", "corp.example");
   EXPECT_EQ(other.kind, Kind::kAnswer);
   // Under another domain the same name is not ours.
-  EXPECT_EQ(resolve(q("web.mesh.svc.cluster.local"), "mesh", "corp.example").kind,
-            Kind::kForward);
+  EXPECT_EQ(resolve(q("web.mesh.svc.cluster.local"), "mesh", "corp.example").kind, Kind::kForward);
 }
 
 TEST_F(DnsResolveTest, NoRecordOfThatTypeIsNodata) {

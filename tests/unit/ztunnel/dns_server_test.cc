@@ -4,14 +4,13 @@
 // e2e), truncates what does not fit, drops and counts malformed messages and keeps answering.
 #include <dirent.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
-#include <string.h>
 #include <poll.h>
 #include <signal.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
 
 #include <atomic>
 #include <functional>
@@ -26,7 +25,9 @@ namespace {
 using Bytes = std::vector<uint8_t>;
 constexpr const char* kUpstream = "127.0.0.1:5300";
 
-int sh(const std::string& cmd) { return system((cmd + " >/dev/null 2>&1").c_str()); }
+int sh(const std::string& cmd) {
+  return system((cmd + " >/dev/null 2>&1").c_str());
+}
 
 class TestNetns {
  public:
@@ -84,7 +85,8 @@ Bytes query(uint16_t id, const std::string& name, uint16_t type) {
     size_t dot = name.find('.', start);
     if (dot == std::string::npos) dot = name.size();
     b.push_back(static_cast<uint8_t>(dot - start));
-    b.insert(b.end(), name.begin() + static_cast<long>(start), name.begin() + static_cast<long>(dot));
+    b.insert(b.end(), name.begin() + static_cast<long>(start),
+             name.begin() + static_cast<long>(dot));
     start = dot + 1;
   }
   b.push_back(0);
@@ -93,9 +95,15 @@ Bytes query(uint16_t id, const std::string& name, uint16_t type) {
   return b;
 }
 
-uint16_t flagsOf(const Bytes& r) { return r.size() < 4 ? 0 : static_cast<uint16_t>((r[2] << 8) | r[3]); }
-uint16_t idOf(const Bytes& r) { return r.size() < 2 ? 0 : static_cast<uint16_t>((r[0] << 8) | r[1]); }
-int ancount(const Bytes& r) { return r.size() < 8 ? -1 : (r[6] << 8) | r[7]; }
+uint16_t flagsOf(const Bytes& r) {
+  return r.size() < 4 ? 0 : static_cast<uint16_t>((r[2] << 8) | r[3]);
+}
+uint16_t idOf(const Bytes& r) {
+  return r.size() < 2 ? 0 : static_cast<uint16_t>((r[0] << 8) | r[1]);
+}
+int ancount(const Bytes& r) {
+  return r.size() < 8 ? -1 : (r[6] << 8) | r[7];
+}
 
 // The last 4 bytes of an answer with one A record: the address.
 std::string lastA(const Bytes& r) {
@@ -146,7 +154,8 @@ class FakeUpstream {
         uint8_t buf[2048];
         sockaddr_storage from;
         socklen_t fl = sizeof(from);
-        ssize_t n = recvfrom(udp_.get(), buf, sizeof(buf), 0, reinterpret_cast<sockaddr*>(&from), &fl);
+        ssize_t n =
+            recvfrom(udp_.get(), buf, sizeof(buf), 0, reinterpret_cast<sockaddr*>(&from), &fl);
         if (n > 0) {
           ++udp_queries_;
           Bytes r = reply(buf, static_cast<size_t>(n));
