@@ -41,7 +41,14 @@ namespace weft::ztunnel {
   X(hbone_server_handshake_failures_total, "TLS handshakes refused on the pods' HBONE listeners") \
   X(cert_waits_total, "New connections that waited for their workload's first certificate")  \
   X(cert_wait_timeouts_total, "Connections dropped because no certificate came within the wait") \
-  X(plaintext_refused_total, "Plaintext inbound connections reset under STRICT peer authentication")
+  X(plaintext_refused_total, "Plaintext inbound connections reset under STRICT peer authentication") \
+  X(dns_queries_total, "DNS messages received by the pods' DNS proxies (15053, UDP and TCP)")  \
+  X(dns_answered_locally_total, "DNS queries answered from the cluster state")              \
+  X(dns_forwarded_total, "DNS queries forwarded to the resolver the pod asked")              \
+  X(dns_malformed_total, "DNS messages dropped as malformed")                                 \
+  X(dns_forward_failures_total, "DNS queries to forward that got no upstream answer")        \
+  X(dns_truncated_total, "DNS answers sent over UDP with TC set because they did not fit")   \
+  X(dns_tcp_connections_total, "TCP connections accepted by the pods' DNS proxies")
 
 // Gauges (weft_ztunnel_<name>), filled in when rendered.
 #define WEFT_ZTUNNEL_GAUGES(X)                                             \

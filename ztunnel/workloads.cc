@@ -42,7 +42,8 @@ Status PodListeners::add(Proxy& proxy, const LocalPodPtr& pod, const SocketAddre
 }
 
 Result<std::unique_ptr<PodListeners>> PodListeners::create(Proxy& proxy, LocalPodPtr pod,
-                                                           ListenerPorts ports) {
+                                                           ListenerPorts ports,
+                                                           DnsResolverLookup dns_lookup) {
   auto out = std::unique_ptr<PodListeners>(new PodListeners());
   IpAddr any4 = *IpAddr::parse("0.0.0.0"), any6 = *IpAddr::parse("::");
   IpAddr lo4 = *IpAddr::parse("127.0.0.1"), lo6 = *IpAddr::parse("::1");
@@ -61,6 +62,13 @@ Result<std::unique_ptr<PodListeners>> PodListeners::create(Proxy& proxy, LocalPo
     spdlog::info("{}/{}: no IPv6 listeners: {}", pod->info->namespace_, pod->info->name,
                  st6.message());
   }
+  if (ports.dns != 0) {
+    DnsOptions dns_options;
+    dns_options.port = ports.dns;
+    auto dns = PodDnsServer::create(proxy, pod, dns_options, std::move(dns_lookup));
+    if (!dns) return dns.status();
+    out->dns_ = std::move(dns.value());
+  }
   return out;
 }
 
@@ -77,6 +85,8 @@ std::vector<std::string> PodListeners::describe() const {
                               : l->kind == Kind::kHbone ? "hbone "
                                                         : "outbound ") +
                   l->addr.toString());
+  if (dns_)
+    for (auto& d : dns_->describe()) out.push_back(std::move(d));
   return out;
 }
 
@@ -106,7 +116,7 @@ Status LocalWorkloads::add(const WorkloadInfo& info, UniqueFd netns) {
   auto pod = std::make_shared<LocalPod>();
   pod->info = std::make_shared<const WorkloadInfo>(info);
   pod->netns = std::move(netns);
-  auto listeners = PodListeners::create(proxy_, pod, ports_);
+  auto listeners = PodListeners::create(proxy_, pod, ports_, dnsLookup());
   if (!listeners) return listeners.status().context(what);
   Entry e;
   e.pod = pod;
@@ -127,6 +137,25 @@ Status LocalWorkloads::add(const WorkloadInfo& info, UniqueFd netns) {
                e.registered.size());
   pods_.emplace(info.uid, std::move(e));
   return Status::ok();
+}
+
+DnsResolverLookup LocalWorkloads::dnsLookup() {
+  if (dns_lookup_for_test_) return dns_lookup_for_test_;
+  std::string pin_dir = pin_dir_;
+  if (pin_dir.empty()) return {};  // no BPF: forwarded queries get SERVFAIL
+  struct Lazy {
+    std::string pin_dir;
+    DnsResolverLookup opened;
+  };
+  auto lazy = std::make_shared<Lazy>(Lazy{pin_dir, {}});
+  return [lazy](const DnsQueryOrigin& o) -> Result<SocketAddress> {
+    if (!lazy->opened) {
+      auto l = openBpfResolverLookup(lazy->pin_dir);
+      if (!l) return l.status();
+      lazy->opened = std::move(l.value());
+    }
+    return lazy->opened(o);
+  };
 }
 
 void LocalWorkloads::unregister(Entry& e) {

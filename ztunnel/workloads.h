@@ -1,5 +1,6 @@
-// The local workloads the agent handed over: per pod, its netns and its four listeners (15001
-// and 15006, IPv4 and IPv6) inside that netns, registered for inbound steering.
+// The local workloads the agent handed over: per pod, its netns and its listeners (15001, 15006,
+// 15008, IPv4 and IPv6) inside that netns, registered for inbound steering, and its DNS proxy
+// (15053, UDP and TCP).
 #pragma once
 
 #include <uv.h>
@@ -15,6 +16,7 @@
 
 #include "common/inbound_listener_map.h"
 #include "common/uv_handle.h"
+#include "ztunnel/dns.h"
 #include "ztunnel/proxy.h"
 
 namespace weft::ztunnel {
@@ -23,6 +25,7 @@ struct ListenerPorts {
   uint16_t outbound = 15001;
   uint16_t inbound = 15006;
   uint16_t hbone = 15008;
+  uint16_t dns = 15053;  // 0: no DNS proxy
 };
 
 // One pod's listeners, all on the proxy's loop. Closing them leaves open connections alone.
@@ -31,7 +34,8 @@ class PodListeners {
   // Creates the listeners in `pod`'s netns. IPv6 ones are required only when the pod has an
   // IPv6 address (a netns without IPv6 still gets its IPv4 listeners).
   static Result<std::unique_ptr<PodListeners>> create(Proxy& proxy, LocalPodPtr pod,
-                                                      ListenerPorts ports);
+                                                      ListenerPorts ports,
+                                                      DnsResolverLookup dns_lookup = {});
   // The inbound listener's fd for pod IPs of `family`, or -1.
   int inboundFd(int family) const;
   std::vector<std::string> describe() const;
@@ -49,6 +53,7 @@ class PodListeners {
   Status add(Proxy& proxy, const LocalPodPtr& pod, const SocketAddress& addr, Kind kind);
 
   std::vector<std::unique_ptr<Listener>> listeners_;
+  std::unique_ptr<PodDnsServer> dns_;
 };
 
 class LocalWorkloads {
@@ -66,6 +71,8 @@ class LocalWorkloads {
   Status remove(const std::string& uid);
   // Removes every pod whose uid is not in `keep` (after a snapshot).
   void retainOnly(const std::set<std::string>& keep);
+  // Test seam: where forwarded DNS queries go, instead of the BPF maps under the pin dir.
+  void setDnsLookupForTest(DnsResolverLookup lookup) { dns_lookup_for_test_ = std::move(lookup); }
   // Closes every listener without unregistering anything (drain before exit).
   void closeAllListeners();
 
@@ -83,11 +90,15 @@ class LocalWorkloads {
   };
   Status openMap();
   void unregister(Entry& e);
+  // The resolver lookup for DNS proxies: the pinned maps, opened on first use (and retried
+  // while they cannot be), or the test seam.
+  DnsResolverLookup dnsLookup();
 
   Proxy& proxy_;
   ListenerPorts ports_;
   std::string pin_dir_;
   std::optional<InboundListenerMap> map_;
+  DnsResolverLookup dns_lookup_for_test_;
   std::map<std::string, Entry> pods_;
 };
 

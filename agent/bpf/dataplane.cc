@@ -27,6 +27,7 @@
 #include "bpf/abi/progs.h"
 #include "common/fd.h"
 #include "common/netns.h"
+#include "dns_redirect.skel.h"
 #include "inbound_lookup.skel.h"
 #include "orig_dst.skel.h"
 #include "redirect_connect.skel.h"
@@ -37,10 +38,13 @@ namespace {
 
 constexpr const char* kMapNames[] = {WEFT_MAP_ENROLLED,       WEFT_MAP_SK_ORIG_DST,
                                      WEFT_MAP_ORIG_DST,       WEFT_MAP_INBOUND_LISTENERS,
-                                     WEFT_MAP_INBOUND_BYPASS, WEFT_MAP_EVENTS};
+                                     WEFT_MAP_INBOUND_BYPASS, WEFT_MAP_EVENTS,
+                                     WEFT_MAP_DNS_DST};
 // Programs attached at the cgroup root, each with a pinned link of the same name.
 constexpr const char* kCgroupProgs[] = {WEFT_PROG_CONNECT4,   WEFT_PROG_CONNECT6, WEFT_PROG_SOCKOPS,
-                                        WEFT_PROG_GETSOCKOPT, WEFT_PROG_BIND4,    WEFT_PROG_BIND6};
+                                        WEFT_PROG_GETSOCKOPT, WEFT_PROG_BIND4,    WEFT_PROG_BIND6,
+                                        WEFT_PROG_SENDMSG4,   WEFT_PROG_SENDMSG6, WEFT_PROG_RECVMSG4,
+                                        WEFT_PROG_RECVMSG6};
 // The kernel keeps BPF_OBJ_NAME_LEN - 1 characters of a program name.
 constexpr size_t kKernelNameLen = 15;
 
@@ -369,7 +373,7 @@ class KernelDataplane final : public Dataplane {
     }
 
     struct weft_enrollment e {};
-    e.flags = WEFT_ENROLL_REDIRECT_OUTBOUND;
+    e.flags = WEFT_ENROLL_REDIRECT_OUTBOUND | WEFT_ENROLL_REDIRECT_DNS;
     e.workload_id = workload_id;
     if (bpf_map_update_elem(enrolled_fd_.get(), &netns_cookie, &e, BPF_ANY) != 0) {
       Status err =
@@ -547,6 +551,7 @@ class KernelDataplane final : public Dataplane {
           "orig_dst", &opts, [page](orig_dst* s) { s->rodata->weft_page_size = page; }, &objects);
     if (st) st = openSkeleton<bind_guard>("bind_guard", &opts, nullptr, &objects);
     if (st) st = openSkeleton<inbound_lookup>("inbound_lookup", &opts, nullptr, &objects);
+    if (st) st = openSkeleton<dns_redirect>("dns_redirect", &opts, nullptr, &objects);
     if (!st) return st;
 
     // The first load creates and pins the shared maps; the others reuse them by name.

@@ -43,7 +43,8 @@ class Dataplane {
   virtual const DataplaneInfo& info() const = 0;
 
   // Enrolls a pod: inbound steering (sk_lookup link on its netns, pinned as
-  // <pin_dir>/netns/<cookie>) and then outbound redirect (weft_enrolled entry). Idempotent.
+  // <pin_dir>/netns/<cookie>) and then outbound redirect and DNS capture (weft_enrolled entry).
+  // Idempotent.
   virtual Status enroll(uint64_t netns_cookie, int netns_fd, uint64_t workload_id) = 0;
   // Reverses enroll: outbound redirect off first, then inbound steering. Idempotent. Existing
   // connections are not touched.

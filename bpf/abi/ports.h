@@ -5,6 +5,8 @@
 #define WEFT_PORT_INBOUND 15006
 #define WEFT_PORT_HBONE 15008
 #define WEFT_PORT_DNS 15053
+/* The port whose traffic (UDP and TCP) from enrolled pods goes to WEFT_PORT_DNS. */
+#define WEFT_PORT_DNS_SERVICE 53
 
 /* Every socket the ztunnel opens carries this mark; the hooks let it through. */
 #define WEFT_ZTUNNEL_MARK 0x539

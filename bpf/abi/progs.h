@@ -9,6 +9,10 @@
 #define WEFT_PROG_BIND4 "weft_bind4"
 #define WEFT_PROG_BIND6 "weft_bind6"
 #define WEFT_PROG_SK_LOOKUP "weft_sk_lookup"
+#define WEFT_PROG_SENDMSG4 "weft_sendmsg4"
+#define WEFT_PROG_SENDMSG6 "weft_sendmsg6"
+#define WEFT_PROG_RECVMSG4 "weft_recvmsg4"
+#define WEFT_PROG_RECVMSG6 "weft_recvmsg6"
 
 /* Every Weft program name starts with this (weftctl and tests find them by it). */
 #define WEFT_PROG_PREFIX "weft_"

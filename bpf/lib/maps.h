@@ -62,3 +62,13 @@ struct {
 	__uint(max_entries, WEFT_EVENTS_RING_BYTES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_events SEC(".maps");
+
+/* weft_dns_dst: (app socket cookie, netns cookie) -> the resolver its DNS query was for. LRU: no
+ * hook sees a UDP socket close, so old entries go when room is needed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEFT_MAX_DNS_DST);
+	__type(key, struct weft_dns_key);
+	__type(value, struct weft_sockaddr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_dns_dst SEC(".maps");

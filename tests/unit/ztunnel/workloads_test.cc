@@ -199,8 +199,9 @@ TEST_F(ZtunnelNetnsTest, ListenersComeUpAndGoAway) {
   EXPECT_TRUE(zt_->workloads().contains("u1"));
   auto j = zt_->workloads().toJson();
   ASSERT_EQ(j.size(), 1u);
-  // 15001 and 15006 and the HBONE 15008, each IPv4 and IPv6.
-  EXPECT_EQ(j[0]["listeners"].size(), 6u) << j.dump();
+  // 15001 and 15006 and the HBONE 15008, each IPv4 and IPv6; the DNS proxy's UDP and TCP
+  // sockets on 15053, each IPv4 and IPv6.
+  EXPECT_EQ(j[0]["listeners"].size(), 10u) << j.dump();
   // No BPF here: SO_ORIGINAL_DST has no answer, and a direct connect to 15006 is no steering.
   std::string out, in;
   int nfd = netns_->fd();
