@@ -24,6 +24,9 @@ inline constexpr const char* kPeerV4 = "10.250.0.1";
 inline constexpr const char* kPodV6 = "fd00:250::2";
 inline constexpr const char* kPeerV6 = "fd00:250::1";
 
+// SO_ORIGINAL_DST (at SOL_IP and SOL_IPV6), answered by the cgroup/getsockopt program.
+inline constexpr int kSoOriginalDst = 80;
+
 // The cgroup v2 mount point, from /proc/mounts ("" if none).
 std::string cgroup2Mount();
 

@@ -19,8 +19,6 @@
 namespace weft::bpftest {
 namespace {
 
-constexpr int kSoOriginalDst = 80;
-
 bool pinned(const std::string& path) {
   struct stat st;
   return lstat(path.c_str(), &st) == 0;

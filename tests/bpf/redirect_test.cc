@@ -16,7 +16,6 @@
 namespace weft::bpftest {
 namespace {
 
-constexpr int kSoOriginalDst = 80;  // SO_ORIGINAL_DST, SOL_IP and SOL_IPV6
 constexpr const char* kRealV4 = "10.250.0.1:8080";
 constexpr const char* kRealV6 = "[fd00:250::1]:8080";
 

@@ -127,16 +127,16 @@ TEST(AuthorizationPolicyParse, DefaultsAndScopes) {
               HasSubstr("this ALLOW rule matches nothing"));
 }
 
-struct BadCase {
+struct PolicyBadCase {
   const char* name;
   std::string spec;      // the YAML under "spec:" (indented by 2), or a full "metadata" override
   std::string expected;  // the message after "bad.yaml: AuthorizationPolicy app/p: "
 };
 
-class AuthorizationPolicyValidation : public ::testing::TestWithParam<BadCase> {};
+class AuthorizationPolicyValidation : public ::testing::TestWithParam<PolicyBadCase> {};
 
 TEST_P(AuthorizationPolicyValidation, RefusedNamingTheField) {
-  const BadCase& c = GetParam();
+  const PolicyBadCase& c = GetParam();
   std::string text = "apiVersion: security.weft.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n"
                      "  name: p\n  namespace: app\n";
   if (c.spec.rfind("  annotations:", 0) == 0) text += c.spec;
@@ -149,57 +149,57 @@ TEST_P(AuthorizationPolicyValidation, RefusedNamingTheField) {
 INSTANTIATE_TEST_SUITE_P(
     Cases, AuthorizationPolicyValidation,
     ::testing::Values(
-        BadCase{"Custom", "  action: CUSTOM\n",
+        PolicyBadCase{"Custom", "  action: CUSTOM\n",
                 "spec.action: CUSTOM is not supported (no external authorizer)"},
-        BadCase{"LowercaseAction", "  action: deny\n",
+        PolicyBadCase{"LowercaseAction", "  action: deny\n",
                 "spec.action: \"deny\" is not ALLOW, DENY or AUDIT"},
-        BadCase{"TargetRefs", "  targetRefs: [{kind: Service, name: x}]\n",
+        PolicyBadCase{"TargetRefs", "  targetRefs: [{kind: Service, name: x}]\n",
                 "spec.targetRefs: not supported: attaching a policy to a Service or Gateway "
                 "needs a waypoint, which Weft does not have yet; use spec.selector"},
-        BadCase{"UnknownSpec", "  rulez: []\n",
+        PolicyBadCase{"UnknownSpec", "  rulez: []\n",
                 "spec.rulez: unknown field (known: selector, action, rules)"},
-        BadCase{"MatchExpressions", "  selector: {matchExpressions: []}\n",
+        PolicyBadCase{"MatchExpressions", "  selector: {matchExpressions: []}\n",
                 "spec.selector.matchExpressions: unknown field (known: matchLabels)"},
-        BadCase{"BadCidr", "  rules: [{from: [{source: {ipBlocks: [\"10.0.0.0/33\"]}}]}]\n",
+        PolicyBadCase{"BadCidr", "  rules: [{from: [{source: {ipBlocks: [\"10.0.0.0/33\"]}}]}]\n",
                 "spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/33\" is not an IP "
                 "address or CIDR block"},
-        BadCase{"BadRemoteCidr",
+        PolicyBadCase{"BadRemoteCidr",
                 "  rules: [{from: [{source: {notRemoteIpBlocks: [\"nope\"]}}]}]\n",
                 "spec.rules[0].from[0].source.notRemoteIpBlocks[0]: \"nope\" is not an IP "
                 "address or CIDR block"},
-        BadCase{"EmptySource", "  rules: [{from: [{source: {}}]}]\n",
+        PolicyBadCase{"EmptySource", "  rules: [{from: [{source: {}}]}]\n",
                 "spec.rules[0].from[0].source: must be a non-empty mapping (principals, "
                 "namespaces, ...)"},
-        BadCase{"EmptyFrom", "  rules: [{from: []}]\n",
+        PolicyBadCase{"EmptyFrom", "  rules: [{from: []}]\n",
                 "spec.rules[0].from: must be a non-empty list (omit it to match any)"},
-        BadCase{"UnknownSourceField", "  rules: [{from: [{source: {serviceAccounts: [a]}}]}]\n",
+        PolicyBadCase{"UnknownSourceField", "  rules: [{from: [{source: {serviceAccounts: [a]}}]}]\n",
                 "spec.rules[0].from[0].source.serviceAccounts: unknown field (known: principals, "
                 "notPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, remoteIpBlocks, "
                 "notRemoteIpBlocks, requestPrincipals, notRequestPrincipals)"},
-        BadCase{"MiddleStar", "  rules: [{from: [{source: {principals: [\"a*b\"]}}]}]\n",
+        PolicyBadCase{"MiddleStar", "  rules: [{from: [{source: {principals: [\"a*b\"]}}]}]\n",
                 "spec.rules[0].from[0].source.principals[0]: \"a*b\": '*' may only be the whole "
                 "value, its first or its last character"},
-        BadCase{"PortZero", "  rules: [{to: [{operation: {ports: [0]}}]}]\n",
+        PolicyBadCase{"PortZero", "  rules: [{to: [{operation: {ports: [0]}}]}]\n",
                 "spec.rules[0].to[0].operation.ports[0]: must be a port number 1-65535 (ranges "
                 "are not supported)"},
-        BadCase{"PortName", "  rules: [{to: [{operation: {notPorts: [http]}}]}]\n",
+        PolicyBadCase{"PortName", "  rules: [{to: [{operation: {notPorts: [http]}}]}]\n",
                 "spec.rules[0].to[0].operation.notPorts[0]: must be a port number 1-65535 "
                 "(ranges are not supported)"},
-        BadCase{"NoOperation", "  rules: [{to: [{}]}]\n",
+        PolicyBadCase{"NoOperation", "  rules: [{to: [{}]}]\n",
                 "spec.rules[0].to[0].operation: required"},
-        BadCase{"WhenNoValues", "  rules: [{when: [{key: source.ip}]}]\n",
+        PolicyBadCase{"WhenNoValues", "  rules: [{when: [{key: source.ip}]}]\n",
                 "spec.rules[0].when[0]: values or notValues must be set"},
-        BadCase{"WhenUnknownKey", "  rules: [{when: [{key: source.colour, values: [x]}]}]\n",
+        PolicyBadCase{"WhenUnknownKey", "  rules: [{when: [{key: source.colour, values: [x]}]}]\n",
                 "spec.rules[0].when[0].key: unknown key \"source.colour\" (L4 keys: source.ip, "
                 "remote.ip, source.namespace, source.principal, destination.ip, "
                 "destination.port)"},
-        BadCase{"WhenBadPort", "  rules: [{when: [{key: destination.port, notValues: [\"x\"]}]}]\n",
+        PolicyBadCase{"WhenBadPort", "  rules: [{when: [{key: destination.port, notValues: [\"x\"]}]}]\n",
                 "spec.rules[0].when[0].notValues[0]: \"x\" is not a port number 1-65535"},
-        BadCase{"WhenBadIp", "  rules: [{when: [{key: destination.ip, values: [\"1.2.3\"]}]}]\n",
+        PolicyBadCase{"WhenBadIp", "  rules: [{when: [{key: destination.ip, values: [\"1.2.3\"]}]}]\n",
                 "spec.rules[0].when[0].values[0]: \"1.2.3\" is not an IP address or CIDR block"},
-        BadCase{"UnknownRuleField", "  rules: [{form: []}]\n",
+        PolicyBadCase{"UnknownRuleField", "  rules: [{form: []}]\n",
                 "spec.rules[0].form: unknown field (known: from, to, when)"},
-        BadCase{"DryRunValue", "  annotations: {security.weft.dev/dry-run: \"yes\"}\n",
+        PolicyBadCase{"DryRunValue", "  annotations: {security.weft.dev/dry-run: \"yes\"}\n",
                 "metadata.annotations.security.weft.dev/dry-run: must be \"true\" or \"false\""}),
     [](const auto& info) { return std::string(info.param.name); });
 

@@ -50,13 +50,13 @@ TEST(PeerAuthenticationParse, ModesAndDefaults) {
             deriveUid("PeerAuthentication", "shop", "strict"));
 }
 
-struct BadCase {
+struct PeerAuthBadCase {
   const char* name;
   std::string text;
   std::string expected;  // the whole message after "bad.yaml: "
 };
 
-class PeerAuthenticationValidation : public ::testing::TestWithParam<BadCase> {};
+class PeerAuthenticationValidation : public ::testing::TestWithParam<PeerAuthBadCase> {};
 
 TEST_P(PeerAuthenticationValidation, RejectsWithFileObjectField) {
   auto r = parseManifest("bad.yaml", GetParam().text);
@@ -72,50 +72,50 @@ const std::string kNoSelectors =
 INSTANTIATE_TEST_SUITE_P(
     AllFields, PeerAuthenticationValidation,
     ::testing::Values(
-        BadCase{"UnknownMode", pa("ns", "p", "LAX"),
+        PeerAuthBadCase{"UnknownMode", pa("ns", "p", "LAX"),
                 "PeerAuthentication ns/p: spec.mtls.mode: \"LAX\" is not a mode: PERMISSIVE, "
                 "STRICT or UNSET"},
-        BadCase{"LowercaseMode", pa("ns", "p", "strict"),
+        PeerAuthBadCase{"LowercaseMode", pa("ns", "p", "strict"),
                 "PeerAuthentication ns/p: spec.mtls.mode: \"strict\" is not a mode: PERMISSIVE, "
                 "STRICT or UNSET"},
-        BadCase{"Disable", pa("ns", "p", "DISABLE"),
+        PeerAuthBadCase{"Disable", pa("ns", "p", "DISABLE"),
                 "PeerAuthentication ns/p: spec.mtls.mode: DISABLE is not supported (mesh pods "
                 "always accept mTLS); use PERMISSIVE"},
-        BadCase{"ModeNotString", kHead + "spec: {mtls: {mode: [STRICT]}}\n",
+        PeerAuthBadCase{"ModeNotString", kHead + "spec: {mtls: {mode: [STRICT]}}\n",
                 "PeerAuthentication ns/p: spec.mtls.mode: must be a string: PERMISSIVE, STRICT "
                 "or UNSET"},
-        BadCase{"SpecSelector",
+        PeerAuthBadCase{"SpecSelector",
                 kHead + "spec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n",
                 "PeerAuthentication ns/p: spec.selector: " + kNoSelectors},
-        BadCase{"TopLevelSelector", kHead + "selector: {matchLabels: {app: web}}\n",
+        PeerAuthBadCase{"TopLevelSelector", kHead + "selector: {matchLabels: {app: web}}\n",
                 "PeerAuthentication ns/p: selector: " + kNoSelectors},
-        BadCase{"PortLevelMtls",
+        PeerAuthBadCase{"PortLevelMtls",
                 kHead + "spec:\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: "
                         "{mode: PERMISSIVE}\n",
                 "PeerAuthentication ns/p: spec.portLevelMtls: not supported: the mode applies to "
                 "every port of the namespace's pods"},
-        BadCase{"UnknownSpecField", kHead + "spec: {mtl: {mode: STRICT}}\n",
+        PeerAuthBadCase{"UnknownSpecField", kHead + "spec: {mtl: {mode: STRICT}}\n",
                 "PeerAuthentication ns/p: spec.mtl: unknown field (known: mtls)"},
-        BadCase{"UnknownMtlsField", kHead + "spec: {mtls: {mode: STRICT, strict: true}}\n",
+        PeerAuthBadCase{"UnknownMtlsField", kHead + "spec: {mtls: {mode: STRICT, strict: true}}\n",
                 "PeerAuthentication ns/p: spec.mtls.strict: unknown field (known: mode)"},
-        BadCase{"MtlsNotMapping", kHead + "spec: {mtls: STRICT}\n",
+        PeerAuthBadCase{"MtlsNotMapping", kHead + "spec: {mtls: STRICT}\n",
                 "PeerAuthentication ns/p: spec.mtls: must be a mapping with mode"},
-        BadCase{"SpecNotMapping", kHead + "spec: [mtls]\n",
+        PeerAuthBadCase{"SpecNotMapping", kHead + "spec: [mtls]\n",
                 "PeerAuthentication ns/p: spec: must be a mapping"},
-        BadCase{"NoNamespace",
+        PeerAuthBadCase{"NoNamespace",
                 "kind: PeerAuthentication\nmetadata: {name: p}\nspec: {mtls: {mode: STRICT}}\n",
                 "PeerAuthentication p: metadata.namespace: required (the namespace it applies "
                 "to; weft-system = mesh-wide)"},
-        BadCase{"IstioApiVersion",
+        PeerAuthBadCase{"IstioApiVersion",
                 "apiVersion: security.istio.io/v1\n" + kHead,
                 "PeerAuthentication ns/p: apiVersion: must be security.weft.dev/v1"},
-        BadCase{"TwoForOneNamespace",
+        PeerAuthBadCase{"TwoForOneNamespace",
                 pa("shop", "a", "STRICT") + "---\n" + pa("shop", "b", "PERMISSIVE"),
                 "PeerAuthentication shop/b: metadata.namespace: namespace shop already has "
                 "PeerAuthentication shop/a in this file; only one per namespace"},
-        BadCase{"TwiceInFile", pa("shop", "a", "STRICT") + "---\n" + pa("shop", "a", "STRICT"),
+        PeerAuthBadCase{"TwiceInFile", pa("shop", "a", "STRICT") + "---\n" + pa("shop", "a", "STRICT"),
                 "PeerAuthentication shop/a: metadata.name: defined twice in this file"}),
-    [](const ::testing::TestParamInfo<BadCase>& info) { return info.param.name; });
+    [](const ::testing::TestParamInfo<PeerAuthBadCase>& info) { return info.param.name; });
 
 TEST(PeerAuthenticationSource, SecondForANamespaceAcrossFilesNamesBoth) {
   TempDir dir;

@@ -7,14 +7,17 @@
 #include <cmath>
 #include <map>
 
+#include "tests/unit/ztunnel/test_addr.h"
+
 namespace weft::ztunnel {
 namespace {
+
+using testutil::addr;
 
 using namespace std::chrono_literals;
 
 constexpr int64_t kMs = 1000000;
 
-SocketAddress addr(const char* s) { return *SocketAddress::parse(s); }
 
 class BalancerTest : public ::testing::Test {
  protected:

@@ -3,13 +3,12 @@
 #include <gtest/gtest.h>
 
 #include "ztunnel/dns.h"
+#include "tests/unit/ztunnel/test_addr.h"
 
 namespace weft::ztunnel {
 namespace {
 
-IpAddr ip(const char* s) {
-  return *IpAddr::parse(s);
-}
+using testutil::ip;
 
 dns::Query q(const std::string& name, uint16_t type = dns::kTypeA) {
   dns::Query out;

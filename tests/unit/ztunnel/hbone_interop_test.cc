@@ -18,8 +18,6 @@ namespace {
 
 using namespace weft::hbone::testing;
 
-const std::string kServerId = "spiffe://cluster.local/ns/default/sa/server";
-const std::string kClientId = "spiffe://cluster.local/ns/default/sa/client";
 const std::string kFixtures = std::string(WEFT_SOURCE_DIR) + "/tests/fixtures/hbone";
 
 bool havePythonH2() { return sh("/usr/bin/python3 -c 'import h2'"); }

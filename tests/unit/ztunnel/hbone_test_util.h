@@ -24,6 +24,10 @@
 
 namespace weft::hbone::testing {
 
+// The SPIFFE IDs the test certificates carry.
+inline const std::string kServerId = "spiffe://cluster.local/ns/default/sa/server";
+inline const std::string kClientId = "spiffe://cluster.local/ns/default/sa/client";
+
 inline std::string readFile(const std::string& path) {
   std::ifstream in(path);
   std::stringstream ss;

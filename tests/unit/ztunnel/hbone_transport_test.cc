@@ -16,8 +16,6 @@ namespace {
 
 using namespace weft::hbone::testing;
 
-const std::string kServerId = "spiffe://cluster.local/ns/default/sa/server";
-const std::string kClientId = "spiffe://cluster.local/ns/default/sa/client";
 
 class HboneTest : public ::testing::Test {
  protected:

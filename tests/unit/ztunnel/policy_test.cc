@@ -8,16 +8,18 @@
 #include "ztunnel/cluster_state.h"
 #include "ztunnel/inbound_policy.h"
 #include "ztunnel/verdicts.h"
+#include "tests/unit/ztunnel/test_addr.h"
 
 namespace weft::ztunnel {
 namespace {
+
+using testutil::ip;
 
 namespace pb = weft::node::v1;
 
 constexpr const char* kClient = "spiffe://cluster.local/ns/front/sa/client";
 constexpr const char* kAdmin = "spiffe://cluster.local/ns/ops/sa/admin";
 
-IpAddr ip(const char* s) { return *IpAddr::parse(s); }
 
 // An HBONE connection from front/client (10.244.1.10) to app/server 10.244.2.10:8080.
 ConnectionAttributes conn(const std::string& principal = kClient, uint16_t port = 8080) {

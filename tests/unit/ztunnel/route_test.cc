@@ -7,11 +7,13 @@
 #include <algorithm>
 #include <map>
 
+#include "tests/unit/ztunnel/test_addr.h"
+
 namespace weft::ztunnel {
 namespace {
 
-IpAddr ip(const char* s) { return *IpAddr::parse(s); }
-SocketAddress addr(const char* s) { return *SocketAddress::parse(s); }
+using testutil::ip;
+using testutil::addr;
 
 WorkloadInfo pod(const char* uid, const char* name, std::vector<const char*> ips) {
   WorkloadInfo w;
