@@ -2,6 +2,8 @@
 // with libuv, then handed (as a dup of its fd) to an H2Session that does TLS and HTTP/2.
 #include "ztunnel/hbone/client.h"
 
+#include <algorithm>
+
 #include <fcntl.h>
 #include <openssl/rand.h>
 #include <sys/socket.h>
@@ -128,7 +130,11 @@ HboneClient::Conn* HboneClient::pick(const OutboundConnect& req) {
   for (auto& [serial, c] : conns_) {
     if (c->key != key || c->dead) continue;
     if (c->session && !c->session->acceptingStreams()) continue;
-    if (c->load() >= config_.maxStreamsPerConnection) continue;
+    // Streams past the server's limit would sit in nghttp2's queue until others end, which a
+    // long-lived tunnel may never do: such a connection is full.
+    size_t limit = config_.maxStreamsPerConnection;
+    if (c->session) limit = std::min(limit, c->session->remoteMaxStreams());
+    if (c->load() >= limit) continue;
     return c.get();
   }
   return nullptr;

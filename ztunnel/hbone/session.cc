@@ -420,6 +420,11 @@ Tunnel* H2Session::tunnel(int32_t id) {
   return it == tunnels_.end() ? nullptr : it->second.get();
 }
 
+size_t H2Session::remoteMaxStreams() const {
+  if (h2_ == nullptr) return 0;
+  return nghttp2_session_get_remote_settings(h2_, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+}
+
 void H2Session::eraseTunnel(int32_t id) {
   tunnels_.erase(id);
   if (cb_.onStreamCountChanged) cb_.onStreamCountChanged();

@@ -130,7 +130,13 @@ class H2Session {
   const std::string& peerIdentity() const { return tls_->peerIdentity(); }
   bool established() const { return tls_->established() && !goingAway_; }
   bool closing() const { return closing_; }
-  size_t activeStreams() const { return tunnels_.size() + pending_.size(); }
+  // Tunnels, requests the server has not answered yet and (client) CONNECTs waiting for their
+  // response: every stream that counts against the peer's SETTINGS_MAX_CONCURRENT_STREAMS.
+  size_t activeStreams() const {
+    return tunnels_.size() + pending_.size() + pendingLocal_.size();
+  }
+  // The peer's SETTINGS_MAX_CONCURRENT_STREAMS (unbounded until its SETTINGS arrive).
+  size_t remoteMaxStreams() const;
   uv_loop_t* loop() const { return loop_; }
   bool acceptingStreams() const { return !closing_ && !goingAway_; }
 

@@ -1,5 +1,6 @@
 // HBONE client <-> server on loopback with real certificates: CONNECT, bytes both ways (8 MiB
 // too), half-close, 400/401/503, identity refusals with their counted reasons, and pooling.
+#include <algorithm>
 #include <atomic>
 #include <iostream>
 #include <random>
@@ -51,6 +52,7 @@ class HboneTest : public ::testing::Test {
     ASSERT_TRUE(sctx) << sctx.status().message();
     ServerConfig sc;
     sc.ctx = sctx.value();
+    if (serverMaxStreams_ != 0) sc.settings.maxConcurrentStreams = serverMaxStreams_;
     sc.decide = [this](const InboundConnect& req) {
       lastRequest_ = req;
       InboundDecision d;
@@ -159,6 +161,7 @@ class HboneTest : public ::testing::Test {
   std::unique_ptr<HboneClient> client_;
   uint16_t hbonePort_ = 0;
   bool deny_ = false;
+  uint32_t serverMaxStreams_ = 0;  // SETTINGS_MAX_CONCURRENT_STREAMS; 0 = the default
   InboundConnect lastRequest_;
 };
 
@@ -383,6 +386,35 @@ TEST_F(HboneTest, HundredSequentialStreamsOneHandshake) {
   EXPECT_EQ(client_->handshakes(), 1u);
   EXPECT_EQ(client_->connections(), 1u);
   EXPECT_EQ(server_->stats().handshakes, 1u);
+}
+
+TEST_F(HboneTest, BurstOfTunnelsStaysWithinTheServersStreamLimit) {
+  // A burst of CONNECTs onto a ready pooled connection: the ones still waiting for their 200
+  // count against the server's SETTINGS_MAX_CONCURRENT_STREAMS too. Streams past it would wait
+  // inside nghttp2 for others to end, which long-lived tunnels never do: they go on a second
+  // connection instead.
+  serverMaxStreams_ = 20;
+  startServer("server");
+  Listener up;  // never accepts: the kernel completes the upstream connects from its backlog
+  OutboundConnect r = request(up.port());
+  std::string err;
+  auto [first, firstApp] = open(r, &err);
+  ASSERT_EQ(first, 200) << err;
+  constexpr int kBurst = 30;
+  std::vector<int> statuses(kBurst, -1);
+  std::vector<UniqueFd> apps;
+  for (int i = 0; i < kBurst; ++i) {
+    auto [local, app] = tcpPair();
+    apps.push_back(std::move(app));
+    client_->open(r, std::move(local), [&statuses, i](int st, const Status&) { statuses[i] = st; });
+  }
+  EXPECT_TRUE(runUntil(&loop_, [&] {
+    return std::count(statuses.begin(), statuses.end(), -1) == 0;
+  }, std::chrono::seconds(10))) << std::count(statuses.begin(), statuses.end(), -1)
+                                << " tunnels never answered";
+  EXPECT_EQ(std::count(statuses.begin(), statuses.end(), 200), kBurst);
+  EXPECT_EQ(client_->connections(), 2u);
+  EXPECT_EQ(server_->stats().ok200, static_cast<uint64_t>(kBurst + 1));
 }
 
 TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
