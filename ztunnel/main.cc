@@ -3,7 +3,11 @@
 #include <spdlog/spdlog.h>
 #include <uv.h>
 
+#include <sys/resource.h>
+
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 
 #include "common/log.h"
 #include "common/uv_handle.h"
@@ -51,6 +55,19 @@ int main(int argc, char** argv) {
   weft::initLogging("ztunnel", log_level, log_json);
   // Writes to a reset peer must come back as EPIPE errors, not kill the process.
   signal(SIGPIPE, SIG_IGN);
+  // Every proxied connection holds two descriptors (more with DNS and HBONE): the usual soft
+  // limit of 1024 would cap the node at ~500 connections. Raise it to the hard limit.
+  struct rlimit nofile {};
+  if (getrlimit(RLIMIT_NOFILE, &nofile) != 0) {
+    spdlog::warn("getrlimit(RLIMIT_NOFILE): {}", strerror(errno));
+  } else if (nofile.rlim_cur < nofile.rlim_max) {
+    rlim_t before = nofile.rlim_cur;
+    nofile.rlim_cur = nofile.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &nofile) != 0)
+      spdlog::warn("setrlimit(RLIMIT_NOFILE, {}): {}", nofile.rlim_max, strerror(errno));
+    else
+      spdlog::info("open-file limit raised from {} to {}", before, nofile.rlim_max);
+  }
 
   weft::ztunnel::ZtunnelOptions opts;
   opts.agent_socket = agent_socket;
