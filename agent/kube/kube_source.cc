@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <random>
+#include <set>
 
 #include "agent/kube/https_client.h"
 #include "common/log.h"
@@ -21,6 +22,11 @@ struct KubeSource::Resource {
   std::string path;            // e.g. /api/v1/pods
   std::string list_kind;       // e.g. PodList
   std::string field_selector;  // unencoded, e.g. spec.nodeName=node1
+  std::string label_selector;  // unencoded, e.g. kubernetes.io/service-name
+  // A custom resource whose CRD may not be installed: 404 on list counts as an empty,
+  // synced list (the agent starts) and is retried with backoff.
+  bool optional = false;
+  bool pending_pods = false;  // keep pods without an address (this node's: CNI enrolls them)
   // Guarded by mu_.
   std::map<std::string, ModelObject> store;
   KubeResourceStats stats;
@@ -98,7 +104,7 @@ Result<KubeSourcePtr> KubeSource::create(uv_loop_t* loop, KubeSourceOptions opti
 KubeSource::KubeSource(uv_loop_t* loop, KubeSourceOptions options)
     : loop_(loop), options_(std::move(options)) {
   auto add = [&](std::string name, ResourceKind kind, std::string path, std::string list_kind,
-                 std::string selector) {
+                 std::string selector) -> Resource& {
     auto r = std::make_unique<Resource>();
     r->name = std::move(name);
     r->kind = kind;
@@ -107,14 +113,26 @@ KubeSource::KubeSource(uv_loop_t* loop, KubeSourceOptions options)
     r->field_selector = std::move(selector);
     r->stats.name = r->name;
     resources_.push_back(std::move(r));
+    return *resources_.back();
   };
   add("namespaces", ResourceKind::kNamespace, "/api/v1/namespaces", "NamespaceList", "");
   add("services", ResourceKind::kService, "/api/v1/services", "ServiceList", "");
   add("pods (node " + options_.node_name + ")", ResourceKind::kPod, "/api/v1/pods", "PodList",
-      "spec.nodeName=" + options_.node_name);
+      "spec.nodeName=" + options_.node_name)
+      .pending_pods = true;
   if (options_.remote_pods)
     add("pods (other nodes)", ResourceKind::kPod, "/api/v1/pods", "PodList",
         "spec.nodeName!=" + options_.node_name);
+  // Only slices that belong to a Service (the label the EndpointSlice controller sets).
+  add("endpointslices", ResourceKind::kEndpointSlice, "/apis/discovery.k8s.io/v1/endpointslices",
+      "EndpointSliceList", "")
+      .label_selector = kServiceNameLabel;
+  add("peerauthentications", ResourceKind::kPeerAuthentication,
+      "/apis/security.weft.dev/v1/peerauthentications", "PeerAuthenticationList", "")
+      .optional = true;
+  add("authorizationpolicies", ResourceKind::kAuthorizationPolicy,
+      "/apis/security.weft.dev/v1/authorizationpolicies", "AuthorizationPolicyList", "")
+      .optional = true;
 }
 
 KubeSource::~KubeSource() {
@@ -172,19 +190,38 @@ std::vector<KubeResourceStats> KubeSource::stats() const {
 
 bool KubeSource::refresh() {
   ClusterModel m;
+  m.endpoints_from_slices = true;  // a real cluster's endpoints: what its controller computed
+  std::set<std::string> conflicts;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& r : resources_) {
       for (const auto& [key, obj] : r->store) {
-        if (auto* ns = std::get_if<Namespace>(&obj))
+        if (auto* ns = std::get_if<Namespace>(&obj)) {
           m.namespaces[key] = *ns;
-        else if (auto* pod = std::get_if<Pod>(&obj))
+        } else if (auto* pod = std::get_if<Pod>(&obj)) {
           m.pods[key] = *pod;
-        else if (auto* svc = std::get_if<Service>(&obj))
+        } else if (auto* svc = std::get_if<Service>(&obj)) {
           m.services[key] = *svc;
+        } else if (auto* slice = std::get_if<EndpointSlice>(&obj)) {
+          m.endpoint_slices[key] = *slice;
+        } else if (auto* ap = std::get_if<AuthorizationPolicy>(&obj)) {
+          m.authorization_policies[key] = *ap;
+        } else if (auto* pa = std::get_if<PeerAuthentication>(&obj)) {
+          // One per namespace, as in the manifests; the API cannot refuse a second, so the
+          // first by name stays in force and the others are reported.
+          auto [it, fresh] = m.peer_authentications.emplace(pa->meta.namespace_, *pa);
+          if (!fresh)
+            conflicts.insert("PeerAuthentication " + key + ": metadata.namespace: namespace " +
+                             pa->meta.namespace_ + " already has PeerAuthentication " +
+                             objectKey(it->second.meta.namespace_, it->second.meta.name) +
+                             "; only one per namespace, this one is not in force");
+        }
       }
     }
   }
+  for (const std::string& c : conflicts)
+    if (!reported_conflicts_.count(c)) spdlog::warn("kubernetes: {}", c);
+  reported_conflicts_ = std::move(conflicts);
   if (m == model_) return false;
   model_ = std::move(m);
   return true;
@@ -199,6 +236,7 @@ std::string KubeSource::target(const Resource& r, bool watch, const std::string&
                                const std::string& cont) const {
   std::string t = r.path + "?";
   if (!r.field_selector.empty()) t += "fieldSelector=" + urlEncode(r.field_selector) + "&";
+  if (!r.label_selector.empty()) t += "labelSelector=" + urlEncode(r.label_selector) + "&";
   if (watch) {
     t += "watch=1&resourceVersion=" + urlEncode(rv) +
          "&allowWatchBookmarks=true&timeoutSeconds=" + std::to_string(options_.watch_timeout_s);
@@ -296,6 +334,23 @@ bool KubeSource::list(Resource& r, const std::string& token) {
       page = -1;
       continue;
     }
+    if (head->status == 404 && r.optional) {
+      // The CRD is not installed (yet): no such objects. Synced, so the agent starts; listed
+      // again with backoff until it appears. Logged once (fail() repeats at debug).
+      fail(r, "list: " + describeErrorResponse(*conn.value(), head.value()) +
+                  " (is the CRD installed? retrying with backoff; no such objects meanwhile)");
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        r.stats.missing = true;
+        if (!r.stats.synced) {
+          r.stats.synced = true;
+          r.stats.objects = r.store.size();
+        }
+      }
+      synced_cv_.notify_all();
+      notifyLoop();
+      return false;
+    }
     if (head->status != 200) {
       fail(r, "list: " + describeErrorResponse(*conn.value(), head.value()));
       return false;
@@ -317,7 +372,7 @@ bool KubeSource::list(Resource& r, const std::string& token) {
         spdlog::warn("kubernetes {}: list item skipped: {}", r.name, key.status().message());
         continue;
       }
-      auto obj = toModelObject(r.kind, item);
+      auto obj = toModelObject(r.kind, item, r.pending_pods);
       if (!obj) {
         malformed++;
         auto old = previous.find(key.value());
@@ -342,6 +397,7 @@ bool KubeSource::list(Resource& r, const std::string& token) {
     std::lock_guard<std::mutex> lock(mu_);
     r.store = std::move(fresh);
     r.stats.lists++;
+    r.stats.missing = false;
     r.stats.malformed += malformed;
     r.stats.synced = true;
     r.stats.resource_version = rv;
@@ -373,7 +429,7 @@ bool KubeSource::applyEvent(Resource& r, WatchEventType type, const Json& object
   if (!rv.empty()) r.rv = rv;
   std::optional<ModelObject> obj;
   if (type != WatchEventType::kDeleted) {
-    auto conv = toModelObject(r.kind, object);
+    auto conv = toModelObject(r.kind, object, r.pending_pods);
     if (!conv) {
       spdlog::warn("kubernetes {}: {} event rejected (the last good state stays in force): {}",
                    r.name, eventName(type), conv.status().message());
