@@ -86,8 +86,9 @@ Json sliceObj(const std::string& ns, const std::string& name, const std::string&
             {"ownerReferences",
              {{{"apiVersion", "v1"}, {"kind", "Service"}, {"name", service}}}}}},
           {"addressType", type},
-          {"endpoints", endpoints},
-          {"ports", ports}};
+          // {oneEndpoint} brace-initializes a copy, not a list: wrap a single one.
+          {"endpoints", endpoints.is_object() ? Json::array({endpoints}) : endpoints},
+          {"ports", ports.is_object() ? Json::array({ports}) : ports}};
 }
 
 Json sliceEp(const std::string& ip, const std::string& pod, const std::string& node,
