@@ -475,6 +475,7 @@ bool KubeSource::watch(Resource& r, const std::string& token) {
     return true;
   };
   if (head->status == 410) return gone("HTTP 410");
+  if (head->status == 404 && r.optional) r.need_list = true;  // CRD removed: list (404) until back
   if (head->status != 200) {
     fail(r, "watch: " + describeErrorResponse(*conn.value(), head.value()));
     return false;
