@@ -69,6 +69,15 @@ const char* eventName(WatchEventType t) {
   return "?";
 }
 
+// How an accepted object is enforced differently from what it says (AuthorizationPolicy L7
+// fields without a waypoint), as the manifest source reports it.
+void logWarnings(const std::string& resource, const ModelObject& obj) {
+  if (auto* ap = std::get_if<AuthorizationPolicy>(&obj))
+    for (const std::string& w : ap->warnings)
+      spdlog::warn("kubernetes {}: AuthorizationPolicy {}: {}", resource,
+                   objectKey(ap->meta.namespace_, ap->meta.name), w);
+}
+
 // The reason of an error response, from its Status body if it has one.
 std::string describeErrorResponse(HttpsConnection& conn, const ResponseHead& head) {
   std::string what = fmt::format("HTTP {} {}", head.status, head.reason);
@@ -382,7 +391,10 @@ bool KubeSource::list(Resource& r, const std::string& token) {
         if (old != previous.end()) fresh[key.value()] = old->second;
         continue;
       }
-      if (obj.value()) fresh[key.value()] = std::move(*obj.value());
+      if (obj.value()) {
+        logWarnings(r.name, *obj.value());
+        fresh[key.value()] = std::move(*obj.value());
+      }
     }
     rv = parsed->resource_version;
     cont = parsed->continue_token;
@@ -438,6 +450,7 @@ bool KubeSource::applyEvent(Resource& r, WatchEventType type, const Json& object
       return false;
     }
     obj = std::move(conv.value());
+    if (obj) logWarnings(r.name, *obj);
   }
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -780,6 +780,20 @@ TEST_F(KubeSourceTest, AuthorizationPolicyByWatchChangesTheModelAndBadOnesAreRef
   control("/fixture/delete",
           {{"kind", "AuthorizationPolicy"}, {"namespace", "mesh"}, {"name", "deny-plain"}});
   ASSERT_TRUE(runUntil([&] { return model().authorization_policies.empty(); }));
+  // 410 on the policy watch: re-listed, and a deletion nobody saw (compacted) is noticed.
+  control("/fixture/apply", apObj("mesh", "second", "DENY",
+                                  {{{"from", {{{"source", {{"namespaces", {"plain"}}}}}}}}}));
+  ASSERT_TRUE(runUntil([&] { return model().authorization_policies.count("mesh/second"); }));
+  const uint64_t lists = stat("authorizationpolicies").lists;
+  control("/fixture/delete", {{"kind", "AuthorizationPolicy"},
+                              {"namespace", "mesh"},
+                              {"name", "second"},
+                              {"silent", true}});
+  control("/fixture/compact");
+  control("/fixture/script", {{"resource", "authorizationpolicies"}, {"action", "gone_event"}});
+  ASSERT_TRUE(runUntil([&] { return model().authorization_policies.empty(); }));
+  EXPECT_GE(stat("authorizationpolicies").gone, 1u);
+  EXPECT_GT(stat("authorizationpolicies").lists, lists);
 }
 
 TEST_F(KubeSourceTest, PeerAuthenticationByWatchAndOnlyOnePerNamespace) {
