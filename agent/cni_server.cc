@@ -58,7 +58,8 @@ Result<CniRequest> parseCniRequest(const std::string& text) {
       auto ip = e.is_string() ? IpAddr::parse(e.get<std::string>()) : std::nullopt;
       if (!ip) return Status::errorf("pod_ips[{}]: not an IP address", i);
       bool same_family = false;
-      for (const IpAddr& seen : r.pod_ips) same_family = same_family || seen.family() == ip->family();
+      for (const IpAddr& seen : r.pod_ips)
+        same_family = same_family || seen.family() == ip->family();
       if (!same_family) r.pod_ips.push_back(*ip);  // the first of each family, like podIPs
     }
   }

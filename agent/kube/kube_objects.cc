@@ -223,7 +223,8 @@ Result<std::optional<EndpointSlice>> parseEndpointSlice(const Json& object) {
         const Json* rns = path(*ref, {"namespace"});
         const Json* ruid = path(*ref, {"uid"});
         if (kind && kind->is_string() && *kind == "Pod" && rname && rname->is_string()) {
-          std::string pns = rns && rns->is_string() ? rns->get<std::string>() : slice.meta.namespace_;
+          std::string pns =
+              rns && rns->is_string() ? rns->get<std::string>() : slice.meta.namespace_;
           out.target_pod = objectKey(pns, rname->get<std::string>());
           if (ruid && ruid->is_string()) out.target_uid = ruid->get<std::string>();
         }

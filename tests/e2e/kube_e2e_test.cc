@@ -154,7 +154,9 @@ class KubeE2E : public ::testing::Test {
     return m ? sumSamples(*m, "istio_tcp_connections_opened_total", {{"reporter", reporter}}) : -1;
   }
 
-  static Json echo(int count, int seed) { return echoTo(fmt::format("{}:{}", kServerIp, kPort), count, seed); }
+  static Json echo(int count, int seed) {
+    return echoTo(fmt::format("{}:{}", kServerIp, kPort), count, seed);
+  }
 
   static Json echoTo(const std::string& target, int count, int seed) {
     auto r = cluster_->exec(kClient,

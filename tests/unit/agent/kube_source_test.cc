@@ -626,7 +626,8 @@ using Strings = std::vector<std::string>;
 TEST_F(KubeSourceTest, EndpointSlicesByWatchChangeTheServicesEndpoints) {
   Json objs = baseObjects();
   objs.push_back(sliceObj("mesh", "web-abc", "web", "IPv4",
-                          {sliceEp("10.244.1.10", "a", "node1"), sliceEp("10.244.2.10", "b", "node2"),
+                          {sliceEp("10.244.1.10", "a", "node1"),
+                           sliceEp("10.244.2.10", "b", "node2"),
                            sliceEp("10.244.2.11", "gone", "node2", /*ready=*/false)},
                           {{{"name", "http"}, {"port", 8080}, {"protocol", "TCP"}}}));
   // Not a Service's slice (no label): the label selector keeps it out of the list.
@@ -654,14 +655,16 @@ TEST_F(KubeSourceTest, EndpointSlicesByWatchChangeTheServicesEndpoints) {
   // MODIFIED: a pod turns unready, the port moves.
   control("/fixture/apply",
           sliceObj("mesh", "web-abc", "web", "IPv4",
-                   {sliceEp("10.244.1.10", "a", "node1", false), sliceEp("10.244.2.10", "b", "node2")},
+                   {sliceEp("10.244.1.10", "a", "node1", false),
+                    sliceEp("10.244.2.10", "b", "node2")},
                    {{{"name", "http"}, {"port", 9090}, {"protocol", "TCP"}}}));
   ASSERT_TRUE(runUntil([&] {
     return endpointsOf(model(), "mesh/web") ==
            Strings{"10.244.2.10 80->9090", "fd00:10:244:2::10 80->8080"};
   })) << fmt::format("{}", fmt::join(endpointsOf(model(), "mesh/web"), ", "));
   // DELETED.
-  control("/fixture/delete", {{"kind", "EndpointSlice"}, {"namespace", "mesh"}, {"name", "web-abc"}});
+  control("/fixture/delete",
+          {{"kind", "EndpointSlice"}, {"namespace", "mesh"}, {"name", "web-abc"}});
   ASSERT_TRUE(runUntil([&] {
     return endpointsOf(model(), "mesh/web") == Strings{"fd00:10:244:2::10 80->8080"};
   }));
