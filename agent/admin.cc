@@ -112,17 +112,19 @@ json services(const AdminSources& s) {
     j["vips"] = vips;
     j["headless"] = svc.headless;
     j["selector"] = svc.selector;
+    j["endpoints_from"] = m.endpoints_from_slices ? "endpointslices" : "selector";
     json ports = json::array();
     for (const ServicePort& p : svc.ports)
       ports.push_back({{"name", p.name}, {"port", p.port}, {"target_port", p.target_port},
-                       {"protocol", p.protocol}});
+                       {"target_port_name", p.target_port_name}, {"protocol", p.protocol}});
     j["ports"] = ports;
     json eps = json::array();
-    for (const Pod* pod : serviceEndpoints(m, svc))
-      for (const IpAddr& ip : pod->ips)
-        eps.push_back({{"workload_uid", pod->meta.uid},
-                       {"workload", pod->meta.namespace_ + "/" + pod->meta.name},
-                       {"ip", ip.toString()}});
+    for (const ResolvedEndpoint& r : resolveServiceEndpoints(m, svc)) {
+      json tps = json::object();
+      for (const auto& [sp, tp] : r.target_ports) tps[std::to_string(sp)] = tp;
+      eps.push_back({{"workload_uid", r.workload_uid}, {"workload", r.workload},
+                     {"ip", r.ip.toString()}, {"target_ports", tps}});
+    }
     j["endpoints"] = eps;
     auto lb = serviceLoadBalancer(svc, nullptr);
     j["load_balancer"] = lb == LoadBalancer::kPeakEwma ? "peak-ewma" : "round-robin";

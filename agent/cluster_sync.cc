@@ -35,17 +35,17 @@ pb::Service serviceProto(const ClusterModel& model, const Service& service) {
     out->set_target_port(p.target_port);
     out->set_protocol(p.protocol);
     out->set_name(p.name);
+    out->set_target_port_name(p.target_port_name);
   }
   // A source that cannot refuse the object (the Kubernetes API) keeps the default for an
   // unknown value; the manifest source rejects it with the file and field.
   if (serviceLoadBalancer(service, nullptr) == LoadBalancer::kPeakEwma)
     s.set_load_balancer(pb::LOAD_BALANCER_PEAK_EWMA);
-  for (const Pod* pod : serviceEndpoints(model, service)) {
-    for (const IpAddr& ip : pod->ips) {
-      pb::ServiceEndpoint* e = s.add_endpoints();
-      e->set_workload_uid(pod->meta.uid);
-      e->set_ip(ip.toString());
-    }
+  for (const ResolvedEndpoint& r : resolveServiceEndpoints(model, service)) {
+    pb::ServiceEndpoint* e = s.add_endpoints();
+    e->set_workload_uid(r.workload_uid);
+    e->set_ip(r.ip.toString());
+    for (const auto& [sp, tp] : r.target_ports) (*e->mutable_target_ports())[sp] = tp;
   }
   return s;
 }

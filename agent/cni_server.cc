@@ -50,6 +50,19 @@ Result<CniRequest> parseCniRequest(const std::string& text) {
     Status s = str(key, out);
     if (!s) return s;
   }
+  if (auto ips = doc.find("pod_ips"); ips != doc.end() && !ips->is_null()) {
+    if (!ips->is_array() || ips->size() > 8)
+      return Status::error("pod_ips: must be a list of at most 8 IP addresses");
+    for (size_t i = 0; i < ips->size(); i++) {
+      const auto& e = (*ips)[i];
+      auto ip = e.is_string() ? IpAddr::parse(e.get<std::string>()) : std::nullopt;
+      if (!ip) return Status::errorf("pod_ips[{}]: not an IP address", i);
+      bool same_family = false;
+      for (const IpAddr& seen : r.pod_ips)
+        same_family = same_family || seen.family() == ip->family();
+      if (!same_family) r.pod_ips.push_back(*ip);  // the first of each family, like podIPs
+    }
+  }
   if (r.command != "ADD" && r.command != "DEL" && r.command != "CHECK")
     return Status::errorf("command: \"{}\" is not ADD, DEL or CHECK", r.command);
   if (r.pod_namespace.empty()) return Status::error("pod_namespace: required (K8S_POD_NAMESPACE)");

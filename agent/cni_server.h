@@ -9,7 +9,9 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "common/address.h"
 #include "common/status.h"
 #include "common/uv_handle.h"
 
@@ -35,6 +37,9 @@ struct CniRequest {
   std::string pod_name;
   std::string pod_namespace;
   std::string pod_uid;
+  // ADD: the pod's addresses from the runtime's prevResult (at most one per family). Used when
+  // the cluster state has none yet (a real API server sets status.podIPs after ADD returns).
+  std::vector<IpAddr> pod_ips;
 };
 
 struct CniResponse {

@@ -71,6 +71,7 @@ std::string EnrollmentController::uidOf(const LocalPod& lp) const {
 }
 
 Status EnrollmentController::start(const ClusterModel& model) {
+  source_model_ = model;
   model_ = model;
   bool dropped = false;
   for (const auto& [key, record] : store_->pods()) {
@@ -117,8 +118,26 @@ Status EnrollmentController::start(const ClusterModel& model) {
 }
 
 void EnrollmentController::setModel(const ClusterModel& model) {
+  source_model_ = model;
+  applyModel(withCniIps(source_model_));
+}
+
+ClusterModel EnrollmentController::withCniIps(const ClusterModel& source) const {
+  ClusterModel out = source;
+  for (const auto& [key, lp] : local_) {
+    if (lp->cni_ips.empty()) continue;
+    auto it = out.pods.find(key);
+    if (it == out.pods.end() || !it->second.ips.empty() ||
+        it->second.node_name != options_.node_name)
+      continue;
+    it->second.ips = lp->cni_ips;
+  }
+  return out;
+}
+
+void EnrollmentController::applyModel(ClusterModel model) {
   nodepb::ClusterUpdate delta = clusterDelta(model_, model);
-  model_ = model;
+  model_ = std::move(model);
   if (!isEmptyUpdate(delta) && node_server_ && node_server_->active())
     node_server_->sendClusterUpdate(std::move(delta));
   for (auto& [key, lp] : local_) reconcile(*lp);
@@ -129,7 +148,9 @@ void EnrollmentController::reconcile(LocalPod& lp) {
   const Pod* pod = model_.findPod(lp.record.namespace_, lp.record.name);
   lp.wanted = pod != nullptr && pod->node_name == options_.node_name &&
               meshEnrolledByLabels(model_, *pod);
-  lp.desired = lp.wanted && lp.netns.valid();
+  // No address yet (neither status.podIPs nor a CNI prevResult): the ztunnel could not steer
+  // its inbound traffic, so it waits.
+  lp.desired = lp.wanted && lp.netns.valid() && !pod->ips.empty();
   if (!lp.desired) {
     leave(lp);
     return;
@@ -299,8 +320,12 @@ void EnrollmentController::onWaiterTimeout(uint64_t id) {
   const LocalPod* lp = findLocal(w->key);
   const bool in_model =
       lp != nullptr && model_.findPod(lp->record.namespace_, lp->record.name) != nullptr;
+  const Pod* pod = lp != nullptr ? model_.findPod(lp->record.namespace_, lp->record.name) : nullptr;
   std::string why = lp == nullptr ? "the pod was deleted"
                     : !in_model   ? "the pod is not in the cluster state (manifests)"
+                    : pod != nullptr && pod->ips.empty()
+                        ? "the pod has no IP address (none in the cluster state, none in the CNI "
+                          "request's prevResult)"
                     : node_server_ && node_server_->active()
                         ? "the ztunnel has not acknowledged the workload"
                         : "no ztunnel is connected";
@@ -360,9 +385,17 @@ void EnrollmentController::cniAdd(const CniRequest& req, CniReply reply) {
     lp->record = record;
     lp->error.clear();  // a retried ADD tries again
   }
+  if (!req.pod_ips.empty()) lp->cni_ips = req.pod_ips;
   store_->put(record);
   persist();
   if (model_.findPod(req.pod_namespace, req.pod_name) == nullptr && rescan_) rescan_();
+  if (const Pod* pod = model_.findPod(req.pod_namespace, req.pod_name);
+      pod != nullptr && pod->ips.empty() && !req.pod_ips.empty()) {
+    // The API server has no address for the pod yet (it learns it from this ADD's result):
+    // enroll with the runtime's, which the pod will have.
+    spdlog::info("pod {}: no status.podIPs yet; using the CNI prevResult's addresses", key);
+    applyModel(withCniIps(source_model_));
+  }
   if (const Pod* pod = model_.findPod(req.pod_namespace, req.pod_name);
       pod != nullptr && !req.pod_uid.empty() && pod->meta.uid != req.pod_uid) {
     spdlog::warn("pod {}: CNI says uid {}, the cluster state says {}", key, req.pod_uid,
@@ -391,7 +424,9 @@ void EnrollmentController::cniDel(const CniRequest& req, CniReply reply) {
                                lp->error));
       return;
     }
+    const bool had_cni_ips = !lp->cni_ips.empty();
     local_.erase(key);
+    if (had_cni_ips) applyModel(withCniIps(source_model_));
   }
   if (store_->erase(key)) persist();
   checkWaiters();  // an ADD still waiting for this pod learns it is gone

@@ -81,6 +81,8 @@ class EnrollmentController : public NodeServerDelegate {
 
   void handleCni(const CniRequest& request, CniReply reply);
 
+  // The model in force: the source's, with CNI prevResult IPs filled in for local pods that
+  // have no status.podIPs yet.
   const ClusterModel& model() const { return model_; }
   std::vector<LocalPodView> localPods() const;
   size_t enrolledCount() const;
@@ -106,6 +108,9 @@ class EnrollmentController : public NodeServerDelegate {
     bool ztunnel_has = false;
     std::string sent_uid;      // uid the ztunnel holds it under
     std::string error;         // last enrollment failure; cleared by a new attempt
+    // The IPs of the CNI ADD's prevResult: the pod's addresses while the cluster state has
+    // none (a real API server sets status.podIPs only after ADD returned).
+    std::vector<IpAddr> cni_ips;
   };
   struct Waiter {
     EnrollmentController* owner = nullptr;
@@ -116,6 +121,10 @@ class EnrollmentController : public NodeServerDelegate {
   };
 
   LocalPod* findLocal(const std::string& key);
+  // source_model_ plus the CNI IPs of local pods the source has no address for.
+  ClusterModel withCniIps(const ClusterModel& source) const;
+  // Makes `model` the one in force: delta to the ztunnel, reconcile, answer CNI waiters.
+  void applyModel(ClusterModel model);
   std::unique_ptr<LocalPod> makeLocal(const PodRecord& record);
   std::string uidOf(const LocalPod& lp) const;
   void reconcile(LocalPod& lp);
@@ -138,7 +147,8 @@ class EnrollmentController : public NodeServerDelegate {
   PodStore* store_;
   NodeServer* node_server_ = nullptr;
   std::function<void()> rescan_;
-  ClusterModel model_;
+  ClusterModel source_model_;  // as the cluster source gave it
+  ClusterModel model_;         // in force (withCniIps(source_model_))
   std::map<std::string, std::unique_ptr<LocalPod>> local_;  // by namespace/name
   std::map<uint64_t, std::unique_ptr<Waiter>> waiters_;
   uint64_t next_instance_ = 1;

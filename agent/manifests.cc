@@ -49,6 +49,20 @@ bool isDns1123Subdomain(const std::string& s) {
   return true;
 }
 
+// Kubernetes IANA_SVC_NAME: 1-15 of [a-z0-9-], at least one letter, no '-' at either end or
+// twice in a row. What a named targetPort / containerPort name must be.
+bool isPortName(const std::string& s) {
+  if (s.empty() || s.size() > 15 || s.front() == '-' || s.back() == '-') return false;
+  bool letter = false;
+  for (size_t i = 0; i < s.size(); i++) {
+    char c = s[i];
+    if (c >= 'a' && c <= 'z') letter = true;
+    else if (!((c >= '0' && c <= '9') || c == '-')) return false;
+    if (c == '-' && i > 0 && s[i - 1] == '-') return false;
+  }
+  return letter;
+}
+
 // A scalar as a string; nullopt for maps, sequences and null.
 std::optional<std::string> scalar(const YAML::Node& n) {
   if (!n.IsDefined() || !n.IsScalar()) return std::nullopt;
@@ -127,7 +141,40 @@ Check parseMeta(const YAML::Node& doc, const std::string& kind, bool namespaced,
   return std::nullopt;
 }
 
-Check parsePod(const YAML::Node& doc, Pod* pod) {
+// spec.containers[].ports[]: the named ones, which a Service's named targetPort resolves to.
+Check parseContainerPorts(const YAML::Node& spec, Pod* pod) {
+  YAML::Node containers = spec["containers"];
+  if (!containers.IsDefined() || containers.IsNull()) return std::nullopt;
+  if (!containers.IsSequence()) return FieldError{"spec.containers", "must be a list"};
+  for (size_t c = 0; c < containers.size(); c++) {
+    const std::string cpath = "spec.containers[" + std::to_string(c) + "]";
+    if (!containers[c].IsMap()) return FieldError{cpath, "must be a mapping"};
+    YAML::Node ports = containers[c]["ports"];
+    if (!ports.IsDefined() || ports.IsNull()) continue;
+    if (!ports.IsSequence()) return FieldError{cpath + ".ports", "must be a list"};
+    for (size_t i = 0; i < ports.size(); i++) {
+      const std::string path = cpath + ".ports[" + std::to_string(i) + "]";
+      if (!ports[i].IsMap()) return FieldError{path, "must be a mapping"};
+      auto n = integer(ports[i]["containerPort"]);
+      if (!n || *n < 1 || *n > 65535)
+        return FieldError{path + ".containerPort", "required, an integer 1-65535"};
+      ContainerPort cp;
+      cp.port = static_cast<uint16_t>(*n);
+      if (auto e = optionalString(ports[i], "protocol", path + ".protocol", &cp.protocol))
+        return e;
+      if (cp.protocol.empty()) cp.protocol = "TCP";
+      std::string name;
+      if (auto e = optionalString(ports[i], "name", path + ".name", &name)) return e;
+      if (name.empty()) continue;
+      if (!isPortName(name))
+        return FieldError{path + ".name", "\"" + name + "\" is not a port name (IANA_SVC_NAME)"};
+      pod->named_ports.emplace(name, cp);  // Kubernetes' FindPort takes the first
+    }
+  }
+  return std::nullopt;
+}
+
+Check parsePod(const YAML::Node& doc, Pod* pod, bool require_ips) {
   YAML::Node spec = doc["spec"];
   if (!spec.IsDefined() || !spec.IsMap()) return FieldError{"spec", "required, a mapping"};
   auto node = scalar(spec["nodeName"]);
@@ -140,7 +187,10 @@ Check parsePod(const YAML::Node& doc, Pod* pod) {
   if (!isDns1123Subdomain(pod->service_account))
     return FieldError{"spec.serviceAccountName",
                       "\"" + pod->service_account + "\" is not a valid service account name"};
+  if (auto e = parseContainerPorts(spec, pod)) return e;
   YAML::Node status = doc["status"];
+  if (!require_ips && (!status.IsDefined() || !status.IsMap() || !status["podIPs"].IsDefined()))
+    return std::nullopt;
   if (!status.IsDefined() || !status.IsMap())
     return FieldError{"status.podIPs", "required, at least one IP"};
   YAML::Node ips = status["podIPs"];
@@ -173,14 +223,20 @@ Check parsePort(const YAML::Node& n, const std::string& path, ServicePort* port)
   YAML::Node tp = n["targetPort"];
   if (tp.IsDefined() && !tp.IsNull()) {
     auto t = integer(tp);
-    if (!t) {
-      auto s = scalar(tp);
+    auto s = scalar(tp);
+    if (t) {
+      if (*t < 1 || *t > 65535) return FieldError{path + ".targetPort", "must be 1-65535"};
+      port->target_port = static_cast<uint16_t>(*t);
+    } else if (s && isPortName(*s)) {
+      // A named port: resolved per endpoint (its container ports, or its EndpointSlice).
+      port->target_port = 0;
+      port->target_port_name = *s;
+    } else {
       return FieldError{path + ".targetPort",
-                        s ? "named target port \"" + *s + "\" is not supported; use a number"
-                          : std::string("must be an integer 1-65535")};
+                        s ? "\"" + *s + "\" is neither a port number nor a port name (a name "
+                                       "has 1-15 of a-z, 0-9, '-' and at least one letter)"
+                          : std::string("must be an integer 1-65535 or a port name")};
     }
-    if (*t < 1 || *t > 65535) return FieldError{path + ".targetPort", "must be 1-65535"};
-    port->target_port = static_cast<uint16_t>(*t);
   }
   if (auto e = optionalString(n, "protocol", path + ".protocol", &port->protocol)) return e;
   if (port->protocol.empty()) port->protocol = "TCP";
@@ -339,7 +395,30 @@ Check parseNamespaceFields(const YAML::Node& doc, Namespace* ns) {
 Check parsePodFields(const YAML::Node& doc, Pod* pod) {
   Check err = parseMeta(doc, "Pod", true, &pod->meta);
   if (!err) err = coreApiVersion(doc);
-  if (!err) err = parsePod(doc, pod);
+  if (!err) err = parsePod(doc, pod, true);
+  return err;
+}
+
+Check parsePendingPodFields(const YAML::Node& doc, Pod* pod) {
+  Check err = parseMeta(doc, "Pod", true, &pod->meta);
+  if (!err) err = coreApiVersion(doc);
+  if (!err) err = parsePod(doc, pod, false);
+  return err;
+}
+
+Check parsePeerAuthenticationFields(const YAML::Node& doc, PeerAuthentication* pa) {
+  Check err = parseMeta(doc, "PeerAuthentication", true, &pa->meta);
+  if (!err) err = securityApiVersion(doc);
+  if (!err) err = parsePeerAuthentication(doc, pa);
+  return err;
+}
+
+Check parseAuthorizationPolicyFields(const YAML::Node& doc, AuthorizationPolicy* ap) {
+  Check err = parseMeta(doc, "AuthorizationPolicy", true, &ap->meta);
+  if (!err) err = securityApiVersion(doc);
+  if (!err) {
+    if (auto e = parseAuthorizationPolicy(doc, ap)) err = FieldError{e->field, e->what};
+  }
   return err;
 }
 
@@ -379,9 +458,7 @@ Status parseDocuments(const std::string& file, const std::vector<YAML::Node>& do
       if (!err) out->services.push_back(std::move(svc));
     } else if (*kind == "PeerAuthentication") {
       PeerAuthentication pa;
-      err = parseMeta(doc, *kind, true, &pa.meta);
-      if (!err) err = securityApiVersion(doc);
-      if (!err) err = parsePeerAuthentication(doc, &pa);
+      err = parsePeerAuthenticationFields(doc, &pa);
       if (!err) {
         for (const PeerAuthentication& other : out->peer_authentications)
           if (other.meta.namespace_ == pa.meta.namespace_ && other.meta.name != pa.meta.name)
@@ -395,11 +472,7 @@ Status parseDocuments(const std::string& file, const std::vector<YAML::Node>& do
       if (!err) out->peer_authentications.push_back(std::move(pa));
     } else if (*kind == "AuthorizationPolicy") {
       AuthorizationPolicy ap;
-      err = parseMeta(doc, *kind, true, &ap.meta);
-      if (!err) err = securityApiVersion(doc);
-      if (!err) {
-        if (auto e = parseAuthorizationPolicy(doc, &ap)) err = FieldError{e->field, e->what};
-      }
+      err = parseAuthorizationPolicyFields(doc, &ap);
       meta = ap.meta;
       if (!err) out->authorization_policies.push_back(std::move(ap));
     } else {
@@ -514,6 +587,20 @@ Result<Pod> parsePodObject(const YAML::Node& doc) {
 
 Result<Service> parseServiceObject(const YAML::Node& doc) {
   return parseObject<Service>(doc, "Service", parseServiceFields);
+}
+
+Result<Pod> parsePendingPodObject(const YAML::Node& doc) {
+  return parseObject<Pod>(doc, "Pod", parsePendingPodFields);
+}
+
+Result<PeerAuthentication> parsePeerAuthenticationObject(const YAML::Node& doc) {
+  return parseObject<PeerAuthentication>(doc, "PeerAuthentication",
+                                         parsePeerAuthenticationFields);
+}
+
+Result<AuthorizationPolicy> parseAuthorizationPolicyObject(const YAML::Node& doc) {
+  return parseObject<AuthorizationPolicy>(doc, "AuthorizationPolicy",
+                                          parseAuthorizationPolicyFields);
 }
 
 ManifestSource::ManifestSource(std::string dir) : dir_(std::move(dir)) {}

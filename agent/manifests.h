@@ -45,6 +45,12 @@ Result<ManifestObjects> parseManifest(const std::string& file, const std::string
 Result<Namespace> parseNamespaceObject(const YAML::Node& doc);
 Result<Pod> parsePodObject(const YAML::Node& doc);
 Result<Service> parseServiceObject(const YAML::Node& doc);
+// A Pod that may have no status.podIPs yet (the Kubernetes source, this node's pods).
+Result<Pod> parsePendingPodObject(const YAML::Node& doc);
+// The security.weft.dev/v1 kinds, with the same checks as in a manifest file (the
+// one-per-namespace rule for PeerAuthentication is the caller's: it spans objects).
+Result<PeerAuthentication> parsePeerAuthenticationObject(const YAML::Node& doc);
+Result<AuthorizationPolicy> parseAuthorizationPolicyObject(const YAML::Node& doc);
 
 // The merged state of a manifest directory, with per-file last-good objects.
 class ManifestSource {

@@ -98,6 +98,85 @@ std::vector<const Pod*> serviceEndpoints(const ClusterModel& model, const Servic
   return out;
 }
 
+namespace {
+
+// The Kubernetes FindPort rule: a container port with the service port's target name and
+// protocol.
+std::optional<uint16_t> namedPort(const Pod& pod, const ServicePort& sp) {
+  auto it = pod.named_ports.find(sp.target_port_name);
+  if (it == pod.named_ports.end() || it->second.protocol != sp.protocol) return std::nullopt;
+  return it->second.port;
+}
+
+std::vector<ResolvedEndpoint> selectorEndpoints(const ClusterModel& model,
+                                                const Service& service) {
+  std::vector<ResolvedEndpoint> out;
+  for (const Pod* pod : serviceEndpoints(model, service)) {
+    std::map<uint16_t, uint16_t> ports;
+    bool any_port = service.ports.empty();
+    for (const ServicePort& sp : service.ports) {
+      if (sp.target_port_name.empty()) {
+        any_port = true;
+        continue;
+      }
+      if (auto p = namedPort(*pod, sp)) {
+        ports[sp.port] = *p;
+        any_port = true;
+      }
+    }
+    if (!any_port) continue;  // an endpoint of none of the service's ports
+    for (const IpAddr& ip : pod->ips)
+      out.push_back(ResolvedEndpoint{pod->meta.uid,
+                                     objectKey(pod->meta.namespace_, pod->meta.name), ip, ports});
+  }
+  return out;
+}
+
+std::vector<ResolvedEndpoint> sliceEndpoints(const ClusterModel& model, const Service& service) {
+  std::vector<ResolvedEndpoint> out;
+  const std::string prefix = service.meta.namespace_ + "/";
+  for (auto it = model.endpoint_slices.lower_bound(prefix);
+       it != model.endpoint_slices.end() && it->first.compare(0, prefix.size(), prefix) == 0;
+       ++it) {
+    const EndpointSlice& slice = it->second;
+    if (slice.service_name != service.meta.name) continue;
+    if (slice.address_type != "IPv4" && slice.address_type != "IPv6") continue;
+    // Service port -> the slice's port of the same name (and protocol).
+    std::map<uint16_t, uint16_t> ports;
+    for (const ServicePort& sp : service.ports)
+      for (const EndpointSlicePort& ep : slice.ports)
+        if (ep.name == sp.name && ep.protocol == sp.protocol && ep.port != 0)
+          ports[sp.port] = ep.port;
+    if (ports.empty() && !service.ports.empty()) continue;  // serves none of its ports
+    for (const EndpointSliceEndpoint& e : slice.endpoints) {
+      if (!e.ready) continue;
+      std::string uid, workload;
+      if (!e.target_pod.empty()) {
+        auto pod = model.pods.find(e.target_pod);
+        if (pod != model.pods.end() &&
+            (e.target_uid.empty() || e.target_uid == pod->second.meta.uid)) {
+          uid = pod->second.meta.uid;
+          workload = e.target_pod;
+        }
+      }
+      for (const IpAddr& ip : e.addresses) {
+        bool dup = false;
+        for (const ResolvedEndpoint& r : out) dup = dup || r.ip == ip;
+        if (!dup) out.push_back(ResolvedEndpoint{uid, workload, ip, ports});
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<ResolvedEndpoint> resolveServiceEndpoints(const ClusterModel& model,
+                                                      const Service& service) {
+  return model.endpoints_from_slices ? sliceEndpoints(model, service)
+                                     : selectorEndpoints(model, service);
+}
+
 std::string deriveUid(const std::string& kind, const std::string& ns, const std::string& name) {
   const std::string text = kind + "/" + ns + "/" + name;
   uint64_t a = fnv1a(text, kFnvOffset);

@@ -35,18 +35,31 @@ struct Namespace {
   bool operator==(const Namespace&) const = default;
 };
 
+// A named port of one of the pod's containers (spec.containers[].ports[]), what a Service's
+// named targetPort resolves to.
+struct ContainerPort {
+  uint16_t port = 0;
+  std::string protocol = "TCP";
+  bool operator==(const ContainerPort&) const = default;
+};
+
 struct Pod {
   ObjectMeta meta;
   std::string node_name;
   std::string service_account = "default";
-  std::vector<IpAddr> ips;  // status.podIPs, at least one
+  // status.podIPs: at least one from the manifests; the Kubernetes source also keeps this
+  // node's pods that have none yet (the API server learns them only after CNI ADD returned;
+  // enrollment then takes them from the CNI request's prevResult).
+  std::vector<IpAddr> ips;
+  std::map<std::string, ContainerPort> named_ports;  // by port name (the first one wins)
   bool operator==(const Pod&) const = default;
 };
 
 struct ServicePort {
   std::string name;
   uint16_t port = 0;
-  uint16_t target_port = 0;
+  uint16_t target_port = 0;      // 0 when target_port_name is set
+  std::string target_port_name;  // a named targetPort ("http"): resolved per endpoint
   std::string protocol = "TCP";  // TCP or UDP
   bool operator==(const ServicePort&) const = default;
 };
@@ -58,6 +71,34 @@ struct Service {
   std::vector<IpAddr> cluster_ips;  // empty for headless ("None") or unallocated
   bool headless = false;
   bool operator==(const Service&) const = default;
+};
+
+// EndpointSlice (discovery.k8s.io/v1), from the Kubernetes source: the endpoints of the
+// Service named by its label kubernetes.io/service-name.
+constexpr const char* kServiceNameLabel = "kubernetes.io/service-name";
+
+struct EndpointSliceEndpoint {
+  std::vector<IpAddr> addresses;
+  bool ready = true;             // conditions.ready; absent = ready
+  std::string target_pod;        // targetRef of kind Pod: "namespace/name", else empty
+  std::string target_uid;
+  bool operator==(const EndpointSliceEndpoint&) const = default;
+};
+
+struct EndpointSlicePort {
+  std::string name;  // matches the Service port's name
+  uint16_t port = 0;
+  std::string protocol = "TCP";
+  bool operator==(const EndpointSlicePort&) const = default;
+};
+
+struct EndpointSlice {
+  ObjectMeta meta;
+  std::string service_name;  // label kubernetes.io/service-name
+  std::string address_type;  // IPv4, IPv6 or FQDN (FQDN slices carry no usable address)
+  std::vector<EndpointSliceEndpoint> endpoints;
+  std::vector<EndpointSlicePort> ports;
+  bool operator==(const EndpointSlice&) const = default;
 };
 
 // Service annotation choosing how the ztunnel balances the service's endpoints:
@@ -105,6 +146,10 @@ struct ClusterModel {
   // At most one per namespace (the manifests reject a second), so keyed by namespace.
   std::map<std::string, PeerAuthentication> peer_authentications;
   std::map<std::string, AuthorizationPolicy> authorization_policies;  // by namespace/name
+  std::map<std::string, EndpointSlice> endpoint_slices;               // by namespace/name
+  // Where services' endpoints come from: false = their selector over the model's pods (the
+  // manifest source), true = their EndpointSlices (the Kubernetes source).
+  bool endpoints_from_slices = false;
 
   const Pod* findPod(const std::string& ns, const std::string& name) const;
   const Namespace* findNamespace(const std::string& name) const;
@@ -130,6 +175,24 @@ bool selectorMatches(const Labels& selector, const Labels& labels);
 
 // Pods of the service's namespace selected by its selector, in key order.
 std::vector<const Pod*> serviceEndpoints(const ClusterModel& model, const Service& service);
+
+// One endpoint address of a service as the ztunnel gets it.
+struct ResolvedEndpoint {
+  std::string workload_uid;  // empty when no pod of the model is known for it
+  std::string workload;      // "namespace/name", empty if unknown
+  IpAddr ip;
+  // Service port -> this endpoint's port, for ports whose number is per endpoint (named
+  // targetPorts; every port of an EndpointSlice-backed service).
+  std::map<uint16_t, uint16_t> target_ports;
+  bool operator==(const ResolvedEndpoint&) const = default;
+};
+
+// The service's endpoints: from its EndpointSlices when model.endpoints_from_slices (ready
+// addresses of every slice labelled with its name, ports by name), else from its selector
+// (each selected pod's IPs; a named targetPort from the pod's container ports, and a pod
+// without that port is not an endpoint of that service port).
+std::vector<ResolvedEndpoint> resolveServiceEndpoints(const ClusterModel& model,
+                                                      const Service& service);
 
 // A stable uid for an object that has none: a UUID-shaped hash of kind/namespace/name.
 std::string deriveUid(const std::string& kind, const std::string& ns, const std::string& name);

@@ -113,4 +113,16 @@ int weft_recvmsg6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* Attaches: cgroup/sock_release at the cgroup root.
+ * Decides: nothing (always allows); a UDP socket that closes loses its weft_dns_dst entry, so
+ * the LRU holds only live sockets' resolvers. (The recvmsg path cannot delete: a connected
+ * socket reads many answers, one per query, all needing the same entry.) */
+SEC("cgroup/sock_release")
+int weft_sock_release(struct bpf_sock *ctx)
+{
+	if (ctx->protocol == WEFT_DNS_IPPROTO_UDP)
+		weft_dns_forget(ctx);
+	return 1;
+}
+
 char LICENSE[] SEC("license") = "GPL";

@@ -192,11 +192,33 @@ std::optional<CniError> parseConfig(std::string_view text, bool forVersion, Conf
   return std::nullopt;
 }
 
-json agentRequest(const Environment& env) {
-  return json{{"command", env.commandName}, {"container_id", env.containerId},
-              {"netns", env.netns},          {"ifname", env.ifname},
-              {"pod_name", env.podName},     {"pod_namespace", env.podNamespace},
-              {"pod_uid", env.podUid}};
+std::vector<std::string> prevResultIps(const Config& config) {
+  std::vector<std::string> out;
+  if (!config.prevResult || !config.prevResult->is_object()) return out;
+  auto ips = config.prevResult->find("ips");
+  if (ips == config.prevResult->end() || !ips->is_array()) return out;
+  for (const json& e : *ips) {
+    if (out.size() >= 8) break;
+    if (!e.is_object()) continue;
+    auto a = e.find("address");
+    if (a == e.end() || !a->is_string()) continue;
+    std::string addr = a->get<std::string>();
+    addr = addr.substr(0, addr.find('/'));
+    if (!addr.empty() && addr.size() <= 64) out.push_back(addr);  // the agent validates it
+  }
+  return out;
+}
+
+json agentRequest(const Environment& env, const Config& config) {
+  json r{{"command", env.commandName}, {"container_id", env.containerId},
+         {"netns", env.netns},          {"ifname", env.ifname},
+         {"pod_name", env.podName},     {"pod_namespace", env.podNamespace},
+         {"pod_uid", env.podUid}};
+  if (env.command == Command::kAdd) {
+    auto ips = prevResultIps(config);
+    if (!ips.empty()) r["pod_ips"] = ips;
+  }
+  return r;
 }
 
 json addResult(const Config& config) {
@@ -247,7 +269,7 @@ Outcome run(const Env& env, std::string_view stdinText, const AgentCall& callAge
 
   if (auto err = parseConfig(stdinText, false, &config)) return fail(*err);
 
-  AgentReply reply = callAgent(config.agentSocket, agentRequest(environment),
+  AgentReply reply = callAgent(config.agentSocket, agentRequest(environment, config),
                                std::chrono::duration_cast<std::chrono::milliseconds>(
                                    config.timeout));
   if (!reply.ok) {

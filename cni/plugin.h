@@ -74,8 +74,12 @@ std::optional<CniError> parseEnvironment(
 // Parses the stdin config. `forVersion` relaxes what VERSION does not need.
 std::optional<CniError> parseConfig(std::string_view text, bool forVersion, Config* out);
 
-// The request object the agent's CNI socket expects (docs/ARCHITECTURE.md).
-nlohmann::json agentRequest(const Environment& env);
+// The request object the agent's CNI socket expects (docs/ARCHITECTURE.md). On ADD it carries
+// `pod_ips`, the addresses of the previous plugin's result (prevResult.ips[].address without
+// the prefix length): on a real cluster the API server learns the pod's IPs only after ADD.
+nlohmann::json agentRequest(const Environment& env, const Config& config = {});
+// prevResult.ips[].address values without their "/len" (at most 8; malformed ones skipped).
+std::vector<std::string> prevResultIps(const Config& config);
 
 // The result an ADD prints: prevResult unchanged except cniVersion, or a minimal result.
 nlohmann::json addResult(const Config& config);

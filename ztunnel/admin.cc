@@ -56,9 +56,14 @@ nlohmann::json serviceJson(const ServiceInfo& s) {
   for (const IpAddr& v : s.vips) vips.push_back(v.toString());
   for (const ServicePortInfo& p : s.ports)
     ports.push_back({{"port", p.port}, {"target_port", p.target_port},
-                     {"protocol", p.tcp ? "TCP" : "UDP"}, {"name", p.name}});
-  for (const ServiceEndpointInfo& e : s.endpoints)
-    eps.push_back({{"workload_uid", e.workload_uid}, {"ip", e.ip.toString()}});
+                     {"protocol", p.tcp ? "TCP" : "UDP"}, {"name", p.name},
+                     {"target_port_name", p.target_port_name}});
+  for (const ServiceEndpointInfo& e : s.endpoints) {
+    nlohmann::json tps = nlohmann::json::object();
+    for (const auto& [sp, tp] : e.target_ports) tps[std::to_string(sp)] = tp;
+    eps.push_back({{"workload_uid", e.workload_uid}, {"ip", e.ip.toString()},
+                   {"target_ports", tps}});
+  }
   return {{"name", s.name}, {"namespace", s.namespace_}, {"vips", vips}, {"ports", ports},
           {"endpoints", eps}, {"load_balancer", loadBalancingName(s.load_balancing)}};
 }

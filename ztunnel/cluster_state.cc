@@ -65,12 +65,20 @@ Result<ServiceInfo> serviceFromProto(const node::v1::Service& s) {
     sp.target_port = static_cast<uint16_t>(p.target_port());
     sp.tcp = p.protocol().empty() || p.protocol() == "TCP";
     sp.name = p.name();
+    sp.target_port_name = p.target_port_name();
     out.ports.push_back(sp);
   }
   for (const auto& e : s.endpoints()) {
     auto ip = IpAddr::parse(e.ip());
     if (!ip) return Status::errorf("{}: endpoints: '{}' is not an IP address", what, e.ip());
-    out.endpoints.push_back(ServiceEndpointInfo{e.workload_uid(), *ip});
+    ServiceEndpointInfo info{e.workload_uid(), *ip, {}};
+    for (const auto& [svc_port, target] : e.target_ports()) {
+      if (svc_port == 0 || svc_port > 65535 || target == 0 || target > 65535)
+        return Status::errorf("{}: endpoints: {}: target_ports {} -> {} out of range", what,
+                              e.ip(), svc_port, target);
+      info.target_ports[static_cast<uint16_t>(svc_port)] = static_cast<uint16_t>(target);
+    }
+    out.endpoints.push_back(std::move(info));
   }
   // A value from a newer agent that this ztunnel does not know falls back to the default.
   out.load_balancing = s.load_balancer() == node::v1::LOAD_BALANCER_PEAK_EWMA

@@ -36,14 +36,17 @@ using WorkloadInfoPtr = std::shared_ptr<const WorkloadInfo>;
 
 struct ServicePortInfo {
   uint16_t port = 0;
-  uint16_t target_port = 0;  // 0 = same as port
+  uint16_t target_port = 0;  // 0 = same as port (or per endpoint when target_port_name is set)
   bool tcp = true;
   std::string name;
+  std::string target_port_name;  // a named targetPort: resolved per endpoint (target_ports)
 };
 
 struct ServiceEndpointInfo {
   std::string workload_uid;
   IpAddr ip;
+  // Service port -> this endpoint's port (named targetPorts, EndpointSlice ports).
+  std::map<uint16_t, uint16_t> target_ports;
 };
 
 // A service's endpoint choice (ARCHITECTURE "Load balancing").

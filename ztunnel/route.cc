@@ -58,17 +58,27 @@ Route decideOutbound(const SocketAddress& original_dst, const WorkloadInfo* sour
                     std::to_string(original_dst.port()));
     struct Candidate {
       IpAddr ip;
+      uint16_t port;
       WorkloadInfoPtr workload;
     };
+    const uint16_t default_target = port->target_port != 0 ? port->target_port : port->port;
     std::vector<Candidate> candidates;
     for (const ServiceEndpointInfo& e : svc->endpoints) {
+      // The endpoint's own port for this service port (a named targetPort resolved from its
+      // container ports, or its EndpointSlice's port); a named port it does not have means it
+      // is not an endpoint of this service port (Kubernetes semantics).
+      uint16_t target = default_target;
+      if (auto tp = e.target_ports.find(port->port); tp != e.target_ports.end())
+        target = tp->second;
+      else if (!port->target_port_name.empty())
+        continue;
       WorkloadInfoPtr w;
       const IpAddr* eip = endpointIp(e, ip.family(), state, &w);
       if (eip == nullptr) continue;
       // A dual-stack pod is often listed once per family; it is one endpoint, not two.
       bool dup = false;
       for (const Candidate& c : candidates) dup = dup || c.ip == *eip;
-      if (!dup) candidates.push_back(Candidate{*eip, w});
+      if (!dup) candidates.push_back(Candidate{*eip, target, w});
     }
     if (candidates.empty()) {
       Route r = refuse("service " + svc->key() + " has no endpoints");
@@ -76,10 +86,9 @@ Route decideOutbound(const SocketAddress& original_dst, const WorkloadInfo* sour
       r.no_endpoints = true;
       return r;
     }
-    uint16_t target = port->target_port != 0 ? port->target_port : port->port;
     std::vector<SocketAddress> hops;
     hops.reserve(candidates.size());
-    for (const Candidate& c : candidates) hops.emplace_back(c.ip, target);
+    for (const Candidate& c : candidates) hops.emplace_back(c.ip, c.port);
     Balancer::Pick pick = balancer.pick(svc->key(), svc->load_balancing, hops);
     Route r;
     r.kind = RouteKind::kServiceEndpoint;

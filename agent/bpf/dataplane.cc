@@ -44,7 +44,7 @@ constexpr const char* kMapNames[] = {WEFT_MAP_ENROLLED,       WEFT_MAP_SK_ORIG_D
 constexpr const char* kCgroupProgs[] = {WEFT_PROG_CONNECT4,   WEFT_PROG_CONNECT6, WEFT_PROG_SOCKOPS,
                                         WEFT_PROG_GETSOCKOPT, WEFT_PROG_BIND4,    WEFT_PROG_BIND6,
                                         WEFT_PROG_SENDMSG4,   WEFT_PROG_SENDMSG6, WEFT_PROG_RECVMSG4,
-                                        WEFT_PROG_RECVMSG6};
+                                        WEFT_PROG_RECVMSG6,   WEFT_PROG_SOCK_RELEASE};
 // The kernel keeps BPF_OBJ_NAME_LEN - 1 characters of a program name.
 constexpr size_t kKernelNameLen = 15;
 

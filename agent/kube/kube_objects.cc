@@ -2,6 +2,8 @@
 // parser so both sources validate and fill the model identically.
 #include "agent/kube/kube_objects.h"
 
+#include <sys/socket.h>
+
 #include "agent/manifests.h"
 
 namespace weft::agent::kube {
@@ -16,6 +18,12 @@ const char* kindName(ResourceKind kind) {
       return "Pod";
     case ResourceKind::kService:
       return "Service";
+    case ResourceKind::kEndpointSlice:
+      return "EndpointSlice";
+    case ResourceKind::kPeerAuthentication:
+      return "PeerAuthentication";
+    case ResourceKind::kAuthorizationPolicy:
+      return "AuthorizationPolicy";
   }
   return "?";
 }
@@ -146,8 +154,122 @@ const Json* path(const Json& j, std::initializer_list<const char*> keys) {
 
 }  // namespace
 
-Result<std::optional<ModelObject>> toModelObject(ResourceKind kind, const Json& object) {
+Result<std::optional<EndpointSlice>> parseEndpointSlice(const Json& object) {
+  if (!object.is_object()) return Status::error("EndpointSlice: not a JSON object");
+  EndpointSlice slice;
+  const Json* meta = path(object, {"metadata"});
+  if (!meta || !meta->is_object()) return Status::error("EndpointSlice: metadata: required");
+  const Json* name = path(*meta, {"name"});
+  const Json* ns = path(*meta, {"namespace"});
+  if (!name || !name->is_string() || name->get<std::string>().empty())
+    return Status::error("EndpointSlice: metadata.name: required");
+  slice.meta.name = name->get<std::string>();
+  if (!ns || !ns->is_string() || ns->get<std::string>().empty())
+    return Status::errorf("EndpointSlice {}: metadata.namespace: required", slice.meta.name);
+  slice.meta.namespace_ = ns->get<std::string>();
+  const std::string who = "EndpointSlice " + objectKey(slice.meta.namespace_, slice.meta.name);
+  auto bad = [&](const std::string& field, const std::string& what) {
+    return Status::error(who + ": " + field + ": " + what);
+  };
+  if (const Json* uid = path(*meta, {"uid"}); uid && uid->is_string())
+    slice.meta.uid = uid->get<std::string>();
+  if (const Json* v = path(object, {"apiVersion"});
+      v && (!v->is_string() || *v != "discovery.k8s.io/v1"))
+    return bad("apiVersion", "must be discovery.k8s.io/v1");
+  const Json* svc = path(*meta, {"labels", kServiceNameLabel});
+  if (svc && !svc->is_string())
+    return bad(std::string("metadata.labels.") + kServiceNameLabel, "must be a string");
+  if (!svc || svc->get<std::string>().empty())
+    return std::optional<EndpointSlice>();  // no Service's endpoints: nothing for the model
+  slice.service_name = svc->get<std::string>();
+  slice.meta.labels[kServiceNameLabel] = slice.service_name;
+  const Json* at = path(object, {"addressType"});
+  if (!at || !at->is_string() || (*at != "IPv4" && *at != "IPv6" && *at != "FQDN"))
+    return bad("addressType", "required: IPv4, IPv6 or FQDN");
+  slice.address_type = at->get<std::string>();
+  const int family = slice.address_type == "IPv4" ? AF_INET : AF_INET6;
+  const Json* eps = path(object, {"endpoints"});
+  if (eps && !eps->is_null()) {
+    if (!eps->is_array()) return bad("endpoints", "must be a list");
+    if (eps->size() > kMaxSliceEndpoints)
+      return bad("endpoints", fmt::format("more than {} endpoints", kMaxSliceEndpoints));
+    for (size_t i = 0; i < eps->size(); i++) {
+      const Json& e = (*eps)[i];
+      const std::string p = fmt::format("endpoints[{}]", i);
+      if (!e.is_object()) return bad(p, "must be an object");
+      EndpointSliceEndpoint out;
+      const Json* addrs = path(e, {"addresses"});
+      if (!addrs || !addrs->is_array() || addrs->empty())
+        return bad(p + ".addresses", "required, a list of at least one address");
+      if (addrs->size() > kMaxSliceAddresses)
+        return bad(p + ".addresses", fmt::format("more than {}", kMaxSliceAddresses));
+      for (size_t j = 0; j < addrs->size(); j++) {
+        const std::string ap = fmt::format("{}.addresses[{}]", p, j);
+        if (!(*addrs)[j].is_string()) return bad(ap, "must be a string");
+        if (slice.address_type == "FQDN") continue;  // names: nothing the ztunnel can dial
+        auto ip = IpAddr::parse((*addrs)[j].get<std::string>());
+        if (!ip || ip->family() != family)
+          return bad(ap, "\"" + (*addrs)[j].get<std::string>().substr(0, 64) +
+                             "\" is not an " + slice.address_type + " address");
+        out.addresses.push_back(*ip);
+      }
+      if (const Json* ready = path(e, {"conditions", "ready"}); ready && !ready->is_null()) {
+        if (!ready->is_boolean()) return bad(p + ".conditions.ready", "must be a boolean");
+        out.ready = ready->get<bool>();
+      }
+      if (const Json* ref = path(e, {"targetRef"}); ref && ref->is_object()) {
+        const Json* kind = path(*ref, {"kind"});
+        const Json* rname = path(*ref, {"name"});
+        const Json* rns = path(*ref, {"namespace"});
+        const Json* ruid = path(*ref, {"uid"});
+        if (kind && kind->is_string() && *kind == "Pod" && rname && rname->is_string()) {
+          std::string pns =
+              rns && rns->is_string() ? rns->get<std::string>() : slice.meta.namespace_;
+          out.target_pod = objectKey(pns, rname->get<std::string>());
+          if (ruid && ruid->is_string()) out.target_uid = ruid->get<std::string>();
+        }
+      }
+      slice.endpoints.push_back(std::move(out));
+    }
+  }
+  const Json* ports = path(object, {"ports"});
+  if (ports && !ports->is_null()) {
+    if (!ports->is_array()) return bad("ports", "must be a list");
+    if (ports->size() > kMaxSlicePorts)
+      return bad("ports", fmt::format("more than {} ports", kMaxSlicePorts));
+    for (size_t i = 0; i < ports->size(); i++) {
+      const Json& pj = (*ports)[i];
+      const std::string p = fmt::format("ports[{}]", i);
+      if (!pj.is_object()) return bad(p, "must be an object");
+      EndpointSlicePort out;
+      if (const Json* n = path(pj, {"name"}); n && !n->is_null()) {
+        if (!n->is_string()) return bad(p + ".name", "must be a string");
+        out.name = n->get<std::string>();
+      }
+      if (const Json* pr = path(pj, {"protocol"}); pr && !pr->is_null()) {
+        if (!pr->is_string()) return bad(p + ".protocol", "must be a string");
+        out.protocol = pr->get<std::string>();
+      }
+      const Json* num = path(pj, {"port"});
+      if (!num || num->is_null()) continue;  // "all ports": nothing to map a service port to
+      if (!num->is_number_integer() || num->get<int64_t>() < 1 || num->get<int64_t>() > 65535)
+        return bad(p + ".port", "must be an integer 1-65535");
+      out.port = static_cast<uint16_t>(num->get<int64_t>());
+      slice.ports.push_back(std::move(out));
+    }
+  }
+  return std::optional<EndpointSlice>(std::move(slice));
+}
+
+Result<std::optional<ModelObject>> toModelObject(ResourceKind kind, const Json& object,
+                                                 bool pending_pods) {
   if (!object.is_object()) return Status::errorf("{}: not a JSON object", kindName(kind));
+  if (kind == ResourceKind::kEndpointSlice) {
+    auto r = parseEndpointSlice(object);
+    if (!r) return r.status();
+    if (!r.value()) return std::optional<ModelObject>();
+    return std::optional<ModelObject>(std::move(*r.value()));
+  }
   Json fields = relevantFields(object);
   if (kind == ResourceKind::kPod) {
     // Objects a real cluster has that the model has no place for: not an error, not in force.
@@ -164,7 +286,15 @@ Result<std::optional<ModelObject>> toModelObject(ResourceKind kind, const Json& 
       fields["status"]["podIPs"] = Json::array({Json{{"ip", *ip}}});  // older servers
       has_ips = true;
     }
-    if (!has_ips) return std::optional<ModelObject>();  // not running yet: no address
+    if (!has_ips && !pending_pods)
+      return std::optional<ModelObject>();  // not running yet: no address
+    if (!has_ips) {
+      auto yaml = jsonToYaml(fields);
+      if (!yaml) return yaml.status().context(kindName(kind));
+      auto r = parsePendingPodObject(yaml.value());
+      if (!r) return r.status();
+      return std::optional<ModelObject>(std::move(r.value()));
+    }
   }
   auto yaml = jsonToYaml(fields);
   if (!yaml) return yaml.status().context(kindName(kind));
@@ -184,6 +314,18 @@ Result<std::optional<ModelObject>> toModelObject(ResourceKind kind, const Json& 
       if (!r) return r.status();
       return std::optional<ModelObject>(std::move(r.value()));
     }
+    case ResourceKind::kPeerAuthentication: {
+      auto r = parsePeerAuthenticationObject(yaml.value());
+      if (!r) return r.status();
+      return std::optional<ModelObject>(std::move(r.value()));
+    }
+    case ResourceKind::kAuthorizationPolicy: {
+      auto r = parseAuthorizationPolicyObject(yaml.value());
+      if (!r) return r.status();
+      return std::optional<ModelObject>(std::move(r.value()));
+    }
+    case ResourceKind::kEndpointSlice:
+      break;  // handled above
   }
   return Status::error("unknown kind");
 }

@@ -20,10 +20,27 @@ namespace weft::agent::kube {
 // Deeper JSON than this is refused before parsing (real objects stay well under 32 levels).
 constexpr int kMaxJsonDepth = 64;
 
-enum class ResourceKind { kNamespace, kPod, kService };
-const char* kindName(ResourceKind kind);  // "Namespace", "Pod", "Service"
+enum class ResourceKind {
+  kNamespace,
+  kPod,
+  kService,
+  kEndpointSlice,        // discovery.k8s.io/v1
+  kPeerAuthentication,   // security.weft.dev/v1
+  kAuthorizationPolicy,  // security.weft.dev/v1
+};
+const char* kindName(ResourceKind kind);  // "Namespace", "Pod", "Service", "EndpointSlice", ...
 
-using ModelObject = std::variant<Namespace, Pod, Service>;
+using ModelObject = std::variant<Namespace, Pod, Service, EndpointSlice, PeerAuthentication,
+                                 AuthorizationPolicy>;
+
+// Bounds on one EndpointSlice (the API server's own: 1000 endpoints, 100 addresses, 100 ports).
+constexpr size_t kMaxSliceEndpoints = 1000;
+constexpr size_t kMaxSliceAddresses = 100;
+constexpr size_t kMaxSlicePorts = 100;
+
+// An EndpointSlice as the model keeps it; nullopt when it names no Service (no
+// kubernetes.io/service-name label). Errors read "EndpointSlice ns/name: field: what".
+Result<std::optional<EndpointSlice>> parseEndpointSlice(const nlohmann::json& object);
 
 // JSON to YAML for the shared parser. Strings are tagged "!" like quoted YAML scalars, so a
 // string where a number belongs (targetPort: "http") stays a string. Depth-bounded.
@@ -40,8 +57,11 @@ std::string resourceVersionOf(const nlohmann::json& object);
 
 // One API object as the model sees it: nullopt when the object exists but does not belong in
 // the model (a pod with no IP yet, a finished or host-network pod); an error when it does not
-// validate ("Pod ns/name: field: what").
-Result<std::optional<ModelObject>> toModelObject(ResourceKind kind, const nlohmann::json& object);
+// validate ("Pod ns/name: field: what"). `pending_pods`: a running pod without an address yet
+// is kept (no IPs) instead of left out — this node's pods, which CNI ADD enrolls before the API
+// server knows their IPs.
+Result<std::optional<ModelObject>> toModelObject(ResourceKind kind, const nlohmann::json& object,
+                                                 bool pending_pods = false);
 
 enum class WatchEventType { kAdded, kModified, kDeleted, kBookmark, kError };
 

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <random>
+#include <set>
 
 #include "agent/kube/https_client.h"
 #include "common/log.h"
@@ -21,6 +22,11 @@ struct KubeSource::Resource {
   std::string path;            // e.g. /api/v1/pods
   std::string list_kind;       // e.g. PodList
   std::string field_selector;  // unencoded, e.g. spec.nodeName=node1
+  std::string label_selector;  // unencoded, e.g. kubernetes.io/service-name
+  // A custom resource whose CRD may not be installed: 404 on list counts as an empty,
+  // synced list (the agent starts) and is retried with backoff.
+  bool optional = false;
+  bool pending_pods = false;  // keep pods without an address (this node's: CNI enrolls them)
   // Guarded by mu_.
   std::map<std::string, ModelObject> store;
   KubeResourceStats stats;
@@ -63,6 +69,15 @@ const char* eventName(WatchEventType t) {
   return "?";
 }
 
+// How an accepted object is enforced differently from what it says (AuthorizationPolicy L7
+// fields without a waypoint), as the manifest source reports it.
+void logWarnings(const std::string& resource, const ModelObject& obj) {
+  if (auto* ap = std::get_if<AuthorizationPolicy>(&obj))
+    for (const std::string& w : ap->warnings)
+      spdlog::warn("kubernetes {}: AuthorizationPolicy {}: {}", resource,
+                   objectKey(ap->meta.namespace_, ap->meta.name), w);
+}
+
 // The reason of an error response, from its Status body if it has one.
 std::string describeErrorResponse(HttpsConnection& conn, const ResponseHead& head) {
   std::string what = fmt::format("HTTP {} {}", head.status, head.reason);
@@ -98,7 +113,7 @@ Result<KubeSourcePtr> KubeSource::create(uv_loop_t* loop, KubeSourceOptions opti
 KubeSource::KubeSource(uv_loop_t* loop, KubeSourceOptions options)
     : loop_(loop), options_(std::move(options)) {
   auto add = [&](std::string name, ResourceKind kind, std::string path, std::string list_kind,
-                 std::string selector) {
+                 std::string selector) -> Resource& {
     auto r = std::make_unique<Resource>();
     r->name = std::move(name);
     r->kind = kind;
@@ -107,14 +122,26 @@ KubeSource::KubeSource(uv_loop_t* loop, KubeSourceOptions options)
     r->field_selector = std::move(selector);
     r->stats.name = r->name;
     resources_.push_back(std::move(r));
+    return *resources_.back();
   };
   add("namespaces", ResourceKind::kNamespace, "/api/v1/namespaces", "NamespaceList", "");
   add("services", ResourceKind::kService, "/api/v1/services", "ServiceList", "");
   add("pods (node " + options_.node_name + ")", ResourceKind::kPod, "/api/v1/pods", "PodList",
-      "spec.nodeName=" + options_.node_name);
+      "spec.nodeName=" + options_.node_name)
+      .pending_pods = true;
   if (options_.remote_pods)
     add("pods (other nodes)", ResourceKind::kPod, "/api/v1/pods", "PodList",
         "spec.nodeName!=" + options_.node_name);
+  // Only slices that belong to a Service (the label the EndpointSlice controller sets).
+  add("endpointslices", ResourceKind::kEndpointSlice, "/apis/discovery.k8s.io/v1/endpointslices",
+      "EndpointSliceList", "")
+      .label_selector = kServiceNameLabel;
+  add("peerauthentications", ResourceKind::kPeerAuthentication,
+      "/apis/security.weft.dev/v1/peerauthentications", "PeerAuthenticationList", "")
+      .optional = true;
+  add("authorizationpolicies", ResourceKind::kAuthorizationPolicy,
+      "/apis/security.weft.dev/v1/authorizationpolicies", "AuthorizationPolicyList", "")
+      .optional = true;
 }
 
 KubeSource::~KubeSource() {
@@ -172,19 +199,38 @@ std::vector<KubeResourceStats> KubeSource::stats() const {
 
 bool KubeSource::refresh() {
   ClusterModel m;
+  m.endpoints_from_slices = true;  // a real cluster's endpoints: what its controller computed
+  std::set<std::string> conflicts;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& r : resources_) {
       for (const auto& [key, obj] : r->store) {
-        if (auto* ns = std::get_if<Namespace>(&obj))
+        if (auto* ns = std::get_if<Namespace>(&obj)) {
           m.namespaces[key] = *ns;
-        else if (auto* pod = std::get_if<Pod>(&obj))
+        } else if (auto* pod = std::get_if<Pod>(&obj)) {
           m.pods[key] = *pod;
-        else if (auto* svc = std::get_if<Service>(&obj))
+        } else if (auto* svc = std::get_if<Service>(&obj)) {
           m.services[key] = *svc;
+        } else if (auto* slice = std::get_if<EndpointSlice>(&obj)) {
+          m.endpoint_slices[key] = *slice;
+        } else if (auto* ap = std::get_if<AuthorizationPolicy>(&obj)) {
+          m.authorization_policies[key] = *ap;
+        } else if (auto* pa = std::get_if<PeerAuthentication>(&obj)) {
+          // One per namespace, as in the manifests; the API cannot refuse a second, so the
+          // first by name stays in force and the others are reported.
+          auto [it, fresh] = m.peer_authentications.emplace(pa->meta.namespace_, *pa);
+          if (!fresh)
+            conflicts.insert("PeerAuthentication " + key + ": metadata.namespace: namespace " +
+                             pa->meta.namespace_ + " already has PeerAuthentication " +
+                             objectKey(it->second.meta.namespace_, it->second.meta.name) +
+                             "; only one per namespace, this one is not in force");
+        }
       }
     }
   }
+  for (const std::string& c : conflicts)
+    if (!reported_conflicts_.count(c)) spdlog::warn("kubernetes: {}", c);
+  reported_conflicts_ = std::move(conflicts);
   if (m == model_) return false;
   model_ = std::move(m);
   return true;
@@ -199,6 +245,7 @@ std::string KubeSource::target(const Resource& r, bool watch, const std::string&
                                const std::string& cont) const {
   std::string t = r.path + "?";
   if (!r.field_selector.empty()) t += "fieldSelector=" + urlEncode(r.field_selector) + "&";
+  if (!r.label_selector.empty()) t += "labelSelector=" + urlEncode(r.label_selector) + "&";
   if (watch) {
     t += "watch=1&resourceVersion=" + urlEncode(rv) +
          "&allowWatchBookmarks=true&timeoutSeconds=" + std::to_string(options_.watch_timeout_s);
@@ -296,6 +343,23 @@ bool KubeSource::list(Resource& r, const std::string& token) {
       page = -1;
       continue;
     }
+    if (head->status == 404 && r.optional) {
+      // The CRD is not installed (yet): no such objects. Synced, so the agent starts; listed
+      // again with backoff until it appears. Logged once (fail() repeats at debug).
+      fail(r, "list: " + describeErrorResponse(*conn.value(), head.value()) +
+                  " (is the CRD installed? retrying with backoff; no such objects meanwhile)");
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        r.stats.missing = true;
+        if (!r.stats.synced) {
+          r.stats.synced = true;
+          r.stats.objects = r.store.size();
+        }
+      }
+      synced_cv_.notify_all();
+      notifyLoop();
+      return false;
+    }
     if (head->status != 200) {
       fail(r, "list: " + describeErrorResponse(*conn.value(), head.value()));
       return false;
@@ -317,7 +381,7 @@ bool KubeSource::list(Resource& r, const std::string& token) {
         spdlog::warn("kubernetes {}: list item skipped: {}", r.name, key.status().message());
         continue;
       }
-      auto obj = toModelObject(r.kind, item);
+      auto obj = toModelObject(r.kind, item, r.pending_pods);
       if (!obj) {
         malformed++;
         auto old = previous.find(key.value());
@@ -327,7 +391,10 @@ bool KubeSource::list(Resource& r, const std::string& token) {
         if (old != previous.end()) fresh[key.value()] = old->second;
         continue;
       }
-      if (obj.value()) fresh[key.value()] = std::move(*obj.value());
+      if (obj.value()) {
+        logWarnings(r.name, *obj.value());
+        fresh[key.value()] = std::move(*obj.value());
+      }
     }
     rv = parsed->resource_version;
     cont = parsed->continue_token;
@@ -342,6 +409,7 @@ bool KubeSource::list(Resource& r, const std::string& token) {
     std::lock_guard<std::mutex> lock(mu_);
     r.store = std::move(fresh);
     r.stats.lists++;
+    r.stats.missing = false;
     r.stats.malformed += malformed;
     r.stats.synced = true;
     r.stats.resource_version = rv;
@@ -373,7 +441,7 @@ bool KubeSource::applyEvent(Resource& r, WatchEventType type, const Json& object
   if (!rv.empty()) r.rv = rv;
   std::optional<ModelObject> obj;
   if (type != WatchEventType::kDeleted) {
-    auto conv = toModelObject(r.kind, object);
+    auto conv = toModelObject(r.kind, object, r.pending_pods);
     if (!conv) {
       spdlog::warn("kubernetes {}: {} event rejected (the last good state stays in force): {}",
                    r.name, eventName(type), conv.status().message());
@@ -382,6 +450,7 @@ bool KubeSource::applyEvent(Resource& r, WatchEventType type, const Json& object
       return false;
     }
     obj = std::move(conv.value());
+    if (obj) logWarnings(r.name, *obj);
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -419,6 +488,7 @@ bool KubeSource::watch(Resource& r, const std::string& token) {
     return true;
   };
   if (head->status == 410) return gone("HTTP 410");
+  if (head->status == 404 && r.optional) r.need_list = true;  // CRD removed: list (404) until back
   if (head->status != 200) {
     fail(r, "watch: " + describeErrorResponse(*conn.value(), head.value()));
     return false;

@@ -1,6 +1,7 @@
-// The Kubernetes API cluster source: list+watch of Namespaces, Services and Pods (this node's
-// with fieldSelector spec.nodeName=<node>; other nodes' with spec.nodeName!=<node>), one
-// reflector thread per watch, filling the same ClusterModel as the manifest source.
+// The Kubernetes API cluster source: list+watch of Namespaces, Services, Pods (this node's
+// with fieldSelector spec.nodeName=<node>; other nodes' with spec.nodeName!=<node>),
+// EndpointSlices, PeerAuthentications and AuthorizationPolicies, one reflector thread per
+// watch, filling the same ClusterModel as the manifest source.
 //
 // Threads: each reflector blocks only in its own thread (connect, TLS, reads; every wait also
 // watches a stop pipe). It keeps its objects under the source's mutex and pokes the agent's loop
@@ -17,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -48,7 +50,8 @@ struct KubeSourceOptions {
 
 // Counters and state of one watched resource (admin API, logs, tests).
 struct KubeResourceStats {
-  std::string name;     // "namespaces", "services", "pods (node X)", "pods (other nodes)"
+  std::string name;  // "namespaces", "services", "pods (node X)", "pods (other nodes)",
+                     // "endpointslices", "peerauthentications", "authorizationpolicies"
   bool synced = false;  // a full list has been applied at least once
   std::string resource_version;
   uint64_t lists = 0;    // completed lists (each re-list included)
@@ -59,6 +62,7 @@ struct KubeResourceStats {
   uint64_t malformed = 0;  // events or list items skipped
   uint64_t errors = 0;     // failed requests / broken streams (then backoff)
   uint64_t objects = 0;    // in the store now (in the model)
+  bool missing = false;    // the last list answered 404 (a CRD not installed)
   std::string last_error;
 };
 
@@ -116,6 +120,7 @@ class KubeSource {
   mutable std::mutex mu_;  // the stores and stats of all resources
   std::condition_variable synced_cv_;
   ClusterModel model_;
+  std::set<std::string> reported_conflicts_;  // loop thread: PeerAuthentication duplicates
 };
 
 }  // namespace weft::agent::kube

@@ -18,8 +18,9 @@
 #define WEFT_MAP_DNS_DST "weft_dns_dst"
 
 /* Version of the pinned set (programs + maps). Bump on any change of a map's shape or a program's
- * behaviour that an adopting agent must not mix with an older pinned set. */
-#define WEFT_BPF_ABI_VERSION "weft-bpf-abi-2"
+ * behaviour that an adopting agent must not mix with an older pinned set.
+ * 2: DNS capture. 3: cgroup/sock_release deletes a closing UDP socket's weft_dns_dst entry. */
+#define WEFT_BPF_ABI_VERSION "weft-bpf-abi-3"
 
 #ifndef WEFT_MAX_ENROLLED
 #define WEFT_MAX_ENROLLED 65536

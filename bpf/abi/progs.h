@@ -13,6 +13,7 @@
 #define WEFT_PROG_SENDMSG6 "weft_sendmsg6"
 #define WEFT_PROG_RECVMSG4 "weft_recvmsg4"
 #define WEFT_PROG_RECVMSG6 "weft_recvmsg6"
+#define WEFT_PROG_SOCK_RELEASE "weft_sock_release"
 
 /* Every Weft program name starts with this (weftctl and tests find them by it). */
 #define WEFT_PROG_PREFIX "weft_"

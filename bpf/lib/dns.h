@@ -61,6 +61,18 @@ static __always_inline struct weft_sockaddr *weft_dns_resolver_of(struct bpf_soc
 	return bpf_map_lookup_elem(&weft_dns_dst, &key);
 }
 
+/* Forgets a closing socket's resolver. Its cookie is never reused, so the entry could only
+ * wait for LRU eviction, pushing out live sockets' entries under churn. */
+static __always_inline void weft_dns_forget(struct bpf_sock *sk)
+{
+	struct weft_dns_key key = {
+		.socket_cookie = bpf_get_socket_cookie(sk),
+		.netns_cookie = bpf_get_netns_cookie(sk),
+	};
+
+	bpf_map_delete_elem(&weft_dns_dst, &key);
+}
+
 /* ::ffff:127.0.0.1 / ::1 as destination of a rewritten IPv6 socket. */
 static __always_inline void weft_dns_set_loopback6(struct bpf_sock_addr *ctx, bool mapped)
 {

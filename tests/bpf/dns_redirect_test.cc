@@ -10,6 +10,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <bpf/bpf.h>
+
 #include <cstring>
 
 #include "bpf/abi/maps.h"
@@ -337,6 +339,67 @@ TEST_F(DnsRedirectTest, UnenrollStopsCaptureAndAppsCannotBindTheDnsPort) {
       run(pod_fd_.get(), true, [](int out) { return udpApp(out, kResolverV4, false, AF_INET); });
   EXPECT_EQ(a.get("reply"), "real") << a.raw;
   EXPECT_EQ(wait(real).get("got"), "1");
+}
+
+// The app's UDP socket sends a query (captured: weft_dns_dst gets its entry), then closes:
+// cgroup/sock_release deletes the entry at once, for unconnected (sendmsg) and connected
+// (connect) sockets alike. A socket that stays open keeps its entry.
+int dnsEntryLifetime(int out, const std::string& pins, uint64_t netns_cookie, bool connected) {
+  int map = bpf_obj_get((pins + "/maps/" WEFT_MAP_DNS_DST).c_str());
+  if (map < 0) {
+    child::report(out, "err", std::string("bpf_obj_get: ") + strerror(errno));
+    return 1;
+  }
+  auto present = [&](uint64_t cookie) {
+    weft_dns_key key{cookie, netns_cookie};
+    weft_sockaddr val{};
+    return bpf_map_lookup_elem(map, &key, &val) == 0 ? std::string("present")
+                                                     : std::string("absent");
+  };
+  auto query = [&]() -> int {
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    socklen_t len;
+    sockaddr_storage ss = toStorage(kResolverV4, AF_INET, &len);
+    int rc = connected ? connect(fd, reinterpret_cast<sockaddr*>(&ss), len) == 0 &&
+                                 send(fd, "query", 5, 0) == 5
+                       : sendto(fd, "query", 5, 0, reinterpret_cast<sockaddr*>(&ss), len) == 5;
+    if (!rc) child::report(out, "err", strerror(errno));
+    return fd;
+  };
+  auto cookieOf = [](int fd) {
+    uint64_t c = 0;
+    socklen_t l = sizeof(c);
+    getsockopt(fd, SOL_SOCKET, SO_COOKIE, &c, &l);
+    return c;
+  };
+  int kept = query();
+  int closing = query();
+  uint64_t kept_cookie = cookieOf(kept), closing_cookie = cookieOf(closing);
+  child::report(out, "before", present(closing_cookie));
+  close(closing);
+  child::report(out, "after", present(closing_cookie));
+  child::report(out, "kept", present(kept_cookie));
+  close(kept);
+  child::report(out, "kept_after", present(kept_cookie));
+  close(map);
+  return 0;
+}
+
+TEST_F(DnsRedirectTest, ClosingTheSocketDeletesItsResolverEntry) {
+  enrollPod();
+  const std::string pins = pin_dir_;
+  const uint64_t cookie = pod_cookie_;
+  for (bool connected : {false, true}) {
+    auto app = run(pod_fd_.get(), true, [pins, cookie, connected](int out) {
+      return dnsEntryLifetime(out, pins, cookie, connected);
+    });
+    SCOPED_TRACE(connected ? "connected" : "unconnected");
+    EXPECT_EQ(app.values.count("err"), 0u) << app.raw;
+    EXPECT_EQ(app.get("before"), "present") << app.raw;
+    EXPECT_EQ(app.get("after"), "absent") << app.raw;
+    EXPECT_EQ(app.get("kept"), "present") << app.raw;
+    EXPECT_EQ(app.get("kept_after"), "absent") << app.raw;
+  }
 }
 
 }  // namespace

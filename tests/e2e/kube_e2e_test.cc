@@ -25,6 +25,23 @@ using Json = nlohmann::json;
 constexpr const char* kClient = "mesh/client";    // node1
 constexpr const char* kServerIp = "10.244.2.40";  // mesh/server, node2
 constexpr int kPort = 8080;
+// mesh/web: selector app=server, targetPort "http" (the server's container port of that name);
+// its EndpointSlices come from the fake API server's EndpointSlice controller.
+constexpr const char* kWebVip = "10.96.50.1";
+// mesh/manual: no selector; its endpoints are an EndpointSlice the test writes itself.
+constexpr const char* kManualVip = "10.96.50.2";
+constexpr int kSvcPort = 80;
+
+std::string servicesYaml() {
+  return fmt::format(
+      "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: mesh}}\n"
+      "spec:\n  selector: {{app: server}}\n  clusterIP: \"{}\"\n"
+      "  ports:\n  - {{name: web, port: {}, targetPort: http}}\n"
+      "---\n"
+      "apiVersion: v1\nkind: Service\nmetadata: {{name: manual, namespace: mesh}}\n"
+      "spec:\n  clusterIP: \"{}\"\n  ports:\n  - {{name: tcp, port: {}, targetPort: {}}}\n",
+      kWebVip, kSvcPort, kManualVip, kSvcPort, kPort);
+}
 
 bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
                 std::chrono::milliseconds step = 200ms) {
@@ -64,10 +81,12 @@ class KubeE2E : public ::testing::Test {
     server.command =
         fmt::format("{} --port {} --log-peers {}/server.log", echoServerPath(), kPort, logDir_);
     server.labels = {{"app", "server"}};
+    server.containerPorts = {{"http", kPort}};
     std::string err;
     bool up = cluster_->up(2,
                            {{"ns.yaml", namespaceYaml("mesh", true)},
-                            {"pods.yaml", podYaml(client) + "---\n" + podYaml(server)}},
+                            {"pods.yaml", podYaml(client) + "---\n" + podYaml(server)},
+                            {"services.yaml", servicesYaml()}},
                            &err, {"--kube-api", "fake"});
     if (!up) {
       setupError_ = err;
@@ -136,10 +155,15 @@ class KubeE2E : public ::testing::Test {
   }
 
   static Json echo(int count, int seed) {
+    return echoTo(fmt::format("{}:{}", kServerIp, kPort), count, seed);
+  }
+
+  static Json echoTo(const std::string& target, int count, int seed) {
     auto r = cluster_->exec(kClient,
-                            {echoClientPath(), "--target", fmt::format("{}:{}", kServerIp, kPort),
+                            {echoClientPath(), "--target", target,
                              "--count", std::to_string(count), "--max-bytes", "4096",
-                             "--concurrency", "1", "--seed", std::to_string(seed)},
+                             "--concurrency", "1", "--seed", std::to_string(seed),
+                             "--timeout-s", "5"},
                             60s);
     auto j = Json::parse(r.out, nullptr, false);
     if (!j.is_object()) return Json{{"error", r.describe()}, {"ok", -1}};
@@ -208,6 +232,104 @@ TEST_F(KubeE2E, NamespaceLabelChangedThroughTheApiLeavesAndRejoins) {
   j = echo(2, 3);
   EXPECT_EQ(j.value("ok", -1), 2) << j.dump();
   EXPECT_TRUE(eventually([&] { return opened("node1", "source") >= src0 + 2; }, 5s));
+}
+
+// A real API server learns a pod's IPs only after its CNI ADD returned, and ADD waits for
+// enrollment: the sim creates each pod without status.podIPs, so the agent enrolled it with the
+// addresses of the CNI request's prevResult.
+TEST_F(KubeE2E, PodWithoutPodIpsWasEnrolledByCniAdd) {
+  auto st = cluster_->status();
+  ASSERT_TRUE(st);
+  for (auto& n : (*st)["nodes"]) {
+    std::string log = slurp(n["agent"]["log"].get<std::string>());
+    const std::string pod = n["name"] == "node1" ? "mesh/client" : "mesh/server";
+    EXPECT_NE(log.find("pod " + pod + ": no status.podIPs yet; using the CNI prevResult's"),
+              std::string::npos)
+        << n["name"] << " agent log";
+  }
+  Json w = workload("node1", kClient);
+  EXPECT_TRUE(w.value("enrolled", false)) << w.dump();
+  EXPECT_EQ(w["ips"][0], "10.244.1.40") << w.dump();
+}
+
+// mesh/web's endpoints are its EndpointSlices (written by the fake API server's controller from
+// the server pod, on node2), with targetPort "http" resolved to the pod's container port.
+TEST_F(KubeE2E, ServiceEndpointsFromEndpointSlicesAreReachableThroughTheMesh) {
+  auto body = cluster_->agentAdmin("node1", "/services");
+  ASSERT_TRUE(body);
+  Json svcs = Json::parse(*body, nullptr, false);
+  Json web;
+  for (auto& s : svcs)
+    if (s.value("name", "") == "web") web = s;
+  ASSERT_TRUE(web.is_object()) << *body;
+  EXPECT_EQ(web.value("endpoints_from", ""), "endpointslices") << web.dump();
+  ASSERT_TRUE(eventually([&] {
+    auto b = cluster_->agentAdmin("node1", "/services");
+    return b && b->find("\"10.244.2.40\"") != std::string::npos;
+  }, 10s)) << *body;
+  double src0 = opened("node1", "source"), dst0 = opened("node2", "destination");
+  Json j = echoTo(fmt::format("{}:{}", kWebVip, kSvcPort), 3, 4);
+  EXPECT_EQ(j.value("ok", -1), 3) << j.dump();
+  EXPECT_TRUE(eventually([&] { return opened("node1", "source") >= src0 + 3; }, 5s));
+  EXPECT_TRUE(eventually([&] { return opened("node2", "destination") >= dst0 + 3; }, 5s));
+
+  // A Service without a selector: nothing until its owner writes an EndpointSlice.
+  Json none = echoTo(fmt::format("{}:{}", kManualVip, kSvcPort), 1, 5);
+  EXPECT_EQ(none.value("ok", -1), 0) << none.dump();
+  Json slice = {
+      {"kind", "EndpointSlice"},
+      {"apiVersion", "discovery.k8s.io/v1"},
+      {"metadata",
+       {{"name", "manual-1"},
+        {"namespace", "mesh"},
+        {"labels", {{"kubernetes.io/service-name", "manual"}}}}},
+      {"addressType", "IPv4"},
+      {"endpoints",
+       {{{"addresses", {kServerIp}},
+         {"conditions", {{"ready", true}}},
+         {"targetRef", {{"kind", "Pod"}, {"namespace", "mesh"}, {"name", "server"}}}}}},
+      {"ports", {{{"name", "tcp"}, {"port", kPort}, {"protocol", "TCP"}}}}};
+  auto r = kubeControl("/fixture/apply", slice);
+  ASSERT_EQ(r.exitCode, 0) << r.describe();
+  ASSERT_TRUE(eventually([] {
+    Json k = echoTo(fmt::format("{}:{}", kManualVip, kSvcPort), 1, 6);
+    return k.value("ok", -1) == 1;
+  }, 10s));
+  r = kubeControl("/fixture/delete", {{"kind", "EndpointSlice"}, {"namespace", "mesh"},
+                                      {"name", "manual-1"}});
+  ASSERT_EQ(r.exitCode, 0) << r.describe();
+  EXPECT_TRUE(eventually([] {
+    return echoTo(fmt::format("{}:{}", kManualVip, kSvcPort), 1, 7).value("ok", -1) == 0;
+  }, 10s)) << "the deleted slice's endpoint is gone";
+}
+
+// An AuthorizationPolicy delivered through the API is enforced by the destination ztunnel: an
+// ALLOW that names another identity refuses the client; edited to name the client, it works.
+TEST_F(KubeE2E, AuthorizationPolicyFromTheApiDeniesAndAllows) {
+  auto policy = [](const std::string& principal) {
+    return Json{{"kind", "AuthorizationPolicy"},
+                {"apiVersion", "security.weft.dev/v1"},
+                {"metadata", {{"name", "server-callers"}, {"namespace", "mesh"}}},
+                {"spec",
+                 {{"selector", {{"matchLabels", {{"app", "server"}}}}},
+                  {"action", "ALLOW"},
+                  {"rules", {{{"from", {{{"source", {{"principals", {principal}}}}}}}}}}}}};
+  };
+  auto r = kubeControl("/fixture/apply", policy("cluster.local/ns/mesh/sa/nobody"));
+  ASSERT_EQ(r.exitCode, 0) << r.describe();
+  EXPECT_TRUE(eventually([] { return echo(1, 10).value("ok", -1) == 0; }, 10s))
+      << "the client is not the allowed identity";
+  Json denied = echo(2, 11);
+  EXPECT_EQ(denied.value("ok", -1), 0) << denied.dump();
+  r = kubeControl("/fixture/apply", policy("cluster.local/ns/mesh/sa/default"));
+  ASSERT_EQ(r.exitCode, 0) << r.describe();
+  EXPECT_TRUE(eventually([] { return echo(1, 12).value("ok", -1) == 1; }, 10s))
+      << "edited to allow the client's identity";
+  Json allowed = echoTo(fmt::format("{}:{}", kWebVip, kSvcPort), 2, 13);
+  EXPECT_EQ(allowed.value("ok", -1), 2) << allowed.dump();
+  r = kubeControl("/fixture/delete", {{"kind", "AuthorizationPolicy"}, {"namespace", "mesh"},
+                                      {"name", "server-callers"}});
+  EXPECT_EQ(r.exitCode, 0) << r.describe();
 }
 
 }  // namespace

@@ -35,6 +35,8 @@ constexpr const char* kRrVip = "10.96.40.1";
 constexpr const char* kRrVip6 = "fd00:10:96::40:1";
 constexpr const char* kEwmaVip = "10.96.40.2";
 constexpr const char* kEjectVip = "10.96.40.3";
+// targetPort "echo": backends 1 and 2 name their 8080 so; backend-3 has no such port.
+constexpr const char* kNamedVip = "10.96.40.4";
 constexpr int kBackends = 3;
 constexpr const char* kBackendIps[kBackends] = {"10.244.2.41", "10.244.2.42", "10.244.1.43"};
 constexpr const char* kBackendIps6[kBackends] = {"fd00:10:244:2::41", "fd00:10:244:2::42",
@@ -111,6 +113,15 @@ std::string serviceYaml(const std::string& name, const std::vector<std::string>&
   return y;
 }
 
+// A Service whose targetPort is a port name, resolved per pod from its container ports.
+std::string namedPortServiceYaml() {
+  return fmt::format(
+      "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb-named\n  namespace: lb\n"
+      "spec:\n  selector: {{app: lb-backend}}\n  clusterIP: \"{}\"\n"
+      "  ports:\n  - name: tcp\n    port: {}\n    targetPort: echo\n",
+      kNamedVip, kServicePort);
+}
+
 class LbE2E : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -176,6 +187,7 @@ class LbE2E : public ::testing::Test {
                               backendLog(i));
       b.readyPort = kBackendPort;
       b.labels = {{"app", "lb-backend"}, {"lb-eject", "yes"}};
+      if (i != 2) b.containerPorts = {{"echo", kBackendPort}};
       pods += "---\n" + podYaml(b);
     }
     // In the mesh but serving nothing: its ztunnel answers the CONNECT with 503.
@@ -191,7 +203,8 @@ class LbE2E : public ::testing::Test {
                          serviceYaml("lb-ewma", {kEwmaVip}, "app: lb-backend", "peak-ewma") +
                          "---\n" +
                          serviceYaml("lb-eject", {kEjectVip}, "lb-eject: \"yes\"",
-                                     "round-robin")});
+                                     "round-robin") +
+                         "---\n" + namedPortServiceYaml()});
     return files;
   }
 
@@ -374,6 +387,32 @@ TEST_F(LbE2E, PeakEwmaAvoidsADelayedEndpoint) {
   EXPECT_EQ(j.value("ok", -1), 30) << j.dump();
   d = acceptedSince(before, 30);
   EXPECT_EQ(d[kSlow], 10u);
+}
+
+// targetPort: echo: each pod's own container port of that name; backend-3 has none, so it is
+// not an endpoint of that port. Meshed (HBONE across nodes), balanced over the other two.
+TEST_F(LbE2E, NamedTargetPortReachesThePodsThatHaveIt) {
+  auto before = accepted();
+  auto j = echo(kNamedVip, 10, 2, 7);
+  EXPECT_EQ(j.value("ok", -1), 10) << j.dump();
+  EXPECT_EQ(j.value("mismatches", -1), 0) << j.dump();
+  auto d = acceptedSince(before, 10);
+  EXPECT_EQ(d, (std::vector<size_t>{5, 5, 0})) << "connections per backend";
+  auto r = cluster_->onNode("node1", {"curl", "-sS", "--max-time", "5",
+                                      "http://127.0.0.1:15000/config_dump"});
+  auto dump = Json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(dump.is_object()) << r.describe();
+  bool found = false;
+  for (auto& svc : dump["services"]) {
+    if (svc.value("name", "") != "lb-named") continue;
+    found = true;
+    EXPECT_EQ(svc["ports"][0].value("target_port_name", ""), "echo") << svc.dump();
+    EXPECT_EQ(svc["endpoints"].size(), 4u) << "backend-1/2, one per family: " << svc.dump();
+    for (auto& e : svc["endpoints"])
+      EXPECT_EQ(e["target_ports"].value(std::to_string(kServicePort), 0), kBackendPort)
+          << svc.dump();
+  }
+  EXPECT_TRUE(found) << r.out;
 }
 
 }  // namespace

@@ -39,6 +39,11 @@ std::string podYaml(const PodSpec& p) {
       "spec:\n  nodeName: {}\n  serviceAccountName: default\n  containers:\n"
       "  - name: app\n    image: weft-e2e\n",
       p.node);
+  if (!p.containerPorts.empty()) {
+    y += "    ports:\n";
+    for (const auto& [name, port] : p.containerPorts)
+      y += fmt::format("    - name: {}\n      containerPort: {}\n", name, port);
+  }
   y += "status:\n  podIPs:\n";
   if (!p.ip4.empty()) y += fmt::format("  - ip: {}\n", p.ip4);
   if (!p.ip6.empty()) y += fmt::format("  - ip: {}\n", p.ip6);

@@ -36,6 +36,8 @@ struct PodSpec {
   std::string command;            // sim.weft.dev/command (run with sh -c)
   int readyPort = 0;              // sim.weft.dev/ready-port: `sim up` waits for a listener
   std::map<std::string, std::string> labels;
+  // spec.containers[0].ports: {name, containerPort} (what a named targetPort resolves to).
+  std::vector<std::pair<std::string, int>> containerPorts;
 };
 std::string podYaml(const PodSpec& pod);
 

@@ -57,8 +57,21 @@ TEST(CniRequestParse, Fields) {
   EXPECT_EQ(r->command, "ADD");
   EXPECT_EQ(r->netns, "/run/netns/x");
   EXPECT_EQ(r->pod_uid, "u");
+  EXPECT_TRUE(r->pod_ips.empty());
   EXPECT_FALSE(parseCniRequest("{"));
   EXPECT_FALSE(parseCniRequest("[1]"));
+  // prevResult addresses: the first of each family is kept; junk is refused by name.
+  auto ips = parseCniRequest(R"({"command":"ADD","netns":"/run/netns/x","pod_name":"p",
+      "pod_namespace":"ns","pod_ips":["10.244.1.5","fd00::5","10.244.1.6"]})");
+  ASSERT_TRUE(ips) << ips.status().message();
+  ASSERT_EQ(ips->pod_ips.size(), 2u);
+  EXPECT_EQ(ips->pod_ips[0].toString(), "10.244.1.5");
+  EXPECT_EQ(ips->pod_ips[1].toString(), "fd00::5");
+  EXPECT_EQ(parseCniRequest(R"({"command":"ADD","netns":"/n","pod_name":"p",
+      "pod_namespace":"ns","pod_ips":["10.244.1.5/32"]})").status().message(),
+            "pod_ips[0]: not an IP address");
+  EXPECT_FALSE(parseCniRequest(R"({"command":"ADD","netns":"/n","pod_name":"p",
+      "pod_namespace":"ns","pod_ips":"10.1.1.1"})"));
   EXPECT_EQ(parseCniRequest(R"({"command":"ADD","pod_name":"p","pod_namespace":"n"})")
                 .status()
                 .message(),

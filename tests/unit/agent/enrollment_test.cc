@@ -205,6 +205,60 @@ TEST_F(ControllerTest, AddWaitsForZtunnelAckThenEnrollsInBpf) {
   EXPECT_EQ(reread.find("shop/web")->netns, dir_.file("netns-web"));
 }
 
+// On a real cluster the API server sets status.podIPs only after CNI ADD returned, and ADD waits
+// for enrollment: the pod's addresses come from the ADD's prevResult instead (no deadlock).
+TEST_F(ControllerTest, PodWithoutPodIpsIsEnrolledWithTheCniPrevResultAddresses) {
+  model_.pods["shop/web"].ips.clear();  // as the Kubernetes source keeps a pending local pod
+  start();
+  FakeZtunnel z;
+  connectZtunnel(z);
+  std::optional<CniResponse> reply;
+  CniRequest r = add("shop", "web");
+  r.pod_ips = {*IpAddr::parse("10.244.1.77"), *IpAddr::parse("fd00:10:244:1::77")};
+  cni(r, &reply);
+  // The ztunnel first hears of the address in a cluster update, then gets the workload.
+  nodepb::AgentMessage m;
+  for (int i = 0; i < 5; i++) {
+    m = recvLogged(z);
+    if (m.has_add_workload()) break;
+    if (m.has_cluster_update()) {
+      bool seen = false;
+      for (const auto& w : m.cluster_update().upsert_workloads())
+        if (w.name() == "web") seen = w.ips_size() == 2 && w.ips(0) == "10.244.1.77";
+      EXPECT_TRUE(seen) << m.DebugString();
+    }
+    z.ack(m.id());
+  }
+  ASSERT_TRUE(m.has_add_workload()) << m.DebugString();
+  ASSERT_EQ(m.add_workload().workload().ips_size(), 2);
+  EXPECT_EQ(m.add_workload().workload().ips(0), "10.244.1.77");
+  EXPECT_EQ(m.add_workload().workload().ips(1), "fd00:10:244:1::77");
+  z.ack(m.id());
+  ASSERT_TRUE(testing::runUntil(&loop_, [&] { return reply.has_value(); }));
+  EXPECT_TRUE(reply->ok) << reply->msg << " " << reply->details;
+  EXPECT_TRUE(enrolled("web"));
+  ASSERT_NE(controller_->model().findPod("shop", "web"), nullptr);
+  EXPECT_EQ(controller_->model().findPod("shop", "web")->ips.size(), 2u);
+  // Once the API server has the address, it is the one in force.
+  ClusterModel later = demoModel();
+  controller_->setModel(later);
+  EXPECT_EQ(controller_->model().findPod("shop", "web")->ips[0].toString(), "10.244.1.10");
+}
+
+// Without an address anywhere the pod cannot be enrolled; the ADD says why when it gives up.
+TEST_F(ControllerTest, PodWithoutAnyAddressTimesOutSayingSo) {
+  model_.pods["shop/web"].ips.clear();
+  start(/*timeout_ms=*/200);
+  FakeZtunnel z;
+  connectZtunnel(z);
+  std::optional<CniResponse> reply;
+  cni(add("shop", "web"), &reply);
+  ASSERT_TRUE(testing::runUntil(&loop_, [&] { return reply.has_value(); }));
+  EXPECT_FALSE(reply->ok);
+  EXPECT_NE(reply->details.find("no IP address"), std::string::npos) << reply->details;
+  EXPECT_FALSE(enrolled("web"));
+}
+
 TEST_F(ControllerTest, NotEnrolledPodsAnswerAtOnce) {
   start();
   for (auto [ns, name] : {std::pair{"shop", "batch"}, {"legacy", "old"}}) {

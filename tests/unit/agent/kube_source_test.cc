@@ -3,6 +3,8 @@
 // disconnects, malformed events, auth and certificate failures; plus the pure conversions.
 #include "agent/kube/kube_source.h"
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -17,8 +19,10 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
+#include <vector>
 
 #include "agent/kube/kube_config.h"
+#include "agent/cluster_sync.h"
 #include "agent/kube/kube_objects.h"
 
 namespace weft::agent::kube {
@@ -66,6 +70,51 @@ Json podObj(const std::string& ns, const std::string& name, const std::string& n
               {"containers", Json::array({{{"name", "app"}, {"image", "busybox"}}})}}},
             {"status", {{"phase", "Running"}, {"podIP", ip}, {"podIPs", {{{"ip", ip}}}}}}};
   return j;
+}
+
+// An EndpointSlice as the EndpointSlice controller writes it (one address family).
+Json sliceObj(const std::string& ns, const std::string& name, const std::string& service,
+              const std::string& type, const Json& endpoints, const Json& ports) {
+  return {{"kind", "EndpointSlice"},
+          {"apiVersion", "discovery.k8s.io/v1"},
+          {"metadata",
+           {{"name", name},
+            {"namespace", ns},
+            {"labels",
+             {{"kubernetes.io/service-name", service},
+              {"endpointslice.kubernetes.io/managed-by", "endpointslice-controller.k8s.io"}}},
+            {"ownerReferences",
+             {{{"apiVersion", "v1"}, {"kind", "Service"}, {"name", service}}}}}},
+          {"addressType", type},
+          // {oneEndpoint} brace-initializes a copy, not a list: wrap a single one.
+          {"endpoints", endpoints.is_object() ? Json::array({endpoints}) : endpoints},
+          {"ports", ports.is_object() ? Json::array({ports}) : ports}};
+}
+
+Json sliceEp(const std::string& ip, const std::string& pod, const std::string& node,
+             bool ready = true) {
+  return {{"addresses", {ip}},
+          {"conditions", {{"ready", ready}, {"serving", ready}, {"terminating", false}}},
+          {"nodeName", node},
+          {"targetRef", {{"kind", "Pod"}, {"namespace", "mesh"}, {"name", pod}}}};
+}
+
+Json apObj(const std::string& ns, const std::string& name, const std::string& action,
+           const Json& rules) {
+  return {{"kind", "AuthorizationPolicy"},
+          {"apiVersion", "security.weft.dev/v1"},
+          {"metadata", {{"name", name}, {"namespace", ns}, {"generation", 1}}},
+          {"spec",
+           {{"selector", {{"matchLabels", {{"app", "web"}}}}},
+            {"action", action},
+            {"rules", rules}}}};
+}
+
+Json paObj(const std::string& ns, const std::string& name, const std::string& mode) {
+  return {{"kind", "PeerAuthentication"},
+          {"apiVersion", "security.weft.dev/v1"},
+          {"metadata", {{"name", name}, {"namespace", ns}}},
+          {"spec", {{"mtls", {{"mode", mode}}}}}};
 }
 
 Json svcObj(const std::string& ns, const std::string& name, const std::string& vip) {
@@ -141,10 +190,18 @@ class KubeSourceTest : public ::testing::Test {
       std::string log = dir_ + "/server.log";
       FILE* f = std::freopen(log.c_str(), "a", stderr);
       (void)f;
-      ::execl(kPython, kPython, fixturePath().c_str(), "--listen", "127.0.0.1:0", "--cert",
-              (dir_ + "/server.crt").c_str(), "--key", (dir_ + "/server.key").c_str(), "--token",
-              kToken, "--objects", objFile.c_str(), "--port-file", portFile.c_str(),
-              (char*)nullptr);
+      std::vector<std::string> args = {kPython,       fixturePath(),
+                                       "--listen",    "127.0.0.1:0",
+                                       "--cert",      dir_ + "/server.crt",
+                                       "--key",       dir_ + "/server.key",
+                                       "--token",     kToken,
+                                       "--objects",   objFile,
+                                       "--port-file", portFile};
+      for (const std::string& a : server_args_) args.push_back(a);
+      std::vector<char*> argv;
+      for (std::string& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(kPython, argv.data());
       ::_exit(127);
     }
     for (int i = 0; i < 200 && !fs::exists(portFile); i++) std::this_thread::sleep_for(25ms);
@@ -246,6 +303,7 @@ class KubeSourceTest : public ::testing::Test {
   }
 
   static inline std::string dir_;
+  std::vector<std::string> server_args_;  // extra fake_apiserver.py flags
   uv_loop_t loop_{};
   pid_t pid_ = -1;
   int port_ = 0;
@@ -456,7 +514,7 @@ TEST_F(KubeSourceTest, PodsWithoutAddressFinishedOrHostNetworkStayOutOfTheModel)
   startServer(baseObjects());
   startSource(options());
   ASSERT_TRUE(source_->waitForSync(10s));
-  Json pending = podObj("mesh", "p", "node1", "10.244.1.15");
+  Json pending = podObj("mesh", "p", "node2", "10.244.2.15");  // another node's
   pending["status"] = {{"phase", "Pending"}};
   control("/fixture/apply", pending);
   Json host = podObj("mesh", "h", "node1", "10.243.0.1");
@@ -471,8 +529,25 @@ TEST_F(KubeSourceTest, PodsWithoutAddressFinishedOrHostNetworkStayOutOfTheModel)
   EXPECT_FALSE(hasPod("mesh/h"));
   EXPECT_FALSE(hasPod("mesh/d"));
   EXPECT_EQ(stat(kLocal).malformed, 0u) << "these are normal states, not bad input";
-  control("/fixture/apply", podObj("mesh", "p", "node1", "10.244.1.15"));  // got its IP
+  control("/fixture/apply", podObj("mesh", "p", "node2", "10.244.2.15"));  // got its IP
   ASSERT_TRUE(runUntil([&] { return hasPod("mesh/p"); }));
+}
+
+// This node's pods are kept while they have no address: the API server learns it only after
+// CNI ADD returned, and ADD enrolls the pod (with the CNI prevResult's addresses) meanwhile.
+TEST_F(KubeSourceTest, LocalPodWithoutAddressIsInTheModelWithNoIps) {
+  startServer(baseObjects());
+  startSource(options());
+  ASSERT_TRUE(source_->waitForSync(10s));
+  Json pending = podObj("mesh", "p", "node1", "10.244.1.15");
+  pending["status"] = {{"phase", "Pending"}};
+  control("/fixture/apply", pending);
+  ASSERT_TRUE(runUntil([&] { return hasPod("mesh/p"); }));
+  EXPECT_TRUE(model().pods.at("mesh/p").ips.empty());
+  EXPECT_EQ(model().pods.at("mesh/p").service_account, "sa-p");
+  control("/fixture/apply", podObj("mesh", "p", "node1", "10.244.1.15"));
+  ASSERT_TRUE(runUntil([&] { return !model().pods.at("mesh/p").ips.empty(); }));
+  EXPECT_EQ(model().pods.at("mesh/p").ips[0].toString(), "10.244.1.15");
 }
 
 TEST_F(KubeSourceTest, WrongTokenFailsNamingTheResourceUntilTheFileIsFixed) {
@@ -528,16 +603,260 @@ TEST(KubeConfig, InClusterEnvironmentAndOverrides) {
   EXPECT_NE(r.status().message().find("KUBERNETES_SERVICE_HOST"), std::string::npos);
 }
 
+// --- EndpointSlices and the security.weft.dev kinds ---------------------------------------
+
+constexpr const char* kSlices = "endpointslices";
+
+std::vector<std::string> endpointsOf(const ClusterModel& m, const std::string& svc) {
+  std::vector<std::string> out;
+  auto it = m.services.find(svc);
+  if (it == m.services.end()) return out;
+  for (const ResolvedEndpoint& e : resolveServiceEndpoints(m, it->second)) {
+    std::string s = e.ip.toString();
+    for (const auto& [sp, tp] : e.target_ports) s += fmt::format(" {}->{}", sp, tp);
+    out.push_back(s);
+  }
+  return out;
+}
+
+using Strings = std::vector<std::string>;
+
+// A Service's endpoints come from its EndpointSlices (not its selector): ready addresses of both
+// families, other nodes' pods included, ports by name; add/modify/delete of a slice by watch.
+TEST_F(KubeSourceTest, EndpointSlicesByWatchChangeTheServicesEndpoints) {
+  Json objs = baseObjects();
+  objs.push_back(sliceObj("mesh", "web-abc", "web", "IPv4",
+                          {sliceEp("10.244.1.10", "a", "node1"),
+                           sliceEp("10.244.2.10", "b", "node2"),
+                           sliceEp("10.244.2.11", "gone", "node2", /*ready=*/false)},
+                          {{{"name", "http"}, {"port", 8080}, {"protocol", "TCP"}}}));
+  // Not a Service's slice (no label): the label selector keeps it out of the list.
+  Json stray = sliceObj("mesh", "stray", "web", "IPv4", {sliceEp("10.244.9.9", "x", "node1")},
+                        Json::array());
+  stray["metadata"]["labels"].erase("kubernetes.io/service-name");
+  objs.push_back(stray);
+  startServer(objs);
+  startSource(options());
+  ASSERT_TRUE(source_->waitForSync(10s));
+  EXPECT_TRUE(model().endpoints_from_slices);
+  EXPECT_EQ(endpointsOf(model(), "mesh/web"),
+            (Strings{"10.244.1.10 80->8080", "10.244.2.10 80->8080"}));
+  auto proto = [&] {
+    return weft::agent::serviceProto(model(), model().services.at("mesh/web"));
+  };
+  ASSERT_EQ(proto().endpoints_size(), 2);
+  EXPECT_EQ(proto().endpoints(1).workload_uid(), model().pods.at("mesh/b").meta.uid)
+      << "the endpoint on node2 names its workload (HBONE to it)";
+  // ADDED: the IPv6 slice of the same service.
+  control("/fixture/apply",
+          sliceObj("mesh", "web-v6", "web", "IPv6", {sliceEp("fd00:10:244:2::10", "b", "node2")},
+                   {{{"name", "http"}, {"port", 8080}, {"protocol", "TCP"}}}));
+  ASSERT_TRUE(runUntil([&] { return endpointsOf(model(), "mesh/web").size() == 3; }));
+  // MODIFIED: a pod turns unready, the port moves.
+  control("/fixture/apply",
+          sliceObj("mesh", "web-abc", "web", "IPv4",
+                   {sliceEp("10.244.1.10", "a", "node1", false),
+                    sliceEp("10.244.2.10", "b", "node2")},
+                   {{{"name", "http"}, {"port", 9090}, {"protocol", "TCP"}}}));
+  ASSERT_TRUE(runUntil([&] {
+    return endpointsOf(model(), "mesh/web") ==
+           Strings{"10.244.2.10 80->9090", "fd00:10:244:2::10 80->8080"};
+  })) << fmt::format("{}", fmt::join(endpointsOf(model(), "mesh/web"), ", "));
+  // DELETED.
+  control("/fixture/delete",
+          {{"kind", "EndpointSlice"}, {"namespace", "mesh"}, {"name", "web-abc"}});
+  ASSERT_TRUE(runUntil([&] {
+    return endpointsOf(model(), "mesh/web") == Strings{"fd00:10:244:2::10 80->8080"};
+  }));
+  EXPECT_EQ(stat(kSlices).malformed, 0u);
+  // The requests carried the label selector.
+  bool selected = false;
+  for (const Json& r : control("GET /fixture/requests"))
+    if (r["path"] == "/apis/discovery.k8s.io/v1/endpointslices")
+      selected = r["query"].value("labelSelector", "") == "kubernetes.io/service-name";
+  EXPECT_TRUE(selected);
+}
+
+TEST_F(KubeSourceTest, MalformedEndpointSliceIsRefusedNamingTheFieldAndLastGoodStays) {
+  Json objs = baseObjects();
+  objs.push_back(sliceObj("mesh", "web-abc", "web", "IPv4", {sliceEp("10.244.1.10", "a", "node1")},
+                          {{{"name", "http"}, {"port", 8080}}}));
+  startServer(objs);
+  startSource(options());
+  ASSERT_TRUE(source_->waitForSync(10s));
+  ASSERT_EQ(endpointsOf(model(), "mesh/web"), Strings{"10.244.1.10 80->8080"});
+  // An IPv6 address in an IPv4 slice: refused, the previous version stays in force.
+  control("/fixture/apply",
+          sliceObj("mesh", "web-abc", "web", "IPv4", {sliceEp("fd00::1", "a", "node1")},
+                   {{{"name", "http"}, {"port", 8080}}}));
+  ASSERT_TRUE(runUntil([&] { return stat(kSlices).malformed >= 1; }));
+  EXPECT_EQ(endpointsOf(model(), "mesh/web"), Strings{"10.244.1.10 80->8080"});
+  auto bad = toModelObject(ResourceKind::kEndpointSlice,
+                           sliceObj("mesh", "web-abc", "web", "IPv4",
+                                    {sliceEp("fd00::1", "a", "node1")}, Json::array()));
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.status().message(),
+            "EndpointSlice mesh/web-abc: endpoints[0].addresses[0]: \"fd00::1\" is not an IPv4 "
+            "address");
+  Json badPort = sliceObj("mesh", "s", "web", "IPv4", Json::array(), {{{"port", 0}}});
+  EXPECT_EQ(toModelObject(ResourceKind::kEndpointSlice, badPort).status().message(),
+            "EndpointSlice mesh/s: ports[0].port: must be an integer 1-65535");
+  // The stream goes on: a good version applies.
+  control("/fixture/apply",
+          sliceObj("mesh", "web-abc", "web", "IPv4", {sliceEp("10.244.1.12", "a", "node1")},
+                   {{{"name", "http"}, {"port", 8080}}}));
+  ASSERT_TRUE(runUntil([&] {
+    return endpointsOf(model(), "mesh/web") == Strings{"10.244.1.12 80->8080"};
+  }));
+}
+
+TEST_F(KubeSourceTest, GoneOnTheEndpointSliceWatchRelists) {
+  Json objs = baseObjects();
+  objs.push_back(sliceObj("mesh", "web-abc", "web", "IPv4", {sliceEp("10.244.1.10", "a", "node1")},
+                          {{{"name", "http"}, {"port", 8080}}}));
+  startServer(objs);
+  startSource(options());
+  ASSERT_TRUE(source_->waitForSync(10s));
+  ASSERT_TRUE(runUntil([&] { return stat(kSlices).watches >= 1; }));
+  // Deleted while compacted away (no event), then 410 both ways: only a re-list can tell.
+  control("/fixture/delete", {{"kind", "EndpointSlice"},
+                              {"namespace", "mesh"},
+                              {"name", "web-abc"},
+                              {"silent", true}});
+  control("/fixture/compact");
+  control("/fixture/script", {{"resource", kSlices}, {"action", "gone_event"}});
+  ASSERT_TRUE(runUntil([&] { return endpointsOf(model(), "mesh/web").empty(); }));
+  EXPECT_GE(stat(kSlices).gone, 1u);
+  EXPECT_GE(stat(kSlices).lists, 2u);
+  control("/fixture/script", {{"resource", kSlices}, {"action", "status"}, {"code", 410},
+                              {"verb", "watch"}});
+  control("/fixture/script", {{"resource", kSlices}, {"action", "end"}});
+  ASSERT_TRUE(runUntil([&] { return stat(kSlices).gone >= 2; }));
+  control("/fixture/apply", sliceObj("mesh", "web-new", "web", "IPv4",
+                                     {sliceEp("10.244.2.10", "b", "node2")},
+                                     {{{"name", "http"}, {"port", 8080}}}));
+  ASSERT_TRUE(runUntil([&] {
+    return endpointsOf(model(), "mesh/web") == Strings{"10.244.2.10 80->8080"};
+  }));
+}
+
+TEST_F(KubeSourceTest, AuthorizationPolicyByWatchChangesTheModelAndBadOnesAreRefused) {
+  startServer(baseObjects());
+  startSource(options());
+  ASSERT_TRUE(source_->waitForSync(10s));
+  EXPECT_TRUE(model().authorization_policies.empty());
+  Json deny = apObj("mesh", "deny-plain", "DENY",
+                    {{{"from", {{{"source", {{"namespaces", {"plain"}}}}}}},
+                      {"to", {{{"operation", {{"ports", {"8080"}}}}}}}}});
+  control("/fixture/apply", deny);
+  ASSERT_TRUE(runUntil([&] { return model().authorization_policies.count("mesh/deny-plain"); }));
+  const auto& spec = model().authorization_policies.at("mesh/deny-plain").spec;
+  EXPECT_EQ(spec.action(), weft::node::v1::AuthorizationPolicy::DENY);
+  ASSERT_EQ(spec.rules_size(), 1);
+  EXPECT_EQ(spec.rules(0).from(0).namespaces(0), "plain");
+  EXPECT_EQ(spec.rules(0).to(0).ports(0), 8080u);
+  EXPECT_EQ(spec.match_labels().at("app"), "web");
+  // What reaches the ztunnel in the next delta.
+  ClusterModel before;
+  auto delta = clusterDelta(before, model());
+  ASSERT_EQ(delta.upsert_authorization_policies_size(), 1);
+  // A bad edit (CUSTOM) is refused naming kind ns/name and field; the good version stays.
+  Json custom = deny;
+  custom["spec"]["action"] = "CUSTOM";
+  auto r = toModelObject(ResourceKind::kAuthorizationPolicy, custom);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.status().message(),
+            "AuthorizationPolicy mesh/deny-plain: spec.action: CUSTOM is not supported (no "
+            "external authorizer)");
+  control("/fixture/apply", custom);
+  ASSERT_TRUE(runUntil([&] { return stat("authorizationpolicies").malformed >= 1; }));
+  EXPECT_EQ(model().authorization_policies.at("mesh/deny-plain").spec.action(),
+            weft::node::v1::AuthorizationPolicy::DENY);
+  Json unknown = deny;
+  unknown["spec"]["rules"][0]["from"][0]["source"]["bogus"] = {"x"};
+  EXPECT_NE(toModelObject(ResourceKind::kAuthorizationPolicy, unknown)
+                .status()
+                .message()
+                .find("AuthorizationPolicy mesh/deny-plain: spec.rules[0].from[0].source.bogus"),
+            std::string::npos);
+  // Deleted by watch: gone from the model.
+  control("/fixture/delete",
+          {{"kind", "AuthorizationPolicy"}, {"namespace", "mesh"}, {"name", "deny-plain"}});
+  ASSERT_TRUE(runUntil([&] { return model().authorization_policies.empty(); }));
+  // 410 on the policy watch: re-listed, and a deletion nobody saw (compacted) is noticed.
+  control("/fixture/apply", apObj("mesh", "second", "DENY",
+                                  {{{"from", {{{"source", {{"namespaces", {"plain"}}}}}}}}}));
+  ASSERT_TRUE(runUntil([&] { return model().authorization_policies.count("mesh/second"); }));
+  const uint64_t lists = stat("authorizationpolicies").lists;
+  control("/fixture/delete", {{"kind", "AuthorizationPolicy"},
+                              {"namespace", "mesh"},
+                              {"name", "second"},
+                              {"silent", true}});
+  control("/fixture/compact");
+  control("/fixture/script", {{"resource", "authorizationpolicies"}, {"action", "gone_event"}});
+  ASSERT_TRUE(runUntil([&] { return model().authorization_policies.empty(); }));
+  EXPECT_GE(stat("authorizationpolicies").gone, 1u);
+  EXPECT_GT(stat("authorizationpolicies").lists, lists);
+}
+
+TEST_F(KubeSourceTest, PeerAuthenticationByWatchAndOnlyOnePerNamespace) {
+  startServer(baseObjects());
+  startSource(options());
+  ASSERT_TRUE(source_->waitForSync(10s));
+  control("/fixture/apply", paObj("mesh", "strict", "STRICT"));
+  ASSERT_TRUE(runUntil([&] { return model().peer_authentications.count("mesh"); }));
+  EXPECT_EQ(model().peer_authentications.at("mesh").mode, MtlsMode::kStrict);
+  EXPECT_EQ(effectiveMtls(model(), "mesh").mode, MtlsMode::kStrict);
+  // A second one in the namespace: the first by name stays in force.
+  control("/fixture/apply", paObj("mesh", "zz-permissive", "PERMISSIVE"));
+  ASSERT_TRUE(runUntil([&] { return stat("peerauthentications").objects == 2; }));
+  EXPECT_EQ(model().peer_authentications.at("mesh").meta.name, "strict");
+  auto bad = toModelObject(ResourceKind::kPeerAuthentication, paObj("mesh", "x", "DISABLE"));
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.status().message(),
+            "PeerAuthentication mesh/x: spec.mtls.mode: DISABLE is not supported (mesh pods "
+            "always accept mTLS); use PERMISSIVE");
+}
+
+// A CRD that is not installed (404 on list) does not stop the source: synced (empty), logged
+// once, listed again with backoff; once installed its objects arrive.
+TEST_F(KubeSourceTest, MissingCrdDoesNotBreakTheSourceAndIsRetried) {
+  server_args_ = {"--missing", "authorizationpolicies", "--missing", "peerauthentications"};
+  startServer(baseObjects());
+  startSource(options());
+  ASSERT_TRUE(source_->waitForSync(10s)) << "a missing CRD must not block the start";
+  EXPECT_TRUE(hasPod("mesh/a"));
+  KubeResourceStats st = stat("authorizationpolicies");
+  EXPECT_TRUE(st.synced);
+  EXPECT_TRUE(st.missing);
+  EXPECT_NE(st.last_error.find("HTTP 404"), std::string::npos) << st.last_error;
+  EXPECT_NE(st.last_error.find("CRD"), std::string::npos) << st.last_error;
+  // Retried (backoff 50..400 ms here).
+  ASSERT_TRUE(runUntil([&] { return stat("authorizationpolicies").errors >= 3; }));
+  EXPECT_EQ(stat("authorizationpolicies").lists, 0u);
+  control("/fixture/crd", {{"resource", "authorizationpolicies"}, {"installed", true}});
+  control("/fixture/apply", apObj("mesh", "allow-all", "ALLOW",
+                                  {{{"from", {{{"source", {{"namespaces", {"mesh"}}}}}}}}}));
+  ASSERT_TRUE(runUntil([&] { return model().authorization_policies.count("mesh/allow-all"); }));
+  EXPECT_FALSE(stat("authorizationpolicies").missing);
+  EXPECT_TRUE(stat("peerauthentications").missing);
+  // Everything else kept working meanwhile.
+  control("/fixture/apply", podObj("mesh", "late", "node1", "10.244.1.30"));
+  ASSERT_TRUE(runUntil([&] { return hasPod("mesh/late"); }));
+}
+
 TEST(KubeObjects, ConversionUsesTheManifestValidation) {
   Json svc = svcObj("mesh", "web", "10.96.0.10");
-  svc["spec"]["ports"][0]["targetPort"] = "http";
+  svc["spec"]["ports"][0]["targetPort"] = "http";  // a named port: resolved per endpoint
+  auto named = toModelObject(ResourceKind::kService, svc);
+  ASSERT_TRUE(named) << named.status().message();
+  EXPECT_EQ(std::get<Service>(*named.value()).ports[0].target_port_name, "http");
+  svc["spec"]["ports"][0]["targetPort"] = "8080";  // a string, as JSON says: not a valid name
   auto r = toModelObject(ResourceKind::kService, svc);
   ASSERT_FALSE(r);
   EXPECT_EQ(r.status().message(),
-            "Service mesh/web: spec.ports[0].targetPort: named target port \"http\" is not "
-            "supported; use a number");
-  svc["spec"]["ports"][0]["targetPort"] = "8080";  // a string, as JSON says: still a name
-  EXPECT_FALSE(toModelObject(ResourceKind::kService, svc));
+            "Service mesh/web: spec.ports[0].targetPort: \"8080\" is neither a port number nor "
+            "a port name (a name has 1-15 of a-z, 0-9, '-' and at least one letter)");
   Json pod = podObj("mesh", "a", "node1", "10.244.1.10");
   pod["kind"] = "Service";
   EXPECT_FALSE(toModelObject(ResourceKind::kPod, pod)) << "kind must match the resource";

@@ -155,11 +155,28 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"ServicePortZero",
                 "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  ports:\n  - port: 0\n",
                 "Service ns/s: spec.ports[0].port: must be an integer 1-65535"},
-        BadCase{"ServiceTargetPortName",
+        BadCase{"ServiceTargetPortBadName",
                 "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  ports:\n"
-                "  - port: 80\n    targetPort: http\n",
-                "Service ns/s: spec.ports[0].targetPort: named target port \"http\" is not "
-                "supported; use a number"},
+                "  - port: 80\n    targetPort: Http_Port\n",
+                "Service ns/s: spec.ports[0].targetPort: \"Http_Port\" is neither a port number "
+                "nor a port name (a name has 1-15 of a-z, 0-9, '-' and at least one letter)"},
+        BadCase{"ServiceTargetPortQuotedNumber",
+                "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  ports:\n"
+                "  - port: 80\n    targetPort: \"8080\"\n",
+                "Service ns/s: spec.ports[0].targetPort: \"8080\" is neither a port number "
+                "nor a port name (a name has 1-15 of a-z, 0-9, '-' and at least one letter)"},
+        BadCase{"PodContainerPortName",
+                "kind: Pod\nmetadata: {name: p, namespace: ns}\nspec:\n  nodeName: n1\n"
+                "  containers:\n  - name: app\n    ports:\n    - {name: Web, containerPort: 80}\n"
+                "status: {podIPs: [{ip: 10.244.1.9}]}\n",
+                "Pod ns/p: spec.containers[0].ports[0].name: \"Web\" is not a port name "
+                "(IANA_SVC_NAME)"},
+        BadCase{"PodContainerPortNumber",
+                "kind: Pod\nmetadata: {name: p, namespace: ns}\nspec:\n  nodeName: n1\n"
+                "  containers:\n  - name: app\n    ports:\n    - {name: web, containerPort: 0}\n"
+                "status: {podIPs: [{ip: 10.244.1.9}]}\n",
+                "Pod ns/p: spec.containers[0].ports[0].containerPort: required, an integer "
+                "1-65535"},
         BadCase{"ServiceProtocol",
                 "kind: Service\nmetadata: {name: s, namespace: ns}\nspec:\n  ports:\n"
                 "  - port: 80\n    protocol: SCTP\n",

@@ -225,7 +225,19 @@ TEST_F(CniBinaryTest, AddPassesPrevResultThroughAndTellsTheAgent) {
                            {"ifname", "eth0"},
                            {"pod_name", "web-1"},
                            {"pod_namespace", "shop"},
-                           {"pod_uid", "uid-123"}}));
+                           {"pod_uid", "uid-123"},
+                           // The agent enrolls with these while the API has no podIPs yet.
+                           {"pod_ips", {"10.244.1.5", "fd00:10:244:1::5"}}}));
+}
+
+TEST_F(CniBinaryTest, AddWithoutPrevResultSendsNoPodIps) {
+  FakeAgent agent(socket_);
+  ASSERT_TRUE(agent.ok());
+  PluginRun r = runPlugin(env("ADD", netns_), config());
+  ASSERT_EQ(r.exitCode, 0) << r.out;
+  auto reqs = agent.requests();
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_FALSE(reqs[0].contains("pod_ips")) << reqs[0].dump();
 }
 
 TEST_F(CniBinaryTest, AddResultCarriesTheConfigVersion) {

@@ -233,6 +233,72 @@ TEST_F(RouteTest, CursorsArePerService) {
   EXPECT_EQ(decide("10.96.0.30:80").next_hop.ip(), ip("10.244.2.3"));
 }
 
+// A named targetPort ("http") is a number per endpoint (each pod's container port of that
+// name); an endpoint without it is not an endpoint of that service port. The same map carries
+// the ports of EndpointSlice-backed services, and wins over the service-wide targetPort.
+TEST_F(RouteTest, NamedTargetPortUsesEachEndpointsOwnPort) {
+  ServiceInfo svc;
+  svc.name = "named";
+  svc.namespace_ = "default";
+  svc.vips = {ip("10.96.0.20"), ip("fd00:10:96::14")};
+  ServicePortInfo http{80, 0, true, "web", "http"};
+  ServicePortInfo metrics{9090, 9091, true, "metrics", ""};
+  svc.ports = {http, metrics};
+  svc.endpoints = {{"u-b1", ip("10.244.1.3"), {{80, 8080}}},
+                   {"u-b2", ip("10.244.2.3"), {{80, 8081}, {9090, 9999}}},
+                   {"u-b3", ip("10.244.2.4"), {}}};  // no port named http
+  state_.addService(svc);
+  std::map<std::string, int> seen;
+  for (int i = 0; i < 6; i++) {
+    Route r = decide("10.96.0.20:80");
+    ASSERT_EQ(r.kind, RouteKind::kServiceEndpoint) << r.reason;
+    seen[r.next_hop.toString()]++;
+  }
+  EXPECT_EQ(seen, (std::map<std::string, int>{{"10.244.1.3:8080", 3}, {"10.244.2.3:8081", 3}}));
+  // IPv6 VIP: the dual-stack workloads' IPv6 addresses, same per-endpoint ports.
+  Route v6 = decide("[fd00:10:96::14]:80");
+  ASSERT_EQ(v6.kind, RouteKind::kServiceEndpoint);
+  EXPECT_TRUE(v6.next_hop.port() == 8080 || v6.next_hop.port() == 8081) << v6.next_hop.toString();
+  // The numbered port: the endpoint's own entry wins, else the service's targetPort; u-b3
+  // serves it (the named port's absence matters only for that port).
+  seen.clear();
+  for (int i = 0; i < 6; i++) seen[decide("10.96.0.20:9090").next_hop.toString()]++;
+  EXPECT_EQ(seen, (std::map<std::string, int>{
+                      {"10.244.1.3:9091", 2}, {"10.244.2.3:9999", 2}, {"10.244.2.4:9091", 2}}));
+}
+
+TEST_F(RouteTest, NamedTargetPortThatNoEndpointHasIsNoEndpoint) {
+  ServiceInfo svc;
+  svc.name = "nameless";
+  svc.namespace_ = "default";
+  svc.vips = {ip("10.96.0.21")};
+  svc.ports = {{80, 0, true, "web", "http"}};
+  svc.endpoints = {{"u-b1", ip("10.244.1.3"), {}}};
+  state_.addService(svc);
+  Route r = decide("10.96.0.21:80");
+  EXPECT_EQ(r.kind, RouteKind::kRefused);
+  EXPECT_TRUE(r.no_endpoints);
+}
+
+TEST(ClusterStateProto, EndpointTargetPortsAndNamedPortsRoundTrip) {
+  node::v1::Service s;
+  s.set_name("web");
+  s.set_namespace_("ns");
+  s.add_vips("10.96.0.5");
+  auto* p = s.add_ports();
+  p->set_port(80);
+  p->set_target_port_name("http");
+  auto* e = s.add_endpoints();
+  e->set_ip("10.244.1.5");
+  (*e->mutable_target_ports())[80] = 8080;
+  auto info = serviceFromProto(s);
+  ASSERT_TRUE(info) << info.status().message();
+  EXPECT_EQ(info->ports[0].target_port_name, "http");
+  EXPECT_EQ(info->endpoints[0].target_ports.at(80), 8080);
+  (*e->mutable_target_ports())[80] = 70000;
+  EXPECT_FALSE(serviceFromProto(s));
+}
+
 TEST(RouteKind, Names) {
   EXPECT_STREQ(routeKindName(RouteKind::kPassthrough), "passthrough");
   EXPECT_STREQ(routeKindName(RouteKind::kServiceEndpoint), "service-endpoint");
