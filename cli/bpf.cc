@@ -413,8 +413,12 @@ int mapDump(Context& ctx, const std::vector<std::string>& args) {
   if (doc.contains("ztunnel_consumer"))
     ctx.out() << "consumer (ztunnel): " << cell(doc["ztunnel_consumer"]) << "\n";
   if (!entries.empty()) {
+    // Columns in a reading order: who (pod), then the key, then what it maps to.
     std::vector<std::string> header;
-    for (const auto& [k, v] : entries[0].items()) header.push_back(k);
+    for (const char* k : {"pod", "pod_ip", "netns_cookie", "socket_cookie", "client",
+                          "original_destination", "resolver", "listener_socket_cookie",
+                          "source_ip", "flags", "workload_id", "key", "value"})
+      if (entries[0].contains(k)) header.push_back(k);
     std::vector<std::string> upper = header;
     for (auto& h : upper)
       for (char& c : h) c = static_cast<char>(toupper(static_cast<unsigned char>(c)));

@@ -105,6 +105,8 @@ int run(Context& ctx, const std::vector<std::string>& args) {
           ctx.err() << fmt::format("monitoring {} (BPF events: {}); Ctrl-C to stop\n",
                                    ep->what, e.value("bpf_events", false) ? "yes" : "no");
           ctx.err().flush();
+          ctx.out() << fmt::format("{:<12} {}\n", "TIME (UTC)", "EVENT");
+          ctx.out().flush();
         } else {
           ctx.out() << renderEvent(e) << "\n";
           ctx.out().flush();

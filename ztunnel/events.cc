@@ -124,8 +124,7 @@ EventHub::~EventHub() {
 }
 
 void EventHub::stopBpf() {
-  poll_.close();
-  poll_ = UvHandle<uv_poll_t>();
+  poll_.reset();  // stops polling the epoll fd at once; the handle is freed on close
   if (rb_ != nullptr) ring_buffer__free(rb_);
   rb_ = nullptr;
 }
@@ -142,13 +141,15 @@ Status EventHub::setPinDir(const std::string& pin_dir) {
   ring_buffer* rb = ring_buffer__new(map.get(), &EventHub::onRingRecord, this, nullptr);
   if (rb == nullptr) return Status::errorf("ring_buffer__new {}: {}", path, errnoText(errno));
   int epfd = ring_buffer__epoll_fd(rb);
-  int rc = poll_.init(uv_poll_init(loop_, poll_.get(), epfd));
+  poll_ = std::make_unique<UvHandle<uv_poll_t>>();
+  int rc = poll_->init(uv_poll_init(loop_, poll_->get(), epfd));
   if (rc != 0) {
+    poll_.reset();
     ring_buffer__free(rb);
     return Status::errorf("uv_poll_init on {}'s epoll fd: {}", path, uv_strerror(rc));
   }
-  poll_.get()->data = this;
-  rc = uv_poll_start(poll_.get(), UV_READABLE, [](uv_poll_t* p, int status, int) {
+  poll_->get()->data = this;
+  rc = uv_poll_start(poll_->get(), UV_READABLE, [](uv_poll_t* p, int status, int) {
     auto* self = static_cast<EventHub*>(p->data);
     if (status < 0) {
       spdlog::warn("events ring: poll: {}", uv_strerror(status));
@@ -158,7 +159,7 @@ Status EventHub::setPinDir(const std::string& pin_dir) {
     if (n < 0) spdlog::warn("events ring: consume: {}", errnoText(-n));
   });
   if (rc != 0) {
-    poll_.close();
+    poll_.reset();
     ring_buffer__free(rb);
     return Status::errorf("uv_poll_start on {}: {}", path, uv_strerror(rc));
   }
@@ -269,8 +270,14 @@ HttpResponse EventHub::subscribe(const HttpRequest& req) {
   return r;
 }
 
+size_t EventHub::clients() const {
+  size_t n = 0;
+  for (const Client& c : clients_) n += c.writer->closed() ? 0 : 1;
+  return n;
+}
+
 nlohmann::json EventHub::statsJson() const {
-  return {{"consuming_bpf", rb_ != nullptr}, {"clients", clients_.size()},
+  return {{"consuming_bpf", rb_ != nullptr}, {"clients", clients()},
           {"bpf_events", bpf_events_},       {"verdict_events", verdict_events_},
           {"dropped", dropped_},             {"malformed", malformed_}};
 }

@@ -64,7 +64,7 @@ class EventHub {
   // is {"kind":"start",...}. A client that reads too slowly loses events, and the next line it
   // gets is {"kind":"dropped","count":N}.
   HttpResponse subscribe(const HttpRequest& req);
-  size_t clients() const { return clients_.size(); }
+  size_t clients() const;  // open streams
   nlohmann::json statsJson() const;
 
   // The JSON line of a BPF event (public for tests).
@@ -84,7 +84,7 @@ class EventHub {
   EventPodResolver resolver_;
   std::string pin_dir_;
   ring_buffer* rb_ = nullptr;
-  UvHandle<uv_poll_t> poll_;
+  std::unique_ptr<UvHandle<uv_poll_t>> poll_;  // on the ring's epoll fd while consuming
   std::list<Client> clients_;
   uint64_t bpf_events_ = 0;
   uint64_t verdict_events_ = 0;
