@@ -250,7 +250,8 @@ TEST_F(WeftctlE2E, EveryVerbInTableAndJsonForm) {
        [](const Json& j, const std::string& w) {
          hasFields(j, {"vips", "ports", "endpoints"}, w);
          EXPECT_EQ(j["vips"][0], kServiceVip) << w;
-         EXPECT_EQ(j["endpoints"].size(), 1u) << w;
+         ASSERT_EQ(j["endpoints"].size(), 2u) << w;  // app/web's IPv4 and IPv6 address
+         for (const Json& e : j["endpoints"]) EXPECT_EQ(e["workload"], "app/web") << w;
        }},
       {"node1", {"policy", "list"},
        [](const Json& j, const std::string& w) {
@@ -304,8 +305,11 @@ TEST_F(WeftctlE2E, EveryVerbInTableAndJsonForm) {
          int netns = 0;
          for (const Json& l : j) netns += l.contains("netns_cookie") ? 1 : 0;
          EXPECT_EQ(netns, 2) << w << ": one sk_lookup link per enrolled pod";
-         for (const Json& l : j)
-           if (l.contains("netns_cookie")) EXPECT_TRUE(l["pod"].is_string()) << w;
+         for (const Json& l : j) {
+           if (l.contains("netns_cookie")) {
+             EXPECT_TRUE(l["pod"].is_string()) << w;
+           }
+         }
        }},
       {"node1", {"bpf", "map", "list"},
        [](const Json& j, const std::string& w) {
