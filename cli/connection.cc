@@ -2,6 +2,7 @@
 // namespace and identity: source, destination, identities, bytes each way, age, path.
 #include <fmt/format.h>
 
+#include <map>
 #include <ostream>
 
 #include "cli/command.h"
@@ -44,9 +45,35 @@ json filterConnections(const json& conns, const std::string& pod, const std::str
   return out;
 }
 
+json addIdentities(json conns, const json& workloads, const std::string& trust_domain) {
+  std::map<std::string, std::string> sa;
+  for (const json& w : workloads)
+    sa[keyOf(w)] = w.value("service_account", "default");
+  auto identityOf = [&](const std::string& pod) -> json {
+    auto it = sa.find(pod);
+    if (it == sa.end()) return nullptr;
+    return "spiffe://" + trust_domain + "/ns/" + nsOf(pod) + "/sa/" +
+           (it->second.empty() ? "default" : it->second);
+  };
+  for (json& c : conns) {
+    // Only HBONE carries identities: the peer's is verified, ours is our pod's certificate.
+    bool hbone = c.value("path", "") == "hbone";
+    std::string peer = c.value("peer_identity", "");
+    bool outbound = c.value("direction", "") == "outbound";
+    json src = nullptr, dst = nullptr;
+    if (hbone) {
+      src = outbound ? identityOf(c.value("source_workload", "")) : json(peer);
+      dst = outbound ? json(peer) : identityOf(c.value("destination_workload", ""));
+    }
+    c["source_identity"] = src;
+    c["destination_identity"] = dst;
+  }
+  return conns;
+}
+
 std::string renderConnections(const json& conns) {
-  Table t({"DIRECTION", "SOURCE", "DESTINATION", "PATH", "PEER IDENTITY", "SRC->DST", "DST->SRC",
-           "AGE", "STATE"});
+  Table t({"DIRECTION", "SOURCE", "DESTINATION", "PATH", "SOURCE IDENTITY",
+           "DESTINATION IDENTITY", "SRC->DST", "DST->SRC", "AGE", "STATE"});
   for (const json& c : conns) {
     std::string src = c.value("source_workload", "");
     std::string dst = c.value("destination_workload", "");
@@ -54,7 +81,7 @@ std::string renderConnections(const json& conns) {
     t.add({cellOf(c, "direction"),
            (src.empty() ? "" : src + " ") + c.value("src", ""),
            (dst.empty() ? (svc.empty() ? "" : svc + " ") : dst + " ") + c.value("dst", ""),
-           cellOf(c, "path"), cellOf(c, "peer_identity"),
+           cellOf(c, "path"), cellOf(c, "source_identity"), cellOf(c, "destination_identity"),
            humanBytes(c.value("bytes_received", uint64_t{0})),
            humanBytes(c.value("bytes_sent", uint64_t{0})),
            humanDuration(c.value("age_ms", uint64_t{0})), cellOf(c, "state")});
@@ -72,6 +99,14 @@ int list(Context& ctx, const std::vector<std::string>& args) {
   if (!conns) return ctx.fail(conns.status());
   json out = filterConnections(conns.value(), o->values["pod"], o->values["namespace"],
                                o->values["identity"]);
+  // Both ends' identities: the agent knows each pod's service account, the ztunnel the trust
+  // domain. Best effort: without the agent only the peer's (verified) identity is shown.
+  std::string td = "cluster.local";
+  if (auto zd = ctx.ztunnelGet("/config_dump"); zd && (*zd)["node_config"].is_object())
+    td = (*zd)["node_config"].value("trust_domain", td);
+  if (td.empty()) td = "cluster.local";
+  auto wl = ctx.agentGet("/workloads");
+  out = addIdentities(out, wl ? wl.value() : json::array(), td);
   if (ctx.json()) ctx.printJson(out);
   else ctx.out() << renderConnections(out);
   return 0;

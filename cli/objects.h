@@ -30,6 +30,12 @@ std::string renderConnections(const nlohmann::json& connections);
 std::string renderTrace(const nlohmann::json& trace);
 std::string renderEvent(const nlohmann::json& event);
 
+// Adds source_identity and destination_identity to each connection (HBONE only; plaintext
+// has none): the verified peer identity for the far end, the local pod's SPIFFE id (service
+// account from the agent's /workloads) for ours.
+nlohmann::json addIdentities(nlohmann::json connections, const nlohmann::json& workloads,
+                             const std::string& trust_domain);
+
 // The connections (ztunnel /connections) that match every filter given (empty = any): pod
 // ("ns/name" or "name", either end), namespace (either end), identity (peer identity, or the
 // SPIFFE id of either end's workload).

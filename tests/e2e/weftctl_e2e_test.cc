@@ -286,11 +286,14 @@ TEST_F(WeftctlE2E, EveryVerbInTableAndJsonForm) {
                    w);
          EXPECT_EQ(j[0]["path"], "hbone") << w;
          EXPECT_EQ(j[0]["peer_identity"], "spiffe://cluster.local/ns/app/sa/default") << w;
+         EXPECT_EQ(j[0]["destination_identity"], "spiffe://cluster.local/ns/app/sa/default") << w;
+         EXPECT_EQ(j[0]["source_identity"], "spiffe://cluster.local/ns/front/sa/default") << w;
        }},
       {"node2", {"connection", "list", "--namespace", "front", "--identity", "ns/front/sa/default"},
        [](const Json& j, const std::string& w) {
          ASSERT_TRUE(j.is_array() && !j.empty()) << w << " (node2's inbound side)";
          EXPECT_EQ(j[0]["direction"], "inbound") << w;
+         EXPECT_EQ(j[0]["source_identity"], "spiffe://cluster.local/ns/front/sa/default") << w;
        }},
       {"node1", {"bpf", "prog", "show"},
        [](const Json& j, const std::string& w) {

@@ -232,7 +232,12 @@ TEST(Renderers, WorkloadsAndConnections) {
   EXPECT_EQ(filterConnections(c, "", "", "ns/app/sa/default").size(), 1u);
   EXPECT_EQ(filterConnections(c, "", "", "").size(), 2u);
   EXPECT_EQ(filterConnections(c, "nope", "", "").size(), 0u);
-  std::string ct = renderConnections(filterConnections(c, "web", "", ""));
+  json w2 = json::parse(R"([{"namespace":"front","name":"client","service_account":"fc"}])");
+  json ids = addIdentities(c, w2, "td.example");
+  EXPECT_EQ(ids[0]["source_identity"], "spiffe://td.example/ns/front/sa/fc");
+  EXPECT_EQ(ids[0]["destination_identity"], "spiffe://cluster.local/ns/app/sa/default");
+  EXPECT_TRUE(ids[1]["source_identity"].is_null()) << "plaintext has no identities";
+  std::string ct = renderConnections(filterConnections(ids, "web", "", ""));
   EXPECT_NE(ct.find("front/client 10.244.1.10:4000"), std::string::npos) << ct;
   EXPECT_NE(ct.find("2.0 KiB"), std::string::npos) << ct;
 }
