@@ -48,6 +48,8 @@ json status(const AdminSources& s) {
                  {"cni_requests", s.cni_requests ? s.cni_requests() : 0}};
   j["config_errors"] = s.manifests ? s.manifests->errors().size() : 0;
   j["config_rejections"] = s.manifests ? s.manifests->rejections() : 0;
+  j["bpf_pin_dir"] = s.bpf_pin_dir;
+  j["kernel"] = s.kernel_features ? s.kernel_features() : json(nullptr);
   return j;
 }
 

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <functional>
+
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "agent/enrollment.h"
@@ -19,6 +21,9 @@ struct AdminSources {
   std::function<NodeServerStats()> node_stats;  // empty while the server is not up
   std::function<bool()> dataplane_adopted;
   std::function<uint64_t()> cni_requests;
+  // For weftctl: where the BPF objects are pinned, and what the kernel offers (/status).
+  std::string bpf_pin_dir;
+  std::function<nlohmann::json()> kernel_features;
 };
 
 // Routes one request. Pure over the sources: the HTTP server calls it, tests call it directly.

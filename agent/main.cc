@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "agent/admin.h"
+#include "agent/kernel_features.h"
 #include "agent/ca.h"
 #include "agent/bpf/dataplane.h"
 #include "agent/cni_server.h"
@@ -277,6 +278,8 @@ int run(const Flags& flags) {
       bool adopted = dataplane.value()->info().adopted;
       sources.dataplane_adopted = [adopted] { return adopted; };
       sources.cni_requests = [&] { return cni_server->requests(); };
+      sources.bpf_pin_dir = pin_dir;
+      sources.kernel_features = [] { return kernelFeatures(); };
       auto admin = HttpAdminServer::listenUnix(
           &loop, flags.admin_socket,
           [sources](const HttpRequest& r) { return handleAdminRequest(sources, r); });

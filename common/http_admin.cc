@@ -155,7 +155,48 @@ std::string renderResponse(const HttpResponse& r) {
       r.status, reasonPhrase(r.status), r.content_type, r.body.size(), r.body);
 }
 
+std::string renderStreamHead(const HttpResponse& r) {
+  return fmt::format(
+      "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n"
+      "Cache-Control: no-cache\r\nConnection: close\r\n\r\n",
+      r.status, reasonPhrase(r.status), r.content_type);
+}
+
 class Server;
+class AdminConnection;
+
+// The writer of a streaming response; it outlives the connection (the producer may hold it),
+// so it points back only while the connection is open.
+class StreamWriter : public HttpStreamWriter {
+ public:
+  StreamWriter(AdminConnection* conn, size_t max_queued) : conn_(conn), max_queued_(max_queued) {}
+  bool write(std::string_view data) override;
+  void finish() override;
+  bool closed() const override { return conn_ == nullptr || finished_; }
+  size_t queuedBytes() const override { return queued_; }
+  void onClose(std::function<void()> cb) override {
+    if (conn_ == nullptr) {
+      if (cb) cb();
+      return;
+    }
+    on_close_ = std::move(cb);
+  }
+
+  // Called by the connection.
+  void detach() {
+    if (conn_ == nullptr) return;
+    conn_ = nullptr;
+    if (auto cb = std::move(on_close_)) cb();
+  }
+  void written(size_t n) { queued_ -= std::min(queued_, n); }
+
+ private:
+  AdminConnection* conn_;
+  size_t max_queued_;
+  size_t queued_ = 0;
+  bool finished_ = false;
+  std::function<void()> on_close_;
+};
 
 // One accepted client. Deletes itself once its stream and timer are both closed.
 class AdminConnection {
@@ -172,6 +213,8 @@ class AdminConnection {
   // Starts closing both handles; safe to call more than once.
   void close();
   void detachServer() { server_ = nullptr; }
+  // Streaming: queues bytes for the client (owned until written); `last` closes afterwards.
+  bool queueWrite(std::string data, bool last);
 
  private:
   void onRead(ssize_t nread, const uv_buf_t* buf);
@@ -195,6 +238,7 @@ class AdminConnection {
   std::string in_;
   std::string out_;
   char read_buf_[16 * 1024];
+  std::shared_ptr<StreamWriter> writer_;  // set for a streaming response
 };
 
 class Server : public HttpAdminServer {
@@ -354,6 +398,17 @@ void AdminConnection::respond(const HttpResponse& r) {
   responded_ = true;
   in_.clear();
   in_.shrink_to_fit();
+  if (r.stream) {
+    // A stream lasts as long as the client wants it: no request timeout from here on.
+    if (timer_init_) uv_timer_stop(&timer_);
+    writer_ = std::make_shared<StreamWriter>(this, r.stream_max_queued);
+    if (!queueWrite(renderStreamHead(r), false)) {
+      close();
+      return;
+    }
+    r.stream(writer_);
+    return;
+  }
   out_ = renderResponse(r);
   uv_buf_t b = uv_buf_init(out_.data(), static_cast<unsigned>(out_.size()));
   write_req_.data = this;
@@ -370,6 +425,12 @@ void AdminConnection::onWritten(int status) {
   }
   // Half-close and read to EOF (bounded by the timer) so that unread request bytes do not
   // turn our close into a reset that could destroy the response in flight.
+  if (writer_ && timer_init_) {
+    // A finished stream: its timer was stopped while it streamed.
+    uv_timer_start(
+        &timer_, [](uv_timer_t* t) { static_cast<AdminConnection*>(t->data)->close(); },
+        timeout_ms_, 0);
+  }
   shutdown_req_.data = this;
   int rc = uv_shutdown(&shutdown_req_, stream(), [](uv_shutdown_t* s, int st) {
     auto* self = static_cast<AdminConnection*>(s->data);
@@ -378,9 +439,65 @@ void AdminConnection::onWritten(int status) {
   if (rc != 0) close();
 }
 
+namespace {
+// One chunk on its way to a streaming client.
+struct QueuedWrite {
+  uv_write_t req{};
+  std::string data;
+  AdminConnection* conn;
+  std::shared_ptr<StreamWriter> writer;
+  bool last;
+};
+}  // namespace
+
+bool AdminConnection::queueWrite(std::string data, bool last) {
+  if (closing_) return false;
+  auto* w = new QueuedWrite{{}, std::move(data), this, writer_, last};
+  w->req.data = w;
+  uv_buf_t b = uv_buf_init(w->data.data(), static_cast<unsigned>(w->data.size()));
+  int rc = uv_write(&w->req, stream(), &b, 1, [](uv_write_t* req, int status) {
+    auto* w = static_cast<QueuedWrite*>(req->data);
+    if (w->writer) w->writer->written(w->data.size());
+    AdminConnection* c = w->conn;
+    bool last = w->last;
+    delete w;
+    if (status != 0) {
+      c->close();
+    } else if (last) {
+      c->onWritten(0);
+    }
+  });
+  if (rc != 0) {
+    delete w;
+    return false;
+  }
+  return true;
+}
+
+bool StreamWriter::write(std::string_view data) {
+  if (closed() || data.empty()) return !closed();
+  if (queued_ + data.size() > max_queued_) return false;
+  std::string chunk = fmt::format("{:x}\r\n", data.size());
+  chunk.append(data);
+  chunk += "\r\n";
+  queued_ += chunk.size();
+  if (!conn_->queueWrite(std::move(chunk), false)) {
+    queued_ = 0;
+    return false;
+  }
+  return true;
+}
+
+void StreamWriter::finish() {
+  if (closed()) return;
+  finished_ = true;
+  if (!conn_->queueWrite("0\r\n\r\n", true)) conn_->close();
+}
+
 void AdminConnection::close() {
   if (closing_) return;
   closing_ = true;
+  if (writer_) writer_->detach();
   if (server_ != nullptr) server_->forget(this);
   auto on_close = [](uv_handle_t* h) { static_cast<AdminConnection*>(h->data)->onClosed(); };
   uv_close(reinterpret_cast<uv_handle_t*>(stream()), on_close);
@@ -392,6 +509,43 @@ void AdminConnection::onClosed() {
 }
 
 }  // namespace
+
+Result<std::map<std::string, std::string>> parseQuery(const std::string& query) {
+  std::map<std::string, std::string> out;
+  auto decode = [](std::string_view in, std::string* o) {
+    for (size_t i = 0; i < in.size(); i++) {
+      char c = in[i];
+      if (c == '+') {
+        o->push_back(' ');
+      } else if (c == '%') {
+        if (i + 2 >= in.size()) return false;
+        int v = 0;
+        auto [p, ec] = std::from_chars(in.data() + i + 1, in.data() + i + 3, v, 16);
+        if (ec != std::errc() || p != in.data() + i + 3) return false;
+        o->push_back(static_cast<char>(v));
+        i += 2;
+      } else {
+        o->push_back(c);
+      }
+    }
+    return true;
+  };
+  size_t start = 0;
+  while (start < query.size()) {
+    size_t amp = query.find('&', start);
+    if (amp == std::string::npos) amp = query.size();
+    std::string_view kv(query.data() + start, amp - start);
+    start = amp + 1;
+    if (kv.empty()) continue;
+    size_t eq = kv.find('=');
+    std::string k, v;
+    if (!decode(kv.substr(0, eq), &k) ||
+        (eq != std::string_view::npos && !decode(kv.substr(eq + 1), &v)))
+      return Status::errorf("query: malformed escape in '{}'", kv);
+    if (!out.emplace(k, v).second) return Status::errorf("query: '{}' given twice", k);
+  }
+  return out;
+}
 
 Result<std::unique_ptr<HttpAdminServer>> HttpAdminServer::listenTcp(uv_loop_t* loop,
                                                                     const SocketAddress& addr,

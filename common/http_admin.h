@@ -6,8 +6,10 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "common/address.h"
 #include "common/status.h"
@@ -21,10 +23,34 @@ struct HttpRequest {
   std::string body;
 };
 
+class HttpStreamWriter;
+using HttpStreamWriterPtr = std::shared_ptr<HttpStreamWriter>;
+
 struct HttpResponse {
   int status = 200;
   std::string content_type = "application/json";
   std::string body;
+  // Set: a streaming response. The head goes out with Transfer-Encoding: chunked (no body),
+  // the request timeout stops, and `stream` gets the writer for the chunks that follow.
+  std::function<void(HttpStreamWriterPtr)> stream;
+  // Bytes a streaming client may have queued and unsent before write() refuses more.
+  size_t stream_max_queued = 256 * 1024;
+};
+
+// The body of a streaming response, one chunk per write(). Owned jointly by the connection and
+// the producer; once the client is gone (or after finish()) writes are refused.
+class HttpStreamWriter {
+ public:
+  virtual ~HttpStreamWriter() = default;
+  // Queues `data` as one chunk. False, and nothing queued, when the client is gone or already
+  // has stream_max_queued bytes waiting (a slow reader): the producer counts it as dropped.
+  virtual bool write(std::string_view data) = 0;
+  // Sends the last chunk and closes the connection once it is written.
+  virtual void finish() = 0;
+  virtual bool closed() const = 0;
+  virtual size_t queuedBytes() const = 0;
+  // Runs once when the connection ends (client gone, error, finish() done, server destroyed).
+  virtual void onClose(std::function<void()> cb) = 0;
 };
 
 using HttpHandler = std::function<HttpResponse(const HttpRequest&)>;
@@ -54,5 +80,9 @@ class HttpAdminServer {
 };
 
 using HttpAdminServerPtr = std::unique_ptr<HttpAdminServer>;
+
+// A request query "a=1&b=x%2Fy" as a map, percent- and '+'-decoded. A malformed escape or a
+// repeated key is an error naming it.
+Result<std::map<std::string, std::string>> parseQuery(const std::string& query);
 
 }  // namespace weft

@@ -6,6 +6,7 @@
 #include <ctime>
 
 #include "common/log.h"
+#include "ztunnel/trace.h"
 #include "ztunnel/ztunnel.h"
 
 namespace weft::ztunnel {
@@ -120,11 +121,16 @@ nlohmann::json Ztunnel::configDump() const {
           {"workloads", workloads},
           {"services", services},
           {"endpoint_load", proxy_.balancer().toJson()},
-          {"authorization_policies", policies}};
+          {"authorization_policies", policies},
+          {"events", events_ ? events_->statsJson() : nlohmann::json(nullptr)}};
 }
 
 HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
   if (req.path == "/logging") {
+    if (req.method == "GET") {
+      auto level = spdlog::level::to_string_view(spdlog::get_level());
+      return json(200, {{"level", std::string(level.data(), level.size())}});
+    }
     if (req.method != "POST" && req.method != "PUT") return error(405, "POST /logging?level=L");
     std::string prefix = "level=";
     if (req.query.rfind(prefix, 0) != 0 || !setLogLevel(req.query.substr(prefix.size())))
@@ -132,6 +138,23 @@ HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
     return json(200, {{"level", req.query.substr(prefix.size())}});
   }
   if (req.method != "GET") return error(405, "GET only");
+  if (req.path == "/events") {
+    if (!events_) return error(503, "shutting down");
+    return events_->subscribe(req);
+  }
+  if (req.path == "/trace") {
+    auto q = parseTraceQuery(req.query);
+    if (!q) return error(400, q.status().message());
+    TraceContext ctx;
+    ctx.state = proxy_.state().get();
+    ctx.balancer = &proxy_.balancer();
+    if (have_node_config_ && !node_config_.trust_domain().empty())
+      ctx.trust_domain = node_config_.trust_domain();
+    ctx.cluster_domain = proxy_.clusterDomain();
+    auto t = traceConnection(ctx, q.value());
+    if (!t) return error(ctx.state ? 404 : 503, t.status().message());
+    return json(200, t.value());
+  }
   if (req.path == "/config_dump") return json(200, configDump());
   if (req.path == "/connections") return json(200, proxy_.connectionsJson());
   if (req.path == "/stats") {
@@ -157,7 +180,9 @@ HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
   if (req.path == "/" || req.path == "/help") {
     return json(200, {{"endpoints",
                        {"GET /config_dump", "GET /connections", "GET /stats",
-                        "GET /verdicts?since=SEQ&limit=N", "POST /logging?level=L"}}});
+                        "GET /verdicts?since=SEQ&limit=N", "POST /logging?level=L",
+                        "GET /events?pod=&namespace=&verdict=&kind=",
+                        "GET /trace?src=NS/POD&dst=ADDR[:PORT]"}}});
   }
   return error(404, "no such endpoint: " + req.path);
 }

@@ -146,6 +146,12 @@ Balancer::Pick Balancer::pick(const std::string& service_key, LoadBalancing algo
   return p;
 }
 
+Balancer Balancer::detachedCopy() const {
+  Balancer b(*this);
+  for (auto& [addr, load] : b.loads_) load = std::make_shared<EndpointLoad>(*load);
+  return b;
+}
+
 EndpointLeasePtr Balancer::lease(const SocketAddress& endpoint) {
   return std::make_unique<EndpointLease>(shared_, loadFor(endpoint));
 }

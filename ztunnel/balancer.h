@@ -113,6 +113,9 @@ class Balancer {
 
   // Per endpoint: latency estimate, outstanding, failures, ejection state (/config_dump).
   nlohmann::json toJson() const;
+  // A copy that shares nothing with this one: what-if decisions (GET /trace) pick from it
+  // without moving this balancer's cursors or counters.
+  Balancer detachedCopy() const;
 
  private:
   std::shared_ptr<EndpointLoad>& loadFor(const SocketAddress& endpoint);

@@ -26,6 +26,7 @@ void VerdictLog::record(VerdictEvent e) {
   counts_[{e.verdict.allowed ? "allow" : "deny", actionPolicyLabel(e.verdict)}]++;
   if (e.verdict.dry_run) (e.verdict.dry_run->allowed ? dry_run_allow_ : dry_run_deny_)++;
   if (!e.verdict.audit.empty()) audit_++;
+  if (observer_) observer_(e);
   events_.push_back(std::move(e));
   while (events_.size() > capacity_) events_.pop_front();
 }

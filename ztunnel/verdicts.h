@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -46,6 +47,11 @@ class VerdictLog {
   // weft_ztunnel_policy_dry_run_verdicts_total{result}, weft_ztunnel_policy_audit_total.
   std::string renderPrometheus() const;
 
+  // Called with every event as it is recorded (the /events stream); one observer.
+  void setObserver(std::function<void(const VerdictEvent&)> observer) {
+    observer_ = std::move(observer);
+  }
+
   uint64_t lastSeq() const { return seq_; }
   size_t size() const { return events_.size(); }
   // (result, action_policy) -> count; action_policy is "none" | "ALLOW" | "DENY".
@@ -61,6 +67,7 @@ class VerdictLog {
   uint64_t dry_run_allow_ = 0;
   uint64_t dry_run_deny_ = 0;
   uint64_t audit_ = 0;
+  std::function<void(const VerdictEvent&)> observer_;
 };
 
 // The label value of action_policy for an outcome: the kind of policy that decided it.

@@ -3,6 +3,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/netns.h"
 #include "weft/version.h"
 
 namespace weft::ztunnel {
@@ -18,6 +19,19 @@ Ztunnel::Ztunnel(uv_loop_t* loop, ZtunnelOptions options)
   mesh_tls_ = std::make_unique<MeshTls>(
       proxy_, *identities_, [this](const IpAddr& ip) { return workloads_.podByIp(ip); }, mo);
   proxy_.setMeshTls(mesh_tls_.get());
+  EventPodResolver resolver;
+  resolver.by_cookie = [this](uint64_t cookie) {
+    auto it = pods_by_cookie_.find(cookie);
+    return it == pods_by_cookie_.end() ? std::string() : it->second.second;
+  };
+  resolver.by_ip = [this](const IpAddr& ip) {
+    WorkloadInfoPtr w = proxy_.state() ? proxy_.state()->workloadByIp(ip) : nullptr;
+    return w ? w->namespace_ + "/" + w->name : std::string();
+  };
+  events_ = std::make_unique<EventHub>(loop_, std::move(resolver));
+  proxy_.verdicts().setObserver([this](const VerdictEvent& e) {
+    if (events_) events_->publishVerdict(e);
+  });
 }
 
 Ztunnel::~Ztunnel() { shutdown(); }
@@ -91,6 +105,8 @@ void Ztunnel::shutdown() {
   proxy_.setMeshTls(nullptr);
   mesh_tls_.reset();
   identities_.reset();
+  proxy_.verdicts().setObserver(nullptr);
+  events_.reset();
   admin_.reset();
   metrics_.reset();
   readiness_.reset();
@@ -117,6 +133,11 @@ Status Ztunnel::onNodeConfig(const node::v1::NodeConfig& config) {
     mesh_tls_->setTrustDomain(config.trust_domain().empty() ? "cluster.local"
                                                             : config.trust_domain());
   }
+  if (events_) {
+    // Monitor events are best effort: without the ring the stream still carries verdicts.
+    Status ev = events_->setPinDir(config.bpf_pin_dir());
+    if (!ev) spdlog::warn("events: {}", ev.message());
+  }
   return workloads_.setPinDir(config.bpf_pin_dir());
 }
 
@@ -132,6 +153,8 @@ Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns
   if (!info) return info.status();
   snapshot_uids_.insert(info->uid);
   if (draining_) return Status::error("draining");
+  if (auto cookie = netnsCookie(netns.get()))
+    pods_by_cookie_[cookie.value()] = {info->uid, info->namespace_ + "/" + info->name};
   Status st = workloads_.add(*info, std::move(netns));
   if (!st) {
     proxy_.stats().workload_listener_failures_total++;
@@ -154,6 +177,7 @@ Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns
 
 Status Ztunnel::onDelWorkload(const std::string& uid) {
   snapshot_uids_.erase(uid);
+  std::erase_if(pods_by_cookie_, [&](const auto& kv) { return kv.second.first == uid; });
   if (identities_) identities_->removeWorkload(uid);
   return workloads_.remove(uid);
 }

@@ -5,6 +5,7 @@
 #include <uv.h>
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -13,6 +14,7 @@
 #include "common/http_admin.h"
 #include "common/uv_handle.h"
 #include "ztunnel/agent_client.h"
+#include "ztunnel/events.h"
 #include "ztunnel/identity.h"
 #include "ztunnel/mesh_tls.h"
 #include "ztunnel/proxy.h"
@@ -81,6 +83,10 @@ class Ztunnel : public AgentHandler {
   bool draining_ = false;
   std::function<void()> drain_done_;
   UvHandle<uv_timer_t> drain_timer_;
+  // The /events stream (BPF ring consumer + verdicts), and the local pods by netns cookie for
+  // naming BPF events: cookie -> (uid, "ns/name").
+  std::unique_ptr<EventHub> events_;
+  std::map<uint64_t, std::pair<std::string, std::string>> pods_by_cookie_;
   HttpAdminServerPtr admin_;
   HttpAdminServerPtr metrics_;
   HttpAdminServerPtr readiness_;

@@ -284,5 +284,113 @@ TEST_F(HttpAdminTest, ManyClientsAtOnce) {
   EXPECT_EQ(ok.load(), 8);
 }
 
+// Streaming responses (Transfer-Encoding: chunked): what the ztunnel's GET /events uses.
+class HttpAdminStreamTest : public HttpAdminTest {
+ protected:
+  SocketAddress startStreaming(std::function<HttpResponse(const HttpRequest&)> h) {
+    auto s = HttpAdminServer::listenTcp(&loop_, *SocketAddress::parse("127.0.0.1:0"), h);
+    EXPECT_TRUE(s.isOk()) << s.status().message();
+    if (!s.isOk()) return SocketAddress();
+    server_ = std::move(s.value());
+    return server_->boundAddress();
+  }
+};
+
+TEST_F(HttpAdminStreamTest, ChunksThenFinish) {
+  SocketAddress a = startStreaming([](const HttpRequest&) {
+    HttpResponse r;
+    r.content_type = "application/x-ndjson";
+    r.stream = [](HttpStreamWriterPtr w) {
+      EXPECT_TRUE(w->write("{\"n\":1}\n"));
+      EXPECT_TRUE(w->write("{\"n\":22}\n"));
+      w->finish();
+      EXPECT_TRUE(w->closed());
+      EXPECT_FALSE(w->write("late\n"));
+    };
+    return r;
+  });
+  std::string resp;
+  runWithClient(&loop_, [&] { resp = exchange(connectTcp(a), "GET /events HTTP/1.1\r\n\r\n"); });
+  EXPECT_EQ(resp.rfind("HTTP/1.1 200 OK\r\n", 0), 0u) << resp;
+  EXPECT_NE(resp.find("Transfer-Encoding: chunked\r\n"), std::string::npos) << resp;
+  EXPECT_EQ(resp.find("Content-Length"), std::string::npos) << resp;
+  EXPECT_NE(resp.find("\r\n\r\n8\r\n{\"n\":1}\n\r\n9\r\n{\"n\":22}\n\r\n0\r\n\r\n"),
+            std::string::npos)
+      << resp;
+}
+
+// A client that does not read gets at most stream_max_queued bytes queued; the rest is refused
+// (the producer counts drops) and memory stays bounded.
+TEST_F(HttpAdminStreamTest, SlowClientIsBounded) {
+  constexpr size_t kMax = 64 * 1024;
+  const std::string piece(4000, 'x');
+  int accepted = 0, refused = 0;
+  size_t queued = 0;
+  HttpStreamWriterPtr keep;
+  SocketAddress a = startStreaming([&](const HttpRequest&) {
+    HttpResponse r;
+    r.stream_max_queued = kMax;
+    r.stream = [&](HttpStreamWriterPtr w) {
+      for (int i = 0; i < 100; i++) (w->write(piece) ? accepted : refused)++;
+      queued = w->queuedBytes();
+      w->finish();
+      keep = w;
+    };
+    return r;
+  });
+  std::string resp;
+  runWithClient(&loop_, [&] { resp = exchange(connectTcp(a), "GET /events HTTP/1.1\r\n\r\n"); });
+  EXPECT_GT(accepted, 0);
+  EXPECT_GT(refused, 0);
+  EXPECT_EQ(accepted + refused, 100);
+  EXPECT_LE(queued, kMax);
+  EXPECT_GE(queued + 4010, kMax);  // filled to the bound, not refused early
+  // Exactly the accepted chunks arrived, then the last chunk.
+  size_t n = 0, pos = 0;
+  while ((pos = resp.find("fa0\r\n", pos)) != std::string::npos) n++, pos += 5;
+  EXPECT_EQ(n, static_cast<size_t>(accepted));
+  EXPECT_EQ(resp.substr(resp.size() - 5), "0\r\n\r\n");
+  ASSERT_TRUE(keep);
+  EXPECT_TRUE(keep->closed());
+}
+
+TEST_F(HttpAdminStreamTest, ClientGoingAwayClosesTheWriter) {
+  HttpStreamWriterPtr writer;
+  bool closed_cb = false;
+  SocketAddress a = startStreaming([&](const HttpRequest&) {
+    HttpResponse r;
+    r.stream = [&](HttpStreamWriterPtr w) {
+      writer = w;
+      w->onClose([&] { closed_cb = true; });
+      EXPECT_TRUE(w->write("hello\n"));
+    };
+    return r;
+  });
+  std::string got;
+  runWithClient(&loop_, [&] {
+    int fd = connectTcp(a);
+    ASSERT_GE(fd, 0);
+    sendAll(fd, "GET /events HTTP/1.1\r\n\r\n");
+    char buf[4096];
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (got.find("hello\n") == std::string::npos &&
+           std::chrono::steady_clock::now() < deadline) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 100) <= 0) continue;
+      ssize_t n = recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      got.append(buf, static_cast<size_t>(n));
+    }
+    close(fd);
+    // Give the loop time to see the EOF before the test stops it.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  });
+  EXPECT_NE(got.find("6\r\nhello\n\r\n"), std::string::npos) << got;
+  EXPECT_TRUE(closed_cb);
+  ASSERT_TRUE(writer);
+  EXPECT_TRUE(writer->closed());
+  EXPECT_FALSE(writer->write("more\n"));
+}
+
 }  // namespace
 }  // namespace weft
