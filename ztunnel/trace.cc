@@ -8,6 +8,7 @@
 #include "common/http_admin.h"
 #include "ztunnel/policy.h"
 #include "ztunnel/route.h"
+#include "ztunnel/verdicts.h"
 
 namespace weft::ztunnel {
 
@@ -35,20 +36,6 @@ const IpAddr* preferredIp(const std::vector<IpAddr>& ips) {
   for (const IpAddr& ip : ips)
     if (ip.family() == AF_INET) return &ip;
   return ips.empty() ? nullptr : &ips.front();
-}
-
-json outcomeJson(const PolicyOutcome& o) {
-  json audit = json::array();
-  for (const PolicyHit& h : o.audit) audit.push_back({{"policy", h.policy}, {"rule", h.rule}});
-  bool decided = !o.decided_by.policy.empty();
-  return {{"result", o.allowed ? "allow" : "deny"},
-          {"reason", verdictReasonName(o.reason)},
-          {"policy", decided ? json(o.decided_by.policy) : json()},
-          {"rule", decided ? json(o.decided_by.rule) : json()},
-          {"decided_by", decided ? json(o.decided_by.policy + " rule " +
-                                        std::to_string(o.decided_by.rule))
-                                 : json("default")},
-          {"audit", audit}};
 }
 
 struct Resolved {

@@ -47,23 +47,25 @@ nlohmann::json hitJson(const PolicyHit& h) {
   return {{"policy", h.policy}, {"rule", h.rule}};
 }
 
-nlohmann::json outcomeJson(const PolicyOutcome& o) {
-  nlohmann::json audit = nlohmann::json::array();
-  for (const PolicyHit& h : o.audit) audit.push_back(hitJson(h));
-  return {{"result", o.allowed ? "allow" : "deny"},
-          {"reason", verdictReasonName(o.reason)},
-          {"policy", o.decided_by.policy.empty() ? nlohmann::json(nullptr)
-                                                 : nlohmann::json(o.decided_by.policy)},
-          {"rule", o.decided_by.policy.empty() ? nlohmann::json(nullptr)
-                                               : nlohmann::json(o.decided_by.rule)},
-          {"audit", audit}};
-}
-
 nlohmann::json orNull(const std::string& s) {
   return s.empty() ? nlohmann::json(nullptr) : nlohmann::json(s);
 }
 
 }  // namespace
+
+nlohmann::json outcomeJson(const PolicyOutcome& o) {
+  nlohmann::json audit = nlohmann::json::array();
+  for (const PolicyHit& h : o.audit) audit.push_back(hitJson(h));
+  bool decided = !o.decided_by.policy.empty();
+  return {{"result", o.allowed ? "allow" : "deny"},
+          {"reason", verdictReasonName(o.reason)},
+          {"policy", decided ? nlohmann::json(o.decided_by.policy) : nlohmann::json(nullptr)},
+          {"rule", decided ? nlohmann::json(o.decided_by.rule) : nlohmann::json(nullptr)},
+          {"decided_by", decided ? nlohmann::json(o.decided_by.policy + " rule " +
+                                                  std::to_string(o.decided_by.rule))
+                                 : nlohmann::json("default")},
+          {"audit", audit}};
+}
 
 nlohmann::json VerdictLog::eventJson(const VerdictEvent& e) {
   nlohmann::json j = outcomeJson(e.verdict);

@@ -70,6 +70,10 @@ class VerdictLog {
   std::function<void(const VerdictEvent&)> observer_;
 };
 
+// An outcome as JSON: result, reason, the deciding policy and rule ("decided_by": "ns/name rule
+// N" or "default") and the AUDIT hits. Verdict events and /trace show the same shape.
+nlohmann::json outcomeJson(const PolicyOutcome& o);
+
 // The label value of action_policy for an outcome: the kind of policy that decided it.
 const char* actionPolicyLabel(const PolicyOutcome& o);
 
