@@ -1,10 +1,12 @@
 // The agent's admin API (JSON over HTTP on --admin-socket): status, workloads, services,
-// current config errors, health.
+// current config errors, health, and the log level (GET/POST /logging).
 #pragma once
 
 #include <functional>
 #include <string>
 
+#include "agent/bpf/kernel_features.h"
+#include "agent/ca.h"
 #include "agent/enrollment.h"
 #include "agent/manifests.h"
 #include "agent/node_server.h"
@@ -19,6 +21,8 @@ struct AdminSources {
   std::function<NodeServerStats()> node_stats;  // empty while the server is not up
   std::function<bool()> dataplane_adopted;
   std::function<uint64_t()> cni_requests;
+  const KernelFeatures* kernel_features = nullptr;  // probed at start; null = not probed
+  std::function<CaStats()> ca_stats;                // empty while the CA is not up
 };
 
 // Routes one request. Pure over the sources: the HTTP server calls it, tests call it directly.
