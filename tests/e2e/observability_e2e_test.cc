@@ -601,7 +601,7 @@ TEST_F(ObservabilityE2E, LogLevelChangesAtRunTime) {
       << atDebug;
   ztunnelPost("node1", "/logging?level=info");
 
-  // agent (node1): a manifest change is sent to the ztunnel, whose ack logs at debug.
+  // agent (node1): a cluster change is sent to the ztunnel, whose ack logs at debug.
   std::string agLog = nodeField("node1", "agent", "log");
   std::string err;
   auto st = cluster_->agentAdmin("node1", "/logging", &err);
@@ -613,7 +613,17 @@ TEST_F(ObservabilityE2E, LogLevelChangesAtRunTime) {
   ASSERT_TRUE(status) << err;
   EXPECT_EQ(Json::parse(*status, nullptr, false).value("log_level", ""), "debug");
   mark = sizeOf(agLog);
-  ASSERT_TRUE(cluster_->writeLiveManifest("ns-extra.yaml", namespaceYaml("extra", false), &err))
+  // A new Service changes what the agent sends the ztunnel (a ClusterUpdate, then its ack).
+  ASSERT_TRUE(cluster_->writeLiveManifest("svc-extra.yaml", R"(apiVersion: v1
+kind: Service
+metadata: {name: extra, namespace: obs}
+spec:
+  selector: {app: echo}
+  clusterIP: 10.96.50.9
+  ports:
+  - {port: 81, targetPort: 8080}
+)",
+                                          &err))
       << err;
   std::string agDebug;
   EXPECT_TRUE(eventually(
@@ -625,7 +635,7 @@ TEST_F(ObservabilityE2E, LogLevelChangesAtRunTime) {
       << "no agent debug line after setting debug:\n"
       << agDebug;
   agentPost("node1", "/logging?level=info");
-  cluster_->removeLiveManifest("ns-extra.yaml");
+  cluster_->removeLiveManifest("svc-extra.yaml");
   Json bad = Json::parse(agentPost("node1", "/logging?level=loud"), nullptr, false);
   EXPECT_TRUE(bad.contains("error")) << bad.dump();
 }
