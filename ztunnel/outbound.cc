@@ -20,6 +20,12 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
   auto local = localAddress(fd);
   int family = local ? local->family() : AF_INET;
   const WorkloadInfo& src = *pod->info;
+  // The app reached us on the pod's loopback, so its socket's address is loopback too; who it
+  // is to everyone else (logs, /connections, metrics) is the pod's own address, same port.
+  if (c->source.family() && c->source.ip().isLoopback()) {
+    if (const IpAddr* ip = src.ipOfFamily(c->source.family()))
+      c->source = SocketAddress(*ip, c->source.port());
+  }
   c->labels.reporter = "source";
   setSourceLabels(c->labels, src);
 

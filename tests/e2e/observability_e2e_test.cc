@@ -421,7 +421,9 @@ TEST_F(ObservabilityE2E, CountersAndAccessLogsForNConnections) {
     for (const std::string& line : out) {
       auto f = parse(line);
       SCOPED_TRACE(line);
-      if (std::string(format) == "json") EXPECT_EQ(line.front(), '{');
+      if (std::string(format) == "json") {
+        EXPECT_EQ(line.front(), '{');
+      }
       EXPECT_EQ(f["level"], "info");
       EXPECT_EQ(f["direction"], "outbound");
       EXPECT_EQ(f["path"], "hbone");
