@@ -14,6 +14,7 @@
 #include <fstream>
 #include <functional>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -338,6 +339,13 @@ TEST_F(ObservabilityE2E, LiveScrapePassesPromtool) {
                 r.exitCode, m->size(),
                 static_cast<int>(std::count(m->begin(), m->end(), '\n')),
                 r.out.empty() ? "" : "; ", r.out.c_str());
+    // promtool does not flag a series written twice; check that here.
+    std::set<std::string> series;
+    for (const std::string& line : linesOf(*m)) {
+      if (line[0] == '#') continue;
+      EXPECT_TRUE(series.insert(line.substr(0, line.rfind(' '))).second)
+          << node << ": duplicate series " << line;
+    }
     // Weft's own families with live values.
     EXPECT_GE(sumSamples(*m, "weft_bpf_map_entries", {{"map", "weft_enrolled"}}), 1) << node;
     EXPECT_GT(sumSamples(*m, "weft_bpf_map_max_entries", {{"map", "weft_enrolled"}}), 0);
