@@ -56,7 +56,9 @@ std::string formatAccessLog(const AccessLogRecord& r, AccessLogFormat format) {
   auto addr = [](const SocketAddress& a) { return a.family() ? a.toString() : std::string(); };
   std::string duration = fmt::format("{}ms", r.duration_ms);
   if (format == AccessLogFormat::kJson) {
-    auto str = [](const std::string& s) { return s.empty() ? nlohmann::json(nullptr) : nlohmann::json(s); };
+    auto str = [](const std::string& s) {
+      return s.empty() ? nlohmann::json(nullptr) : nlohmann::json(s);
+    };
     nlohmann::json j = {
         {"time", isoTime(r.time_ms)},
         {"level", failed ? "error" : "info"},
@@ -86,8 +88,8 @@ std::string formatAccessLog(const AccessLogRecord& r, AccessLogFormat format) {
   }
   // Istio ztunnel's text layout: time, level, target and message separated by tabs, then the
   // fields; strings quoted, addresses and numbers bare, absent fields left out.
-  std::string out = fmt::format("{}\t{}\taccess\tconnection complete\tconn_id={}", isoTime(r.time_ms),
-                                failed ? "error" : "info", r.connection_id);
+  std::string out = fmt::format("{}\t{}\taccess\tconnection complete\tconn_id={}",
+                                isoTime(r.time_ms), failed ? "error" : "info", r.connection_id);
   auto field = [&out](const char* key, const std::string& v, bool quote) {
     if (v.empty()) return;
     out += ' ';

@@ -71,8 +71,10 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
   peer.source = c->source;
   Verdict verdict = authorizeInbound(proxy, dst, peer, *local);
   if (!verdict.allowed) {
-    c->refuseWith("DENY", std::string("denied by authorization policy: ") + verdictReasonName(verdict.reason) +
-              (verdict.decided_by.policy.empty() ? "" : " " + verdict.decided_by.policy));
+    c->refuseWith("DENY", std::string("denied by authorization policy: ") +
+                              verdictReasonName(verdict.reason) +
+                              (verdict.decided_by.policy.empty() ? ""
+                                                                 : " " + verdict.decided_by.policy));
     return;
   }
   c->destination = *local;

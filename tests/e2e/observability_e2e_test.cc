@@ -574,7 +574,8 @@ TEST_F(ObservabilityE2E, AdminOutputsHoldNoKeyMaterial) {
   }
   // Workload keys live only in the ztunnels' memory: no file of the sim holds any other key.
   std::vector<std::string> keyFiles;
-  for (auto& e : fs::recursive_directory_iterator(simDir, fs::directory_options::skip_permission_denied)) {
+  for (auto& e :
+       fs::recursive_directory_iterator(simDir, fs::directory_options::skip_permission_denied)) {
     if (!e.is_regular_file() || e.file_size() > (8u << 20)) continue;
     if (readFrom(e.path(), 0).find("PRIVATE KEY") != std::string::npos)
       keyFiles.push_back(e.path());

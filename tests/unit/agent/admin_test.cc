@@ -119,8 +119,10 @@ TEST(KernelFeatures, ProbesThisKernel) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root: libbpf's probes load programs and maps";
   std::string cg;
   std::ifstream mounts("/proc/mounts");
-  for (std::string dev, mnt, type, rest; mounts >> dev >> mnt >> type && std::getline(mounts, rest);)
+  for (std::string dev, mnt, type, rest;
+       mounts >> dev >> mnt >> type && std::getline(mounts, rest);) {
     if (type == "cgroup2") cg = mnt;
+  }
   ASSERT_FALSE(cg.empty()) << "no cgroup2 mount";
   KernelFeatures k = probeKernelFeatures(cg, "/tmp");
   EXPECT_FALSE(k.kernel_release.empty());
@@ -135,7 +137,8 @@ TEST(KernelFeatures, ProbesThisKernel) {
   EXPECT_EQ(k.missing(), std::vector<std::string>{"bpffs"});
   KernelFeatures bad = probeKernelFeatures("/tmp", "");
   for (const KernelFeature& f : bad.features) {
-    if (f.name == "cgroup2") EXPECT_NE(f.detail.find("is not a cgroup v2 mount"), std::string::npos);
+    if (f.name == "cgroup2")
+      EXPECT_NE(f.detail.find("is not a cgroup v2 mount"), std::string::npos) << f.detail;
     if (f.name == "bpffs") EXPECT_EQ(f.detail, "no path configured");
   }
 }
