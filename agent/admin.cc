@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "agent/cluster_sync.h"
+#include "common/log.h"
 #include "weft/version.h"
 
 namespace weft::agent {
@@ -49,7 +50,42 @@ json status(const AdminSources& s) {
   j["config_errors"] = s.manifests ? s.manifests->errors().size() : 0;
   j["config_rejections"] = s.manifests ? s.manifests->rejections() : 0;
   j["bpf_pin_dir"] = s.bpf_pin_dir;
-  j["kernel"] = s.kernel_features ? s.kernel_features() : json(nullptr);
+  j["enrolled_pods"] = s.enrollment->enrolledCount();
+  j["log_level"] = spdlog::level::to_string_view(spdlog::get_level()).data();
+  if (s.kernel_features) {
+    json features = json::array();
+    for (const KernelFeature& f : s.kernel_features->features)
+      features.push_back({{"name", f.name}, {"available", f.available},
+                          {"used_for", f.used_for}, {"detail", f.detail}});
+    j["kernel"] = {{"release", s.kernel_features->kernel_release},
+                   {"features", features},
+                   {"missing", s.kernel_features->missing()}};
+  } else {
+    j["kernel"] = nullptr;
+  }
+  // Certificate health as the agent (the CA) sees it: the CA in force and what it signed.
+  // Workload certificates themselves live in the ztunnel (its /config_dump).
+  if (s.ca_stats) {
+    CaStats ca = s.ca_stats();
+    std::string health = !ca.last_reload_error.empty() ? "ca_reload_failing"
+                         : ns.certificate_errors > 0   ? "requests_refused"
+                                                       : "ok";
+    j["certificates"] = {{"health", health},
+                         {"ca_source", ca.source},
+                         {"ca_file_backed", ca.file_backed},
+                         {"ca_subject", ca.ca_subject},
+                         {"ca_not_after", ca.ca_not_after},
+                         {"issued", ca.issued},
+                         {"sign_errors", ca.sign_errors},
+                         {"refused_identities", ca.refused_identities},
+                         {"requests", ns.certificate_requests},
+                         {"request_errors", ns.certificate_errors},
+                         {"reloads", ca.reloads},
+                         {"reload_errors", ca.reload_errors},
+                         {"last_reload_error", ca.last_reload_error}};
+  } else {
+    j["certificates"] = nullptr;
+  }
   return j;
 }
 
@@ -177,8 +213,21 @@ json authorizationPolicies(const AdminSources& s) {
 }  // namespace
 
 HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
+  // The one writable endpoint: the log level, changed at run time like the ztunnel's.
+  if (req.path == "/logging") {
+    std::string current = spdlog::level::to_string_view(spdlog::get_level()).data();
+    if (req.method == "GET") return jsonResponse({{"level", current}});
+    if (req.method != "POST" && req.method != "PUT")
+      return jsonResponse({{"error", "GET /logging or POST /logging?level=L"}}, 405);
+    std::string prefix = "level=";
+    if (req.query.rfind(prefix, 0) != 0 || !setLogLevel(req.query.substr(prefix.size())))
+      return jsonResponse({{"error", "want level=trace|debug|info|warn|error"}}, 400);
+    spdlog::info("log level {} (was {})", req.query.substr(prefix.size()), current);
+    return jsonResponse({{"level", req.query.substr(prefix.size())}});
+  }
   if (req.method != "GET")
-    return jsonResponse({{"error", "method not allowed; the admin API is read-only"}}, 405);
+    return jsonResponse(
+        {{"error", "method not allowed; the admin API is read-only but for POST /logging"}}, 405);
   if (req.path == "/healthz") return jsonResponse({{"ok", true}});
   if (req.path == "/status") return jsonResponse(status(s));
   if (req.path == "/workloads") return jsonResponse(workloads(s));
@@ -194,7 +243,8 @@ HttpResponse handleAdminRequest(const AdminSources& s, const HttpRequest& req) {
   }
   return jsonResponse({{"error", "not found"},
                        {"paths", {"/status", "/workloads", "/services", "/peer-authentications",
-                                  "/authorization-policies", "/config-errors", "/healthz"}}},
+                                  "/authorization-policies", "/config-errors", "/healthz",
+                                  "/logging"}}},
                       404);
 }
 

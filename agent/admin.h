@@ -1,12 +1,12 @@
 // The agent's admin API (JSON over HTTP on --admin-socket): status, workloads, services,
-// current config errors, health.
+// current config errors, health, and the log level (GET/POST /logging).
 #pragma once
 
 #include <functional>
-
-#include <nlohmann/json.hpp>
 #include <string>
 
+#include "agent/bpf/kernel_features.h"
+#include "agent/ca.h"
 #include "agent/enrollment.h"
 #include "agent/manifests.h"
 #include "agent/node_server.h"
@@ -21,9 +21,10 @@ struct AdminSources {
   std::function<NodeServerStats()> node_stats;  // empty while the server is not up
   std::function<bool()> dataplane_adopted;
   std::function<uint64_t()> cni_requests;
-  // For weftctl: where the BPF objects are pinned, and what the kernel offers (/status).
+  // For weftctl: where the BPF objects are pinned (/status).
   std::string bpf_pin_dir;
-  std::function<nlohmann::json()> kernel_features;
+  const KernelFeatures* kernel_features = nullptr;  // probed at start; null = not probed
+  std::function<CaStats()> ca_stats;                // empty while the CA is not up
 };
 
 // Routes one request. Pure over the sources: the HTTP server calls it, tests call it directly.

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include <CLI/CLI.hpp>
+#include <fmt/ranges.h>
 
 #include <cerrno>
 #include <filesystem>
@@ -12,7 +13,7 @@
 #include <sstream>
 
 #include "agent/admin.h"
-#include "agent/kernel_features.h"
+#include "agent/bpf/kernel_features.h"
 #include "agent/ca.h"
 #include "agent/bpf/dataplane.h"
 #include "agent/cni_server.h"
@@ -151,6 +152,11 @@ int run(const Flags& flags) {
   spdlog::info("dataplane {} (pins {}, cgroup root {})",
                dataplane.value()->info().adopted ? "adopted from pins" : "loaded", pin_dir,
                cgroup_root.value());
+  // What the kernel offers, once, for /status (after the load: a failing probe explains a
+  // failing load only when the load got that far, which the error above already names).
+  const KernelFeatures kernel_features = probeKernelFeatures(cgroup_root.value(), pin_dir);
+  if (auto missing = kernel_features.missing(); !missing.empty())
+    spdlog::warn("kernel {}: missing {}", kernel_features.kernel_release, fmt::join(missing, ", "));
   if (Status s = dataplane.value()->setInboundBypass(probe_sources); !s) {
     spdlog::error("inbound bypass sources: {}", s.message());
     return 1;
@@ -279,7 +285,8 @@ int run(const Flags& flags) {
       sources.dataplane_adopted = [adopted] { return adopted; };
       sources.cni_requests = [&] { return cni_server->requests(); };
       sources.bpf_pin_dir = pin_dir;
-      sources.kernel_features = [] { return kernelFeatures(); };
+      sources.kernel_features = &kernel_features;
+      sources.ca_stats = [&] { return ca->stats(); };
       auto admin = HttpAdminServer::listenUnix(
           &loop, flags.admin_socket,
           [sources](const HttpRequest& r) { return handleAdminRequest(sources, r); });

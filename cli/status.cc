@@ -57,8 +57,12 @@ std::string renderStatus(const json& s) {
   std::string feats = "-";
   if (k.is_object() && k.contains("features")) {
     feats.clear();
-    for (const auto& [name, ok] : k["features"].items())
-      feats += (feats.empty() ? "" : " ") + name + (ok.get<bool>() ? "" : "(MISSING)");
+    // [{name, available, used_for, detail}] as the agent probed them.
+    for (const json& f : k["features"]) {
+      if (!f.is_object()) continue;
+      feats += (feats.empty() ? "" : " ") + f.value("name", std::string("?")) +
+               (f.value("available", false) ? "" : "(MISSING)");
+    }
   }
   t.add({"kernel", k.is_object() && k.contains("missing") && k["missing"].empty() ? "ok" : "check",
          fmt::format("{}: {}", cellOf(k, "release"), feats)});

@@ -112,6 +112,7 @@ nlohmann::json Ztunnel::configDump() const {
     }
   }
   return {{"node_config", node},
+          {"access_log", accessLogJson()},
           {"certificates", certificates},
           {"mtls", mesh_tls_ ? mesh_tls_->toJson() : nlohmann::json(nullptr)},
           {"ready", ready_},
@@ -126,6 +127,21 @@ nlohmann::json Ztunnel::configDump() const {
 }
 
 HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
+  if (req.path == "/access_log") {
+    // GET: sink, format and counts; POST ?format=text|json switches the format at run time.
+    if (req.method == "GET") return json(200, accessLogJson());
+    if (req.method != "POST" && req.method != "PUT")
+      return error(405, "GET /access_log or POST /access_log?format=text|json");
+    std::string prefix = "format=";
+    auto f = req.query.rfind(prefix, 0) == 0
+                 ? parseAccessLogFormat(req.query.substr(prefix.size()))
+                 : std::nullopt;
+    if (!f) return error(400, "want format=text|json");
+    if (!access_log_) return error(409, "the access log is off (--access-log)");
+    access_log_->setFormat(*f);
+    spdlog::info("access log format: {}", accessLogFormatName(*f));
+    return json(200, accessLogJson());
+  }
   if (req.path == "/logging") {
     if (req.method == "GET") {
       auto level = spdlog::level::to_string_view(spdlog::get_level());
@@ -182,7 +198,8 @@ HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
                        {"GET /config_dump", "GET /connections", "GET /stats",
                         "GET /verdicts?since=SEQ&limit=N", "POST /logging?level=L",
                         "GET /events?pod=&namespace=&verdict=&kind=",
-                        "GET /trace?src=NS/POD&dst=ADDR[:PORT]"}}});
+                        "GET /trace?src=NS/POD&dst=ADDR[:PORT]", "GET /logging",
+                        "GET /access_log", "POST /access_log?format=text|json"}}});
   }
   return error(404, "no such endpoint: " + req.path);
 }
@@ -195,7 +212,8 @@ HttpResponse Ztunnel::handleMetrics(const HttpRequest& req) {
   return HttpResponse{200, "text/plain; version=0.0.4",
                       proxy_.renderTcpMetrics() + proxy_.stats().renderPrometheus() +
                           proxy_.verdicts().renderPrometheus() +
-                          (mesh_tls_ ? mesh_tls_->renderRefusals() : std::string())};
+                          (mesh_tls_ ? mesh_tls_->renderRefusals() : std::string()) +
+                          renderWeftMetrics()};
 }
 
 HttpResponse Ztunnel::handleReadiness(const HttpRequest& req) {

@@ -2,7 +2,10 @@
 #include "ztunnel/connection.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
+
+#include <chrono>
 
 #include "ztunnel/proxy.h"
 
@@ -17,7 +20,10 @@ ProxyConnection::ProxyConnection(Proxy* proxy, ConnectionDirection dir)
   proxy_->track(this);
 }
 
-ProxyConnection::~ProxyConnection() { proxy_->untrack(this); }
+ProxyConnection::~ProxyConnection() {
+  if (accepted_) proxy_->connectionEnded(*this);
+  proxy_->untrack(this);
+}
 
 ProxyConnection* ProxyConnection::accept(Proxy* proxy, uv_stream_t* listener,
                                          ConnectionDirection dir) {
@@ -42,11 +48,15 @@ ProxyConnection* ProxyConnection::accept(Proxy* proxy, uv_stream_t* listener,
     return nullptr;
   }
   c->down_fd_ = fd;
+  c->accepted_ = true;
+  c->id = proxy->nextConnectionId();
   return c;
 }
 
 ProxyConnection* ProxyConnection::forInboundTunnel(Proxy* proxy, hbone::TunnelWatchPtr* watch) {
   auto* c = new ProxyConnection(proxy, ConnectionDirection::kInbound);
+  c->accepted_ = true;
+  c->id = proxy->nextConnectionId();
   c->tunnel_ = true;
   c->tunnel_answered_ = true;  // the answer is ours to give; only the tunnel's life matters
   c->path = "hbone";
@@ -131,6 +141,14 @@ void ProxyConnection::onTunnelAnswer(int status, const Status& err) {
   } else {
     if (status > 0) proxy_->stats().hbone_connect_refused_total++;
     else proxy_->stats().upstream_connect_failures_total++;
+    // 401 = the destination's policy denied it; anything else: it could not be reached.
+    failure_flag = status == 401 ? "DENY" : "CONNECT";
+    noteError(status > 0 ? fmt::format("HBONE CONNECT answered {}{}", status,
+                                       status == 401   ? " (denied by the destination's policy)"
+                                       : status == 503 ? " (upstream connect failed)"
+                                       : status == 400 ? " (malformed or wrong destination)"
+                                                       : "")
+                         : "HBONE: " + err.message());
     spdlog::debug("outbound {} -> {} over HBONE: {}", source.toString(), destination.toString(),
                   err.message());
     closeAll(true, true);  // the last descriptor of the client socket: RST
@@ -146,7 +164,10 @@ void ProxyConnection::onTunnelAttached() {
 }
 
 void ProxyConnection::onTunnelEnd() {
-  if (watch_ && watch_->reset && opened_) proxy_->stats().relay_errors_total++;
+  if (watch_ && watch_->reset && opened_) {
+    proxy_->stats().relay_errors_total++;
+    noteError("tunnel reset");
+  }
   if (direction_ == ConnectionDirection::kInbound && !opened_) {
     spdlog::debug("inbound HBONE {} -> {}: no tunnel", source.toString(),
                   destination.toString());
@@ -223,6 +244,7 @@ void ProxyConnection::onConnect(uv_connect_t* req, int status) {
 void ProxyConnection::onRelayDone(const RelayOutcome& o) {
   proxy_->tcpMetrics().closed(labels, o.b_to_a, o.a_to_b);
   if (!o.clean) {
+    noteError(o.error.empty() ? std::string("relay error") : o.error);
     proxy_->stats().relay_errors_total++;
     spdlog::debug("{} {} -> {}: {}", directionName(direction_), source.toString(),
                   destination.toString(), o.error);
@@ -244,13 +266,20 @@ void ProxyConnection::reportConnect(bool ok) {
   }
 }
 
+void ProxyConnection::refuseWith(const char* flag, const std::string& why) {
+  if (failure_flag.empty()) failure_flag = flag;
+  refuse(why);
+}
+
 void ProxyConnection::refuse(const std::string& why) {
+  noteError(why);
   spdlog::debug("{} {} -> {}: closed: {}", directionName(direction_), source.toString(),
                 destination.toString(), why);
   closeAll(true, true);
 }
 
 void ProxyConnection::abort(const std::string& why) {
+  noteError(why);
   if (tunnel_ && watch_ && watch_->abort) {
     auto cut = watch_->abort;  // may end the tunnel and delete this right here
     cut();
@@ -276,6 +305,46 @@ void ProxyConnection::closeAll(bool reset_down, bool reset_up) {
     closeStream(reinterpret_cast<uv_stream_t*>(&down_), reset_down, this, onHandleClosed);
   }
   if (up_init_) closeStream(reinterpret_cast<uv_stream_t*>(&up_), reset_up, this, onHandleClosed);
+}
+
+std::string ProxyConnection::sourceIdentity() const {
+  return labels.connection_security_policy == "mutual_tls" ? labels.source_principal : "";
+}
+
+std::string ProxyConnection::destinationIdentity() const {
+  return labels.connection_security_policy == "mutual_tls" ? labels.destination_principal : "";
+}
+
+AccessLogRecord ProxyConnection::accessLogRecord() const {
+  AccessLogRecord r;
+  r.time_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                  std::chrono::system_clock::now().time_since_epoch())
+                  .count();
+  r.connection_id = id;
+  r.direction = directionName(direction_);
+  r.path = path;
+  r.src_addr = source;
+  r.src_workload = labels.source_workload;
+  r.src_namespace = labels.source_workload_namespace;
+  r.src_identity = sourceIdentity();
+  if (path == "hbone") {
+    r.dst_addr = hbone_address;
+    r.dst_hbone_addr = upstream.family() ? upstream : destination;
+  } else {
+    r.dst_addr = upstream.family() ? upstream : destination;
+  }
+  r.dst_service = labels.destination_service;
+  r.dst_workload = labels.destination_workload;
+  r.dst_namespace = labels.destination_workload_namespace;
+  r.dst_identity = destinationIdentity();
+  // Istio's access-log sense: outbound counts toward the destination, inbound toward the
+  // source (the metrics' received = source -> destination for both reporters).
+  bool outbound = direction_ == ConnectionDirection::kOutbound;
+  r.bytes_sent = outbound ? bytesReceived() : bytesSent();
+  r.bytes_recv = outbound ? bytesSent() : bytesReceived();
+  r.duration_ms = uv_now(proxy_->loop()) - started_ms_;
+  r.error = error_;
+  return r;
 }
 
 void ProxyConnection::onHandleClosed(uv_handle_t* h) {

@@ -11,6 +11,7 @@
 #include "common/address.h"
 #include "common/fd.h"
 #include "common/status.h"
+#include "ztunnel/access_log.h"
 #include "ztunnel/balancer.h"
 #include "ztunnel/hbone/client.h"
 #include "ztunnel/hbone/session.h"
@@ -45,6 +46,11 @@ class ProxyConnection {
   std::string route;            // route kind / reason, for /connections
   std::string path = "plain";   // "plain" or "hbone"
   std::string peer_identity;    // the other side's SPIFFE ID (HBONE)
+  uint64_t id = 0;              // per proxy, increasing: /connections and the access log
+  SocketAddress hbone_address;  // HBONE: the L4 address of the tunnel (pod IP:15008)
+  // Why a connection that never got established failed (Istio's response_flags: DENY,
+  // CONNECT, IDENTITY_ERROR); empty = CONNECT.
+  std::string failure_flag;
 
   // Connects `sock` (created and marked by the caller, in the right netns) to `upstream`,
   // then relays. Failures are counted and close the client with a reset.
@@ -60,6 +66,8 @@ class ProxyConnection {
   bool closing() const { return state_ == State::kClosing; }
   // Closes the client (reset: RST) without an upstream: a refused or failed decision.
   void refuse(const std::string& why);
+  // refuse() with Istio's response flag for the failure (see failure_flag).
+  void refuseWith(const char* flag, const std::string& why);
   // Cuts the connection now, both sides reset (drain timeout).
   void abort(const std::string& why);
 
@@ -70,6 +78,13 @@ class ProxyConnection {
   uint64_t bytesReceived() const;
   uint64_t bytesSent() const;
   bool counted() const { return opened_; }
+  // What went wrong, if anything (the first reason given); empty = clean so far.
+  const std::string& error() const { return error_; }
+  // The SPIFFE IDs of each end when the connection is mTLS (HBONE); empty otherwise.
+  std::string sourceIdentity() const;
+  std::string destinationIdentity() const;
+  // The access-log line's fields as of now.
+  AccessLogRecord accessLogRecord() const;
 
  private:
   ProxyConnection(Proxy* proxy, ConnectionDirection dir);
@@ -86,6 +101,9 @@ class ProxyConnection {
   void maybeReleaseTunnel();
   // Reports the upstream connect's outcome to the balancer (once; no-op without a lease).
   void reportConnect(bool ok);
+  void noteError(const std::string& why) {
+    if (error_.empty()) error_ = why;
+  }
 
   Proxy* proxy_;
   ConnectionDirection direction_;
@@ -108,6 +126,8 @@ class ProxyConnection {
   bool tunnel_ok_ = false;        // answered 200
   bool tunnel_released_ = false;
   bool down_open_ = false;        // down_ is an initialised handle not yet closed
+  bool accepted_ = false;         // a real connection: logged and counted when it ends
+  std::string error_;
 };
 
 }  // namespace weft::ztunnel

@@ -567,6 +567,7 @@ void PodDnsServer::forwardUdp(UdpSocket& sock, const dns::Query& q, std::span<co
           server->sendUdp(*self->sock, self->client,
                           std::vector<uint8_t>(answer.begin(), answer.end()));
         }
+        stats.dns_upstream_answers_total++;
         server->finishForward(self);
       });
   if (rc != 0) return fail(uv_strerror(rc));
@@ -792,6 +793,7 @@ void PodDnsServer::TcpSession::onUpstreamData(std::span<const uint8_t> data) {
     upstream_in.erase(upstream_in.begin(), upstream_in.begin() + 2 + static_cast<long>(len));
     auto hdr = dns::parseResponseHeader(answer);
     if (!hdr || hdr->id != waiting->id) continue;  // not the answer to this query
+    server->proxy_.stats().dns_upstream_answers_total++;
     writeAnswer(answer);
     waiting.reset();
     process();  // may end the session

@@ -7,6 +7,7 @@
 #include "ztunnel/connection.h"
 #include "ztunnel/inbound_policy.h"
 #include "ztunnel/sockets.h"
+#include "ztunnel/traffic_labels.h"
 
 namespace weft::ztunnel {
 
@@ -19,13 +20,10 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
   if (auto peer = peerAddress(fd)) c->source = *peer;
   const WorkloadInfo& dst = *pod->info;
   c->labels.reporter = "destination";
-  c->labels.destination_workload = dst.name;
-  c->labels.destination_workload_namespace = dst.namespace_;
+  setDestinationLabels(c->labels, dst, proxy.trustDomain());
   if (proxy.state()) {
-    if (WorkloadInfoPtr src = proxy.state()->workloadByIp(c->source.ip())) {
-      c->labels.source_workload = src->name;
-      c->labels.source_workload_namespace = src->namespace_;
-    }
+    if (WorkloadInfoPtr src = proxy.state()->workloadByIp(c->source.ip()))
+      setSourceLabels(c->labels, *src);
   }
 
   // STRICT peer authentication: only HBONE (mTLS) may reach this pod. The cluster state has the
@@ -35,7 +33,7 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
     proxy.stats().plaintext_refused_total++;
     spdlog::info("inbound plaintext from {} to {}/{} refused: STRICT mTLS", c->source.toString(),
                  dst.namespace_, dst.name);
-    c->refuse("plaintext refused: STRICT peer authentication");
+    c->refuseWith("DENY", "plaintext refused: STRICT peer authentication");
     return;
   }
 
@@ -73,8 +71,10 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
   peer.source = c->source;
   Verdict verdict = authorizeInbound(proxy, dst, peer, *local);
   if (!verdict.allowed) {
-    c->refuse(std::string("denied by authorization policy: ") + verdictReasonName(verdict.reason) +
-              (verdict.decided_by.policy.empty() ? "" : " " + verdict.decided_by.policy));
+    c->refuseWith("DENY", std::string("denied by authorization policy: ") +
+                              verdictReasonName(verdict.reason) +
+                              (verdict.decided_by.policy.empty() ? ""
+                                                                 : " " + verdict.decided_by.policy));
     return;
   }
   c->destination = *local;

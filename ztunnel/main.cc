@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   std::string agent_socket, admin = "127.0.0.1:15000", metrics = "0.0.0.0:15020",
                             readiness = "0.0.0.0:15021", log_level = "info";
   bool log_json = false;
+  std::string access_log = "off", access_log_format = "text";
   double drain_timeout = 5.0;
   double cert_wait = 5.0;
   app.add_option("--agent-socket", agent_socket, "the agent's node-protocol socket")->required();
@@ -49,6 +50,12 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 300.0));
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   app.add_flag("--log-json", log_json, "log JSON lines");
+  app.add_option("--access-log", access_log,
+                 "one line per connection when it ends: off, stderr or a file (appended)")
+      ->capture_default_str();
+  app.add_option("--access-log-format", access_log_format, "text|json")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"text", "json"}));
   app.set_version_flag("--version", WEFT_VERSION);
   CLI11_PARSE(app, argc, argv);
 
@@ -76,6 +83,8 @@ int main(int argc, char** argv) {
   opts.readiness_addr = parseAddr("--readiness-addr", readiness);
   opts.drain_timeout_ms = static_cast<uint64_t>(drain_timeout * 1000);
   opts.cert_wait_ms = static_cast<uint64_t>(cert_wait * 1000);
+  opts.access_log.sink = access_log;
+  opts.access_log.format = *weft::ztunnel::parseAccessLogFormat(access_log_format);
 
   uv_loop_t* loop = uv_default_loop();
   int exit_code = 0;

@@ -4,9 +4,12 @@
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
 
+#include <chrono>
+
 #include "ztunnel/connection.h"
 #include "ztunnel/inbound_policy.h"
 #include "ztunnel/sockets.h"
+#include "ztunnel/traffic_labels.h"
 
 namespace weft::ztunnel {
 
@@ -79,23 +82,28 @@ void MeshTls::outbound(ProxyConnection* c, const LocalPodPtr& src, const Route& 
                                            : Result<Identity>(Status::error("no workload"));
   if (!src_id || !dst_id) {
     proxy_.stats().route_refused_total++;
-    c->refuse("no SPIFFE identity: " +
+    c->refuseWith("IDENTITY_ERROR", "no SPIFFE identity: " +
               (src_id ? dst_id.status().message() : src_id.status().message()));
     return;
   }
   c->peer_identity = dst_id->toString();
+  // Over mTLS both ends are known: ours by the certificate we present, theirs by the SAN the
+  // handshake requires.
+  c->labels.source_principal = src_id->toString();
+  c->labels.destination_principal = dst_id->toString();
+  c->hbone_address = SocketAddress(route.next_hop.ip(), kHbonePort);
   auto go = [this, c, src, route, dst = dst_id->toString()](CertificatePtr cert) {
     c->setPendingCancel(nullptr);
     if (!cert) {
       proxy_.stats().cert_wait_timeouts_total++;
-      c->refuse("no certificate for the source identity within the wait");
+      c->refuseWith("IDENTITY_ERROR", "no certificate for the source identity within the wait");
       return;
     }
     auto ctx = contextFor(cert, hbone::TlsRole::kClient);
     if (!ctx) {
       proxy_.stats().upstream_socket_failures_total++;
       spdlog::warn("outbound HBONE: {}", ctx.status().message());
-      c->refuse(ctx.status().message());
+      c->refuseWith("TLS_FAILURE", ctx.status().message());
       return;
     }
     hbone::OutboundConnect req;
@@ -207,20 +215,57 @@ hbone::InboundDecision MeshTls::decideInbound(const Identity& id,
   hbone::InboundDecision d;
   LocalPodPtr pod = lookup_ ? lookup_(req.target.ip()) : nullptr;
   auto pod_id = pod ? identityOf(*pod->info) : Result<Identity>(Status::error("no pod"));
+  // Istio's labels for this stream, also for the access-log line of a refusal.
+  TcpLabels labels;
+  labels.reporter = "destination";
+  labels.connection_security_policy = "mutual_tls";
+  labels.source_principal = req.peerIdentity;
+  if (proxy_.state()) {
+    if (WorkloadInfoPtr src = proxy_.state()->workloadByIp(req.peer.ip()))
+      setSourceLabels(labels, *src);
+  }
+  auto refused = [&](const char* flag, const std::string& why) {
+    TcpLabels l = labels;
+    l.response_flags = flag;
+    AccessLogRecord r;
+    r.time_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count();
+    r.direction = "inbound";
+    r.path = "hbone";
+    r.src_addr = req.peer;
+    r.src_workload = l.source_workload;
+    r.src_namespace = l.source_workload_namespace;
+    r.src_identity = l.source_principal;
+    r.dst_addr = SocketAddress(req.target.ip(), kHbonePort);
+    r.dst_hbone_addr = req.target;
+    r.dst_workload = l.destination_workload;
+    r.dst_namespace = l.destination_workload_namespace;
+    r.dst_identity = l.destination_principal;
+    r.error = why;
+    proxy_.inboundStreamRefused(l, std::move(r));
+  };
   if (!pod || !pod_id || !(pod_id.value() == id)) {
     // Not a pod of this node with the identity this connection presented.
     proxy_.stats().inbound_wrong_destination_total++;
     d.verdict = hbone::InboundDecision::Verdict::kMalformed;
+    refused("CONNECT", "HBONE CONNECT to " + req.target.toString() +
+                           ": not a local pod with the identity this connection was served for");
     return d;
   }
+  setDestinationLabels(labels, *pod->info, trust_domain_);
   // Authorization, before anything is set up for the stream: denied = 401.
   InboundPeer peer;
   peer.path = "hbone";
   peer.source = req.peer;
   if (auto fwd = forwardedFor(req.headers)) peer.remote_ip = *fwd;
   peer.principal = req.peerIdentity;
-  if (!authorizeInbound(proxy_, *pod->info, peer, req.target).allowed) {
+  Verdict verdict = authorizeInbound(proxy_, *pod->info, peer, req.target);
+  if (!verdict.allowed) {
     d.verdict = hbone::InboundDecision::Verdict::kDeny;
+    refused("DENY", std::string("denied by authorization policy: ") +
+                        verdictReasonName(verdict.reason) +
+                        (verdict.decided_by.policy.empty() ? "" : " " + verdict.decided_by.policy));
     return d;
   }
   proxy_.stats().hbone_inbound_streams_total++;
@@ -230,16 +275,8 @@ hbone::InboundDecision MeshTls::decideInbound(const Identity& id,
   c->upstream = req.target;
   c->route = "inbound hbone";
   c->peer_identity = req.peerIdentity;
-  const WorkloadInfo& dst = *pod->info;
-  c->labels.reporter = "destination";
-  c->labels.destination_workload = dst.name;
-  c->labels.destination_workload_namespace = dst.namespace_;
-  if (proxy_.state()) {
-    if (WorkloadInfoPtr src = proxy_.state()->workloadByIp(req.peer.ip())) {
-      c->labels.source_workload = src->name;
-      c->labels.source_workload_namespace = src->namespace_;
-    }
-  }
+  c->labels = labels;
+  c->hbone_address = SocketAddress(req.target.ip(), kHbonePort);
   d.verdict = hbone::InboundDecision::Verdict::kAllow;
   d.makeSocket = [pod](const SocketAddress& target) -> Result<UniqueFd> {
     auto sock = markedTcpSocket(pod->netns.get(), target.family());

@@ -7,6 +7,7 @@
 #include "ztunnel/mesh_tls.h"
 #include "ztunnel/route.h"
 #include "ztunnel/sockets.h"
+#include "ztunnel/traffic_labels.h"
 
 namespace weft::ztunnel {
 
@@ -19,9 +20,14 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
   auto local = localAddress(fd);
   int family = local ? local->family() : AF_INET;
   const WorkloadInfo& src = *pod->info;
+  // The app reached us on the pod's loopback, so its socket's address is loopback too; who it
+  // is to everyone else (logs, /connections, metrics) is the pod's own address, same port.
+  if (c->source.family() && c->source.ip().isLoopback()) {
+    if (const IpAddr* ip = src.ipOfFamily(c->source.family()))
+      c->source = SocketAddress(*ip, c->source.port());
+  }
   c->labels.reporter = "source";
-  c->labels.source_workload = src.name;
-  c->labels.source_workload_namespace = src.namespace_;
+  setSourceLabels(c->labels, src);
 
   auto orig = proxy.destinationHook() ? proxy.destinationHook()(fd, false)
                                       : originalDestination(fd, family);
@@ -38,12 +44,10 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
   const ClusterState& state = proxy.state() ? *proxy.state() : kEmpty;
   Route route = decideOutbound(*orig, &src, state, proxy.balancer());
   c->route = std::string(routeKindName(route.kind)) + ": " + route.reason;
-  if (route.destination_workload) {
-    c->labels.destination_workload = route.destination_workload->name;
-    c->labels.destination_workload_namespace = route.destination_workload->namespace_;
-  }
+  if (route.destination_workload)
+    setDestinationLabels(c->labels, *route.destination_workload, proxy.trustDomain());
   if (route.destination_service)
-    c->labels.destination_service = route.destination_service->hostname(proxy.clusterDomain());
+    setServiceLabels(c->labels, *route.destination_service, proxy.clusterDomain());
   if (route.kind == RouteKind::kRefused) {
     if (route.no_endpoints) proxy.stats().no_endpoint_total++;
     else proxy.stats().route_refused_total++;

@@ -66,6 +66,7 @@ nlohmann::json Proxy::connectionsJson() const {
   uint64_t now = uv_now(loop_);
   for (const ProxyConnection* c : connections_) {
     out.push_back({
+        {"id", c->id},
         {"direction", directionName(c->direction())},
         {"state", c->stateName()},
         {"src", c->source.toString()},
@@ -74,6 +75,8 @@ nlohmann::json Proxy::connectionsJson() const {
         {"route", c->route},
         {"path", c->path},
         {"peer_identity", c->peer_identity},
+        {"source_identity", c->sourceIdentity()},
+        {"destination_identity", c->destinationIdentity()},
         {"source_workload", c->labels.source_workload_namespace.empty()
                                 ? ""
                                 : c->labels.source_workload_namespace + "/" +
@@ -99,7 +102,29 @@ std::string Proxy::renderTcpMetrics() const {
     s.sent_bytes += c->bytesSent();
     s.received_bytes += c->bytesReceived();
   }
-  return TcpMetrics::renderPrometheus(series);
+  return TcpMetrics::renderPrometheus(series, tcp_metrics_.failures());
+}
+
+void Proxy::connectionEnded(const ProxyConnection& c) {
+  bool failed = !c.counted();
+  if (failed) {
+    TcpLabels l = c.labels;
+    l.response_flags = c.failure_flag.empty() ? "CONNECT" : c.failure_flag;
+    tcp_metrics_.failed(l);
+  }
+  if (access_log_ == nullptr) return;
+  AccessLogRecord r = c.accessLogRecord();
+  if (failed && r.error.empty()) r.error = "connection not established";
+  if (failed) r.response_flags = c.failure_flag.empty() ? "CONNECT" : c.failure_flag;
+  access_log_->write(r);
+}
+
+void Proxy::inboundStreamRefused(const TcpLabels& labels, AccessLogRecord record) {
+  tcp_metrics_.failed(labels);
+  if (access_log_ == nullptr) return;
+  record.connection_id = nextConnectionId();
+  record.response_flags = labels.response_flags;
+  access_log_->write(record);
 }
 
 }  // namespace weft::ztunnel

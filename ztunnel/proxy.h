@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/fd.h"
+#include "ztunnel/access_log.h"
 #include "ztunnel/balancer.h"
 #include "ztunnel/cluster_state.h"
 #include "ztunnel/relay.h"
@@ -42,6 +43,12 @@ class Proxy {
   void setState(ClusterStatePtr s) { state_ = std::move(s); }
   const std::string& clusterDomain() const { return cluster_domain_; }
   void setClusterDomain(std::string d) { cluster_domain_ = std::move(d); }
+  const std::string& trustDomain() const { return trust_domain_; }
+  void setTrustDomain(std::string d) { trust_domain_ = std::move(d); }
+  // Where connections log when they end (null: no access log).
+  AccessLog* accessLog() const { return access_log_; }
+  void setAccessLog(AccessLog* log) { access_log_ = log; }
+  uint64_t nextConnectionId() { return ++last_connection_id_; }
   Balancer& balancer() { return balancer_; }
   const Balancer& balancer() const { return balancer_; }
   ZtunnelStats& stats() { return stats_; }
@@ -77,12 +84,21 @@ class Proxy {
   // Called by ProxyConnection.
   void track(ProxyConnection* c) { connections_.insert(c); }
   void untrack(ProxyConnection* c);
+  // A connection ended: its access-log line, and istio_tcp_connections_failed_total when it
+  // never got established.
+  void connectionEnded(const ProxyConnection& c);
+  // An inbound HBONE CONNECT refused before it became a connection (401 denied, 400): counted
+  // as failed and logged like a connection.
+  void inboundStreamRefused(const TcpLabels& labels, AccessLogRecord record);
 
  private:
   uv_loop_t* loop_;
   RelayOptions relay_options_;
   ClusterStatePtr state_;
   std::string cluster_domain_ = "cluster.local";
+  std::string trust_domain_ = "cluster.local";
+  AccessLog* access_log_ = nullptr;
+  uint64_t last_connection_id_ = 0;
   Balancer balancer_;
   ZtunnelStats stats_;
   TcpMetrics tcp_metrics_;

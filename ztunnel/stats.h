@@ -6,6 +6,8 @@
 #include <map>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -48,7 +50,11 @@ namespace weft::ztunnel {
   X(dns_malformed_total, "DNS messages dropped as malformed")                                 \
   X(dns_forward_failures_total, "DNS queries to forward that got no upstream answer")        \
   X(dns_truncated_total, "DNS answers sent over UDP with TC set because they did not fit")   \
-  X(dns_tcp_connections_total, "TCP connections accepted by the pods' DNS proxies")
+  X(dns_tcp_connections_total, "TCP connections accepted by the pods' DNS proxies")        \
+  X(dns_upstream_answers_total, "Forwarded DNS queries whose upstream answer was relayed")   \
+  X(access_log_lines_total, "Access-log lines written to the sink")                         \
+  X(access_log_dropped_total, "Access-log lines dropped: the sink was stuck or failing")    \
+  X(access_log_write_errors_total, "Access-log writes that failed")
 
 // Gauges (weft_ztunnel_<name>), filled in when rendered.
 #define WEFT_ZTUNNEL_GAUGES(X)                                             \
@@ -57,7 +63,8 @@ namespace weft::ztunnel {
   X(agent_connected, "1 while connected to the agent")                     \
   X(ready, "1 once a snapshot from the agent was applied")                 \
   X(draining, "1 while draining for shutdown")                             \
-  X(hbone_pool_connections, "Pooled outbound HBONE connections")
+  X(hbone_pool_connections, "Pooled outbound HBONE connections")         \
+  X(enrolled_pods, "Enrolled pods on this node the ztunnel serves (workloads with listeners)")
 
 struct ZtunnelStats {
 #define WEFT_DECLARE_STAT(name, help) uint64_t name = 0;
@@ -69,23 +76,52 @@ struct ZtunnelStats {
   nlohmann::json toJson() const;
 };
 
-// Istio's labels for TCP metrics (connection_security_policy is "none" until mTLS).
+// Istio's labels for TCP metrics, in the order and with the names of Istio's ztunnel
+// (src/proxy/metrics.rs CommonTrafficLabels). Empty values render as "unknown".
 struct TcpLabels {
   std::string reporter;  // "source" (outbound) or "destination" (inbound)
   std::string source_workload;
+  std::string source_canonical_service;
+  std::string source_canonical_revision;
   std::string source_workload_namespace;
+  std::string source_principal;  // the verified (mTLS) SPIFFE ID of the source
+  std::string source_app;
+  std::string source_version;
+  std::string source_cluster;
+  std::string destination_service;  // name.ns.svc.<cluster domain>
+  std::string destination_service_namespace;
+  std::string destination_service_name;
   std::string destination_workload;
+  std::string destination_canonical_service;
+  std::string destination_canonical_revision;
   std::string destination_workload_namespace;
-  std::string destination_service;
-  std::string connection_security_policy = "none";
+  std::string destination_principal;
+  std::string destination_app;
+  std::string destination_version;
+  std::string destination_cluster;
+  std::string request_protocol = "tcp";
+  std::string response_flags = "-";  // "-", or why it failed: DENY, CONNECT, IDENTITY_ERROR
+  std::string connection_security_policy = "none";  // "mutual_tls" over HBONE
 
   auto tie() const {
-    return std::tie(reporter, source_workload, source_workload_namespace, destination_workload,
-                    destination_workload_namespace, destination_service,
+    return std::tie(reporter, source_workload, source_canonical_service,
+                    source_canonical_revision, source_workload_namespace, source_principal,
+                    source_app, source_version, source_cluster, destination_service,
+                    destination_service_namespace, destination_service_name,
+                    destination_workload, destination_canonical_service,
+                    destination_canonical_revision, destination_workload_namespace,
+                    destination_principal, destination_app, destination_version,
+                    destination_cluster, request_protocol, response_flags,
                     connection_security_policy);
   }
   bool operator<(const TcpLabels& o) const { return tie() < o.tie(); }
+  // (name, value) pairs in Istio's order, empty values as "unknown".
+  std::vector<std::pair<std::string, std::string>> pairs() const;
 };
+
+// The cluster every workload is in: Weft knows one cluster, and this is the name Istio gives a
+// single cluster by default (so source_cluster/destination_cluster match Istio's dashboards).
+inline constexpr const char* kDefaultClusterName = "Kubernetes";
 
 struct TcpCounters {
   uint64_t opened = 0;
@@ -94,6 +130,9 @@ struct TcpCounters {
   uint64_t received_bytes = 0;  // source -> destination (the request direction)
 };
 
+// opened/closed/bytes count connections that were established (the upstream connect or the
+// HBONE CONNECT succeeded); `failed` counts the ones that never were, keyed by labels whose
+// response_flags says why (Istio's istio_tcp_connections_failed_total).
 class TcpMetrics {
  public:
   void opened(const TcpLabels& l) { series_[l].opened++; }
@@ -103,13 +142,18 @@ class TcpMetrics {
     c.sent_bytes += sent;
     c.received_bytes += received;
   }
+  void failed(const TcpLabels& l) { failures_[l]++; }
   const std::map<TcpLabels, TcpCounters>& series() const { return series_; }
+  const std::map<TcpLabels, uint64_t>& failures() const { return failures_; }
 
-  // Prometheus text of `series` (the closed totals plus what live connections moved so far).
-  static std::string renderPrometheus(const std::map<TcpLabels, TcpCounters>& series);
+  // Prometheus text of `series` (the closed totals plus what live connections moved so far)
+  // and of `failures`.
+  static std::string renderPrometheus(const std::map<TcpLabels, TcpCounters>& series,
+                                      const std::map<TcpLabels, uint64_t>& failures = {});
 
  private:
   std::map<TcpLabels, TcpCounters> series_;
+  std::map<TcpLabels, uint64_t> failures_;
 };
 
 }  // namespace weft::ztunnel

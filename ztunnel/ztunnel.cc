@@ -5,6 +5,8 @@
 
 #include "common/netns.h"
 #include "weft/version.h"
+#include "ztunnel/bpf_map_fill.h"
+#include "ztunnel/weft_metrics.h"
 
 namespace weft::ztunnel {
 
@@ -34,7 +36,11 @@ Ztunnel::Ztunnel(uv_loop_t* loop, ZtunnelOptions options)
   });
 }
 
-Ztunnel::~Ztunnel() { shutdown(); }
+Ztunnel::~Ztunnel() {
+  shutdown();
+  proxy_.setAccessLog(nullptr);
+  access_log_.reset();  // writes what is pending
+}
 
 Status Ztunnel::start() {
   auto serve = [this](const std::optional<SocketAddress>& addr, HttpAdminServerPtr* out,
@@ -47,6 +53,14 @@ Status Ztunnel::start() {
     spdlog::info("{} on {}", what, (*out)->boundAddress().toString());
     return Status::ok();
   };
+  auto log = AccessLog::open(loop_, options_.access_log);
+  if (!log) return log.status();
+  access_log_ = std::move(log.value());
+  proxy_.setAccessLog(access_log_.get());
+  if (access_log_) {
+    spdlog::info("access log: {} ({})", access_log_->sink(),
+                 accessLogFormatName(access_log_->format()));
+  }
   Status st = serve(options_.admin_addr, &admin_, &Ztunnel::handleAdmin, "admin");
   if (st) st = serve(options_.metrics_addr, &metrics_, &Ztunnel::handleMetrics, "metrics");
   if (st) st = serve(options_.readiness_addr, &readiness_, &Ztunnel::handleReadiness, "readiness");
@@ -129,6 +143,8 @@ Status Ztunnel::onNodeConfig(const node::v1::NodeConfig& config) {
   node_config_ = config;
   have_node_config_ = true;
   if (!config.cluster_domain().empty()) proxy_.setClusterDomain(config.cluster_domain());
+  proxy_.setTrustDomain(config.trust_domain().empty() ? "cluster.local"
+                                                       : config.trust_domain());
   if (mesh_tls_) {
     mesh_tls_->setTrustDomain(config.trust_domain().empty() ? "cluster.local"
                                                             : config.trust_domain());
@@ -198,6 +214,13 @@ Status Ztunnel::onSnapshotSent() {
 void Ztunnel::refreshGauges() {
   ZtunnelStats& s = proxy_.stats();
   s.workloads = workloads_.size();
+  s.enrolled_pods = workloads_.size();
+  if (access_log_) {
+    AccessLogStats a = access_log_->stats();
+    s.access_log_lines_total = a.lines;
+    s.access_log_dropped_total = a.dropped;
+    s.access_log_write_errors_total = a.write_errors;
+  }
   s.active_connections = proxy_.activeConnections();
   s.agent_connected = agent_ && agent_->connected() ? 1 : 0;
   s.ready = ready_ ? 1 : 0;
@@ -211,6 +234,36 @@ void Ztunnel::refreshGauges() {
     s.hbone_server_handshake_failures_total = ss.handshakeFailures;
     s.hbone_pool_connections = mesh_tls_->client().connections();
   }
+}
+
+std::string Ztunnel::renderWeftMetrics() {
+  std::string out;
+  std::vector<BpfMapFill> maps;
+  if (have_node_config_ && !node_config_.bpf_pin_dir().empty()) {
+    auto m = readPinnedMapFill(node_config_.bpf_pin_dir() + "/maps");
+    if (m) {
+      maps = std::move(m.value());
+    } else {
+      if (bpf_map_read_errors_++ == 0) spdlog::warn("metrics: {}", m.status().message());
+      else spdlog::debug("metrics: {}", m.status().message());
+    }
+  }
+  out += renderBpfMapFill(maps, bpf_map_read_errors_);
+  out += renderCertificateMetrics(identities_ ? identities_->view() : std::vector<IdentityView>{},
+                                  std::chrono::system_clock::now());
+  out += renderDnsOutcomes(proxy_.stats());
+  out += renderBuildInfo(WEFT_VERSION);
+  return out;
+}
+
+nlohmann::json Ztunnel::accessLogJson() const {
+  if (!access_log_) return {{"sink", "off"}};
+  AccessLogStats a = access_log_->stats();
+  return {{"sink", access_log_->sink()},
+          {"format", accessLogFormatName(access_log_->format())},
+          {"lines", a.lines},
+          {"dropped", a.dropped},
+          {"write_errors", a.write_errors}};
 }
 
 }  // namespace weft::ztunnel

@@ -13,6 +13,7 @@
 #include "common/address.h"
 #include "common/http_admin.h"
 #include "common/uv_handle.h"
+#include "ztunnel/access_log.h"
 #include "ztunnel/agent_client.h"
 #include "ztunnel/events.h"
 #include "ztunnel/identity.h"
@@ -29,6 +30,7 @@ struct ZtunnelOptions {
   std::optional<SocketAddress> readiness_addr;
   uint64_t drain_timeout_ms = 5000;
   uint64_t cert_wait_ms = 5000;  // how long a new connection waits for a first certificate
+  AccessLogOptions access_log;   // sink "off" = none
   ListenerPorts ports;
 };
 
@@ -52,6 +54,8 @@ class Ztunnel : public AgentHandler {
   IdentityManager* identities() { return identities_.get(); }
   // The HBONE side; null after shutdown().
   MeshTls* meshTls() { return mesh_tls_.get(); }
+  // Null when access logging is off.
+  AccessLog* accessLog() { return access_log_.get(); }
 
   // HTTP handlers (public for tests).
   HttpResponse handleAdmin(const HttpRequest& req);
@@ -71,6 +75,10 @@ class Ztunnel : public AgentHandler {
  private:
   void refreshGauges();
   nlohmann::json configDump() const;
+  // Weft's metric families beyond the counter list: BPF map fill, certificates, DNS
+  // outcomes, build info.
+  std::string renderWeftMetrics();
+  nlohmann::json accessLogJson() const;
 
   uv_loop_t* loop_;
   ZtunnelOptions options_;
@@ -93,6 +101,8 @@ class Ztunnel : public AgentHandler {
   std::unique_ptr<IdentityManager> identities_;  // before agent_: it sends through it
   std::unique_ptr<MeshTls> mesh_tls_;            // after identities_: it waits on them
   std::unique_ptr<AgentClient> agent_;  // last: destroyed first, while the rest still exists
+  AccessLogPtr access_log_;  // proxy_ points at it; reset explicitly in the destructor
+  uint64_t bpf_map_read_errors_ = 0;
 };
 
 }  // namespace weft::ztunnel

@@ -20,10 +20,16 @@ TEST(Stats, TcpMetricsCarryIstioLabels) {
   m.opened(l);
   std::string text = TcpMetrics::renderPrometheus(m.series());
   std::string labels =
-      R"({reporter="source",source_workload="client",source_workload_namespace="default",)"
-      R"(destination_workload="server-1",destination_workload_namespace="default",)"
-      R"(destination_service="server.default.svc.cluster.local",)"
-      R"(connection_security_policy="none"})";
+      R"({reporter="source",source_workload="client",source_canonical_service="unknown",)"
+      R"(source_canonical_revision="unknown",source_workload_namespace="default",)"
+      R"(source_principal="unknown",source_app="unknown",source_version="unknown",)"
+      R"(source_cluster="unknown",destination_service="server.default.svc.cluster.local",)"
+      R"(destination_service_namespace="unknown",destination_service_name="unknown",)"
+      R"(destination_workload="server-1",destination_canonical_service="unknown",)"
+      R"(destination_canonical_revision="unknown",destination_workload_namespace="default",)"
+      R"(destination_principal="unknown",destination_app="unknown",)"
+      R"(destination_version="unknown",destination_cluster="unknown",)"
+      R"(request_protocol="tcp",response_flags="-",connection_security_policy="none"})";
   EXPECT_NE(text.find("istio_tcp_connections_opened_total" + labels + " 2\n"), std::string::npos)
       << text;
   EXPECT_NE(text.find("istio_tcp_connections_closed_total" + labels + " 1\n"), std::string::npos);

@@ -11,6 +11,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <thread>
 
@@ -275,11 +277,20 @@ TEST_F(ZtunnelNetnsTest, OutboundRelaysToServiceEndpointFromPodNetns) {
   // The app saw the ztunnel's socket from inside the pod: source is the pod's own address.
   EXPECT_EQ(resp, std::string(kPodV4) + "|ping");
   std::string metrics = zt_->handleMetrics({"GET", "/metrics", "", ""}).body;
-  EXPECT_NE(metrics.find("istio_tcp_connections_closed_total{reporter=\"source\","
-                         "source_workload=\"app\",source_workload_namespace=\"default\","
-                         "destination_workload=\"app\",destination_workload_namespace=\"default\","
-                         "destination_service=\"web.default.svc.cluster.local\","
-                         "connection_security_policy=\"none\"} 1"),
+  EXPECT_NE(metrics.find(
+                "istio_tcp_connections_closed_total{reporter=\"source\",source_workload=\"app\","
+                "source_canonical_service=\"app\",source_canonical_revision=\"latest\","
+                "source_workload_namespace=\"default\",source_principal=\"unknown\","
+                "source_app=\"app\",source_version=\"latest\",source_cluster=\"Kubernetes\","
+                "destination_service=\"web.default.svc.cluster.local\","
+                "destination_service_namespace=\"default\",destination_service_name=\"web\","
+                "destination_workload=\"app\",destination_canonical_service=\"app\","
+                "destination_canonical_revision=\"latest\","
+                "destination_workload_namespace=\"default\","
+                "destination_principal=\"spiffe://cluster.local/ns/default/sa/default\","
+                "destination_app=\"app\",destination_version=\"latest\","
+                "destination_cluster=\"Kubernetes\",request_protocol=\"tcp\","
+                "response_flags=\"-\",connection_security_policy=\"none\"} 1"),
             std::string::npos)
       << metrics;
   EXPECT_NE(metrics.find("istio_tcp_received_bytes_total{reporter=\"source\""), std::string::npos);
@@ -325,6 +336,74 @@ TEST_F(ZtunnelNetnsTest, UpstreamRefusedClosesClientAndCounts) {
   runWithClient(&loop_, [&] { resp = exchange(connectIn(nfd, "127.0.0.1:15001"), "x"); });
   EXPECT_EQ(resp, "");
   EXPECT_EQ(zt_->proxy().stats().upstream_connect_failures_total, 1u);
+}
+
+// Access log on a real connection and a failed one: one line each when they end, with the
+// bytes each way, and the failure in istio_tcp_connections_failed_total.
+TEST_F(ZtunnelNetnsTest, AccessLogLinePerConnectionAndFailures) {
+  char tmpl[] = "/tmp/weft-access-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  std::string path = std::string(tmpl) + "/access.log";
+  zt_.reset();
+  ZtunnelOptions o;
+  o.agent_socket = "/nonexistent/weft-test.sock";
+  o.admin_addr.reset();
+  o.metrics_addr.reset();
+  o.readiness_addr.reset();
+  o.access_log.sink = path;
+  o.access_log.format = AccessLogFormat::kJson;
+  zt_ = std::make_unique<Ztunnel>(&loop_, o);
+  // start() opens the access log; the agent socket does not exist (it retries quietly).
+  ASSERT_TRUE(zt_->start());
+  ASSERT_NE(zt_->accessLog(), nullptr);
+  ASSERT_TRUE(zt_->onAddWorkload(podProto("u1", "app"), netns_->dupFd()));
+  std::string target = std::string(kPodV4) + ":8080";
+  zt_->proxy().setDestinationHookForTest([&](int, bool) -> Result<SocketAddress> {
+    return *SocketAddress::parse(target);
+  });
+  int nfd = netns_->fd();
+  std::string resp;
+  {
+    EchoApp app(nfd, target);
+    runWithClient(&loop_, [&] { resp = exchange(connectIn(nfd, "127.0.0.1:15001"), "hello"); });
+  }
+  EXPECT_EQ(resp, std::string(kPodV4) + "|hello");
+  target = "10.250.0.5:1";  // nothing there: the connect fails
+  runWithClient(&loop_, [&] { resp = exchange(connectIn(nfd, "127.0.0.1:15001"), "x"); });
+  std::string metrics = zt_->handleMetrics({"GET", "/metrics", "", ""}).body;
+  EXPECT_NE(metrics.find("istio_tcp_connections_failed_total{reporter=\"source\""),
+            std::string::npos)
+      << metrics;
+  EXPECT_NE(metrics.find("response_flags=\"CONNECT\",connection_security_policy=\"none\"} 1"),
+            std::string::npos)
+      << metrics;
+  zt_->shutdown();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  zt_.reset();  // the access log's last write completes on the loop
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  std::ifstream f(path);
+  std::vector<nlohmann::json> lines;
+  for (std::string line; std::getline(f, line);) lines.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(lines.size(), 2u);
+  const nlohmann::json& ok = lines[0];
+  EXPECT_EQ(ok["direction"], "outbound");
+  EXPECT_EQ(ok["path"], "plain");
+  EXPECT_EQ(ok["src.workload"], "app");
+  EXPECT_EQ(ok["src.namespace"], "default");
+  EXPECT_EQ(ok["dst.addr"], std::string(kPodV4) + ":8080");
+  EXPECT_TRUE(ok["dst.workload"].is_null()) << "passthrough: no workload in the cluster state";
+  EXPECT_EQ(ok["bytes_sent"], 5);                                   // "hello"
+  EXPECT_EQ(ok["bytes_recv"], std::string(kPodV4).size() + 1 + 5);  // "ip|hello"
+  EXPECT_TRUE(ok["error"].is_null()) << ok.dump();
+  EXPECT_EQ(ok["level"], "info");
+  EXPECT_TRUE(ok["src.identity"].is_null()) << "plain: no identity";
+  const nlohmann::json& bad = lines[1];
+  EXPECT_EQ(bad["level"], "error");
+  EXPECT_EQ(bad["response_flags"], "CONNECT");
+  EXPECT_NE(bad["error"].get<std::string>().find("connect"), std::string::npos) << bad.dump();
+  EXPECT_EQ(bad["dst.addr"], "10.250.0.5:1");
+  EXPECT_GT(bad["conn_id"].get<uint64_t>(), ok["conn_id"].get<uint64_t>());
+  std::filesystem::remove_all(tmpl);
 }
 
 TEST_F(ZtunnelNetnsTest, DrainWaitsForOpenConnectionThenCuts) {

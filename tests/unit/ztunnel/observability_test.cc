@@ -1,0 +1,500 @@
+// Prometheus rendering (escaping, HELP/TYPE, no duplicate series, the ztunnel's whole /metrics
+// checked line by line), the access-log formatter (text and JSON, every field) and its writer
+// (file, a failing sink, a stuck sink).
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "ztunnel/access_log.h"
+#include "ztunnel/bpf_map_fill.h"
+#include "ztunnel/prometheus_text.h"
+#include "ztunnel/stats.h"
+#include "ztunnel/weft_metrics.h"
+#include "ztunnel/ztunnel.h"
+
+namespace weft::ztunnel {
+namespace {
+
+// One parsed sample line: name, labels (unescaped values), value text.
+struct Sample {
+  std::string name;
+  std::vector<std::pair<std::string, std::string>> labels;
+  std::string value;
+};
+
+// Parses `name{k="v",...} value` strictly (the 0.0.4 text format's escapes: \\ \" \n).
+bool parseSample(const std::string& line, Sample* out, std::string* err) {
+  size_t i = 0;
+  while (i < line.size() && (isalnum(static_cast<unsigned char>(line[i])) || line[i] == '_' ||
+                             line[i] == ':'))
+    i++;
+  out->name = line.substr(0, i);
+  if (out->name.empty()) return *err = "no metric name", false;
+  out->labels.clear();
+  if (i < line.size() && line[i] == '{') {
+    i++;
+    while (i < line.size() && line[i] != '}') {
+      size_t eq = line.find('=', i);
+      if (eq == std::string::npos || eq + 1 >= line.size() || line[eq + 1] != '"')
+        return *err = "bad label at " + std::to_string(i), false;
+      std::string key = line.substr(i, eq - i);
+      std::string val;
+      size_t j = eq + 2;
+      for (; j < line.size() && line[j] != '"'; ++j) {
+        if (line[j] == '\\') {
+          if (j + 1 >= line.size()) return *err = "dangling escape", false;
+          char e = line[++j];
+          if (e == 'n') val += '\n';
+          else if (e == '\\' || e == '"') val += e;
+          else return *err = std::string("bad escape \\") + e, false;
+        } else if (line[j] == '\n') {
+          return *err = "raw newline in a label value", false;
+        } else {
+          val += line[j];
+        }
+      }
+      if (j >= line.size()) return *err = "unterminated label value", false;
+      out->labels.emplace_back(key, val);
+      i = j + 1;
+      if (i < line.size() && line[i] == ',') i++;
+    }
+    if (i >= line.size()) return *err = "unterminated label set", false;
+    i++;
+  }
+  if (i >= line.size() || line[i] != ' ') return *err = "no value", false;
+  out->value = line.substr(i + 1);
+  char* end = nullptr;
+  std::strtod(out->value.c_str(), &end);
+  if (out->value.empty() || *end != '\0') return *err = "value is not a number", false;
+  return true;
+}
+
+// What `promtool check metrics` would object to, plus our own rules: every family has HELP and
+// TYPE (once, before its samples, samples contiguous), counters end in _total, no duplicate
+// series, label values parse.
+std::vector<std::string> lint(const std::string& text) {
+  std::vector<std::string> problems;
+  std::map<std::string, std::string> type_of;
+  std::set<std::string> help_seen, closed_families, series;
+  std::string current;
+  std::istringstream in(text);
+  int n = 0;
+  for (std::string line; std::getline(in, line);) {
+    n++;
+    auto where = [&](const std::string& what) {
+      problems.push_back("line " + std::to_string(n) + ": " + what + ": " + line);
+    };
+    if (line.rfind("# HELP ", 0) == 0) {
+      std::string name = line.substr(7, line.find(' ', 7) - 7);
+      if (!help_seen.insert(name).second) where("second HELP for " + name);
+      continue;
+    }
+    if (line.rfind("# TYPE ", 0) == 0) {
+      std::istringstream t(line.substr(7));
+      std::string name, type;
+      t >> name >> type;
+      if (type_of.count(name)) where("second TYPE for " + name);
+      if (!help_seen.count(name)) where("TYPE without HELP before it");
+      if (type == "counter" && name.size() < 6) where("short counter name");
+      if (type == "counter" && name.substr(name.size() - 6) != "_total")
+        where("counter not ending in _total");
+      if (type != "counter" && type != "gauge") where("unexpected type " + type);
+      type_of[name] = type;
+      if (!current.empty()) closed_families.insert(current);
+      current = name;
+      continue;
+    }
+    if (line.empty() || line[0] == '#') {
+      where("unexpected line");
+      continue;
+    }
+    Sample s;
+    std::string err;
+    if (!parseSample(line, &s, &err)) {
+      where(err);
+      continue;
+    }
+    if (!type_of.count(s.name)) where("sample of a family without TYPE");
+    if (s.name != current) where("sample outside its family's block");
+    if (closed_families.count(s.name)) where("family continued after another began");
+    std::set<std::string> keys;
+    std::string key = s.name + "{";
+    for (auto& [k, v] : s.labels) {
+      if (!keys.insert(k).second) where("label " + k + " twice");
+      key += k + "=" + v + "\x1f";
+    }
+    if (!series.insert(key).second) where("duplicate series");
+  }
+  if (!text.empty() && text.back() != '\n') problems.push_back("no final newline");
+  return problems;
+}
+
+TEST(PromText, EscapesLabelValuesAndHelp) {
+  EXPECT_EQ(escapePromLabelValue("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+  EXPECT_EQ(escapePromHelp("x\\y\nz \"q\""), "x\\\\y\\nz \"q\"");
+  PromText p;
+  p.family("weft_test_total", "counter", "Help with a \\ and a\nnewline");
+  p.sample("weft_test_total", {{"name", "we\"ird\\\nvalue"}}, uint64_t{3});
+  EXPECT_EQ(p.text(),
+            "# HELP weft_test_total Help with a \\\\ and a\\nnewline\n"
+            "# TYPE weft_test_total counter\n"
+            "weft_test_total{name=\"we\\\"ird\\\\\\nvalue\"} 3\n");
+  Sample s;
+  std::string err;
+  ASSERT_TRUE(parseSample("weft_test_total{name=\"we\\\"ird\\\\\\nvalue\"} 3", &s, &err)) << err;
+  EXPECT_EQ(s.labels[0].second, "we\"ird\\\nvalue");
+}
+
+TEST(PromText, SkipsDuplicateSeries) {
+  PromText p;
+  p.family("weft_g", "gauge", "g");
+  p.sample("weft_g", {{"a", "1"}}, int64_t{1});
+  p.sample("weft_g", {{"a", "1"}}, int64_t{2});
+  p.sample("weft_g", {{"a", "2"}}, int64_t{3});
+  EXPECT_EQ(p.duplicatesSkipped(), 1u);
+  EXPECT_EQ(p.text().find("weft_g{a=\"1\"} 2"), std::string::npos);
+  EXPECT_TRUE(lint(p.text()).empty());
+}
+
+TEST(PromText, LintCatchesWhatItMust) {
+  // The checker itself must fail on broken text, or the tests below prove nothing.
+  EXPECT_FALSE(lint("weft_x_total 1\n").empty());  // no HELP/TYPE
+  EXPECT_FALSE(lint("# HELP weft_x x\n# TYPE weft_x counter\nweft_x 1\n").empty());  // _total
+  EXPECT_FALSE(lint("# HELP a a\n# TYPE a gauge\na{l=\"1\"} 1\na{l=\"1\"} 2\n").empty());
+  EXPECT_FALSE(lint("# HELP a a\n# TYPE a gauge\na{l=\"x\"y\"} 1\n").empty());
+  EXPECT_FALSE(lint("# HELP a a\n# TYPE a gauge\n# HELP b b\n# TYPE b gauge\na 1\n").empty());
+}
+
+TEST(TcpMetricsRender, IstioFamiliesLabelsAndFailures) {
+  TcpMetrics m;
+  TcpLabels l;
+  l.reporter = "source";
+  l.source_workload = "cli\"ent";
+  l.source_workload_namespace = "ns\\1";
+  l.destination_workload = "server\n1";
+  m.opened(l);
+  m.closed(l, 100, 7);
+  TcpLabels f = l;
+  f.response_flags = "DENY";
+  m.failed(f);
+  m.failed(f);
+  std::string text = TcpMetrics::renderPrometheus(m.series(), m.failures());
+  auto problems = lint(text);
+  EXPECT_TRUE(problems.empty()) << problems.front() << "\n" << text;
+  for (const char* fam :
+       {"istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
+        "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total",
+        "istio_tcp_connections_failed_total"}) {
+    EXPECT_NE(text.find(std::string("# TYPE ") + fam + " counter\n"), std::string::npos) << fam;
+  }
+  EXPECT_NE(text.find("source_workload=\"cli\\\"ent\""), std::string::npos) << text;
+  EXPECT_NE(text.find("source_workload_namespace=\"ns\\\\1\""), std::string::npos);
+  EXPECT_NE(text.find("destination_workload=\"server\\n1\""), std::string::npos);
+  EXPECT_NE(text.find("response_flags=\"DENY\",connection_security_policy=\"none\"} 2\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("istio_tcp_sent_bytes_total{reporter=\"source\""), std::string::npos);
+  EXPECT_NE(text.find("source_principal=\"unknown\""), std::string::npos);
+  // Istio's whole label set, in order.
+  std::string first = text.substr(text.find("istio_tcp_connections_opened_total{"));
+  first = first.substr(0, first.find('\n'));
+  Sample s;
+  std::string err;
+  ASSERT_TRUE(parseSample(first, &s, &err)) << err;
+  std::vector<std::string> names;
+  for (auto& [k, v] : s.labels) names.push_back(k);
+  EXPECT_EQ(names, (std::vector<std::string>{
+                       "reporter", "source_workload", "source_canonical_service",
+                       "source_canonical_revision", "source_workload_namespace",
+                       "source_principal", "source_app", "source_version", "source_cluster",
+                       "destination_service", "destination_service_namespace",
+                       "destination_service_name", "destination_workload",
+                       "destination_canonical_service", "destination_canonical_revision",
+                       "destination_workload_namespace", "destination_principal",
+                       "destination_app", "destination_version", "destination_cluster",
+                       "request_protocol", "response_flags", "connection_security_policy"}));
+}
+
+TEST(WeftMetricsRender, CertificatesDnsBuildAndMaps) {
+  auto now = std::chrono::system_clock::now();
+  std::vector<IdentityView> v(3);
+  v[0].identity = "spiffe://cluster.local/ns/a/sa/x";
+  v[0].state = CertState::kValid;
+  v[0].not_after = now + std::chrono::seconds(3600);
+  v[1].identity = "spiffe://cluster.local/ns/b/sa/y";
+  v[1].state = CertState::kExpired;
+  v[1].not_after = now - std::chrono::seconds(10);
+  v[2].identity = "spiffe://cluster.local/ns/c/sa/z";  // pending: no expiry series
+  std::string certs = renderCertificateMetrics(v, now);
+  EXPECT_NE(certs.find("weft_ztunnel_certificate_expiry_seconds{identity=\"spiffe://cluster."
+                       "local/ns/a/sa/x\"} 3600\n"),
+            std::string::npos)
+      << certs;
+  EXPECT_NE(certs.find("{identity=\"spiffe://cluster.local/ns/b/sa/y\"} -10\n"),
+            std::string::npos);
+  EXPECT_EQ(certs.find("ns/c/sa/z"), std::string::npos);
+  EXPECT_NE(certs.find("weft_ztunnel_certificates{state=\"pending\"} 1\n"), std::string::npos);
+  ZtunnelStats st;
+  st.dns_answered_locally_total = 4;
+  st.dns_upstream_answers_total = 3;
+  st.dns_forward_failures_total = 2;
+  st.dns_malformed_total = 1;
+  std::string dns = renderDnsOutcomes(st);
+  EXPECT_NE(dns.find("weft_ztunnel_dns_query_outcomes_total{outcome=\"local\"} 4\n"),
+            std::string::npos);
+  EXPECT_NE(dns.find("{outcome=\"forwarded\"} 3\n"), std::string::npos);
+  EXPECT_NE(dns.find("{outcome=\"failed\"} 2\n"), std::string::npos);
+  std::string build = renderBuildInfo("1.2.3");
+  EXPECT_NE(build.find("istio_build{component=\"ztunnel\",tag=\"1.2.3\"} 1\n"),
+            std::string::npos);
+  std::vector<BpfMapFill> maps = {{"weft_enrolled", "hash", 4096, 3},
+                                  {"weft_events", "ringbuf", 262144, std::nullopt}};
+  std::string fill = renderBpfMapFill(maps, 0);
+  EXPECT_NE(fill.find("weft_bpf_map_entries{map=\"weft_enrolled\",type=\"hash\"} 3\n"),
+            std::string::npos);
+  EXPECT_NE(fill.find("weft_bpf_map_max_entries{map=\"weft_events\",type=\"ringbuf\"} 262144\n"),
+            std::string::npos);
+  EXPECT_EQ(fill.find("weft_bpf_map_entries{map=\"weft_events\""), std::string::npos);
+  for (const std::string& t : {certs, dns, build, fill}) {
+    auto problems = lint(t);
+    EXPECT_TRUE(problems.empty()) << problems.front() << "\n" << t;
+  }
+}
+
+// The ztunnel's whole /metrics (every family, also those only filled in at scrape time) passes
+// the checks, with a live-looking state: TCP series, a verdict, certificates, DNS.
+TEST(ZtunnelMetrics, WholeScrapeHasNoDuplicatesAndEveryFamilyIsTyped) {
+  uv_loop_t loop;
+  ASSERT_EQ(uv_loop_init(&loop), 0);
+  {
+    ZtunnelOptions o;
+    o.agent_socket = "/nonexistent/weft-test.sock";
+    Ztunnel zt(&loop, o);
+    TcpLabels l;
+    l.reporter = "destination";
+    l.destination_workload = "a\"b";
+    zt.proxy().tcpMetrics().opened(l);
+    zt.proxy().tcpMetrics().closed(l, 1, 2);
+    l.response_flags = "DENY";
+    zt.proxy().tcpMetrics().failed(l);
+    zt.proxy().stats().dns_queries_total = 5;
+    HttpResponse r = zt.handleMetrics({"GET", "/metrics", "", ""});
+    EXPECT_EQ(r.status, 200);
+    auto problems = lint(r.body);
+    for (const auto& p : problems) ADD_FAILURE() << p;
+    for (const char* fam :
+         {"istio_tcp_connections_opened_total", "istio_tcp_connections_failed_total",
+          "weft_ztunnel_enrolled_pods", "weft_ztunnel_hbone_client_handshakes_total",
+          "weft_ztunnel_hbone_pool_connections", "weft_ztunnel_policy_verdicts_total",
+          "weft_ztunnel_dns_query_outcomes_total", "weft_ztunnel_certificate_expiry_seconds",
+          "weft_bpf_map_entries", "weft_bpf_map_max_entries", "istio_build",
+          "weft_ztunnel_access_log_dropped_total"}) {
+      EXPECT_NE(r.body.find(std::string("# TYPE ") + fam + " "), std::string::npos) << fam;
+    }
+    zt.shutdown();
+    uv_run(&loop, UV_RUN_DEFAULT);
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  EXPECT_EQ(uv_loop_close(&loop), 0);
+}
+
+AccessLogRecord fullRecord() {
+  AccessLogRecord r;
+  r.time_ms = 1764151827123;  // 2025-11-26T10:10:27.123Z
+  r.connection_id = 42;
+  r.direction = "outbound";
+  r.path = "hbone";
+  r.src_addr = *SocketAddress::parse("10.244.1.2:40000");
+  r.src_workload = "client-1";
+  r.src_namespace = "shop";
+  r.src_identity = "spiffe://cluster.local/ns/shop/sa/client";
+  r.dst_addr = *SocketAddress::parse("10.244.2.3:15008");
+  r.dst_hbone_addr = *SocketAddress::parse("10.244.2.3:8080");
+  r.dst_service = "web.shop.svc.cluster.local";
+  r.dst_workload = "web-1";
+  r.dst_namespace = "shop";
+  r.dst_identity = "spiffe://cluster.local/ns/shop/sa/web";
+  r.bytes_sent = 100;
+  r.bytes_recv = 132;
+  r.duration_ms = 7;
+  return r;
+}
+
+TEST(AccessLogFormat, TextHasEveryField) {
+  std::string line = formatAccessLog(fullRecord(), AccessLogFormat::kText);
+  EXPECT_EQ(line,
+            "2025-11-26T10:10:27.123Z\tinfo\taccess\tconnection complete\tconn_id=42 "
+            "src.addr=10.244.1.2:40000 src.workload=\"client-1\" src.namespace=\"shop\" "
+            "src.identity=\"spiffe://cluster.local/ns/shop/sa/client\" "
+            "dst.addr=10.244.2.3:15008 dst.hbone_addr=10.244.2.3:8080 "
+            "dst.service=\"web.shop.svc.cluster.local\" dst.workload=\"web-1\" "
+            "dst.namespace=\"shop\" dst.identity=\"spiffe://cluster.local/ns/shop/sa/web\" "
+            "direction=\"outbound\" path=\"hbone\" bytes_sent=100 bytes_recv=132 "
+            "duration=\"7ms\"\n");
+}
+
+TEST(AccessLogFormat, TextFailureAndEscapes) {
+  AccessLogRecord r = fullRecord();
+  r.src_workload = "we\"ird\nname\\";
+  r.src_identity.clear();  // absent fields are left out, as Istio does
+  r.error = "denied by authorization policy: deny_matched app/deny";
+  r.response_flags = "DENY";
+  std::string line = formatAccessLog(r, AccessLogFormat::kText);
+  EXPECT_EQ(std::count(line.begin(), line.end(), '\n'), 1) << "one line: " << line;
+  EXPECT_NE(line.find("\terror\taccess\t"), std::string::npos) << line;
+  EXPECT_NE(line.find("src.workload=\"we\\\"ird\\nname\\\\\""), std::string::npos) << line;
+  EXPECT_EQ(line.find("src.identity="), std::string::npos) << line;
+  EXPECT_NE(line.find(" response_flags=\"DENY\" error=\"denied by authorization policy: "
+                      "deny_matched app/deny\"\n"),
+            std::string::npos)
+      << line;
+}
+
+TEST(AccessLogFormat, JsonHasEveryField) {
+  AccessLogRecord r = fullRecord();
+  std::string line = formatAccessLog(r, AccessLogFormat::kJson);
+  ASSERT_EQ(line.back(), '\n');
+  auto j = nlohmann::json::parse(line);
+  EXPECT_EQ(j["time"], "2025-11-26T10:10:27.123Z");
+  EXPECT_EQ(j["level"], "info");
+  EXPECT_EQ(j["scope"], "access");
+  EXPECT_EQ(j["message"], "connection complete");
+  EXPECT_EQ(j["conn_id"], 42);
+  EXPECT_EQ(j["src.addr"], "10.244.1.2:40000");
+  EXPECT_EQ(j["src.workload"], "client-1");
+  EXPECT_EQ(j["src.namespace"], "shop");
+  EXPECT_EQ(j["src.identity"], "spiffe://cluster.local/ns/shop/sa/client");
+  EXPECT_EQ(j["dst.addr"], "10.244.2.3:15008");
+  EXPECT_EQ(j["dst.hbone_addr"], "10.244.2.3:8080");
+  EXPECT_EQ(j["dst.service"], "web.shop.svc.cluster.local");
+  EXPECT_EQ(j["dst.workload"], "web-1");
+  EXPECT_EQ(j["dst.namespace"], "shop");
+  EXPECT_EQ(j["dst.identity"], "spiffe://cluster.local/ns/shop/sa/web");
+  EXPECT_EQ(j["direction"], "outbound");
+  EXPECT_EQ(j["path"], "hbone");
+  EXPECT_EQ(j["bytes_sent"], 100);
+  EXPECT_EQ(j["bytes_recv"], 132);
+  EXPECT_EQ(j["duration"], "7ms");
+  EXPECT_EQ(j["response_flags"], "-");
+  EXPECT_TRUE(j["error"].is_null());
+  EXPECT_EQ(j.size(), 22u) << j.dump();
+  r.error = "tunnel \"reset\"\n";
+  r.src_identity.clear();
+  r.src_workload = std::string("bad\xff utf8");
+  auto e = nlohmann::json::parse(formatAccessLog(r, AccessLogFormat::kJson));
+  EXPECT_EQ(e["level"], "error");
+  EXPECT_EQ(e["error"], "tunnel \"reset\"\n");
+  EXPECT_TRUE(e["src.identity"].is_null());
+  EXPECT_EQ(e.size(), 22u);
+}
+
+class AccessLogWriterTest : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_EQ(uv_loop_init(&loop_), 0); }
+  void TearDown() override {
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    EXPECT_EQ(uv_loop_close(&loop_), 0);
+  }
+  uv_loop_t loop_;
+};
+
+TEST_F(AccessLogWriterTest, WritesEveryLineToAFile) {
+  char tmpl[] = "/tmp/weft-alog-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  std::string path = std::string(tmpl) + "/a.log";
+  {
+    auto log = AccessLog::open(&loop_, {path, AccessLogFormat::kText, 1 << 20});
+    ASSERT_TRUE(log) << log.status().message();
+    for (int i = 0; i < 500; ++i) {
+      AccessLogRecord r = fullRecord();
+      r.connection_id = i;
+      (*log)->write(r);
+    }
+    uv_run(&loop_, UV_RUN_DEFAULT);  // the writes complete
+    EXPECT_EQ((*log)->stats().lines, 500u);
+    EXPECT_EQ((*log)->stats().dropped, 0u);
+    (*log)->setFormat(AccessLogFormat::kJson);
+    (*log)->write(fullRecord());  // in flight when the log goes: finished on the loop
+  }
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  std::ifstream f(path);
+  int n = 0, json_lines = 0;
+  for (std::string line; std::getline(f, line); ++n) {
+    if (line[0] == '{') json_lines++;
+    else EXPECT_NE(line.find("conn_id=" + std::to_string(n) + " "), std::string::npos) << line;
+  }
+  EXPECT_EQ(n, 501);
+  EXPECT_EQ(json_lines, 1);
+  std::filesystem::remove_all(tmpl);
+}
+
+TEST_F(AccessLogWriterTest, WriteErrorsAreCounted) {
+  auto log = AccessLog::open(&loop_, {"/dev/full", AccessLogFormat::kText, 1 << 20});
+  ASSERT_TRUE(log) << log.status().message();
+  (*log)->write(fullRecord());
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  EXPECT_EQ((*log)->stats().write_errors, 1u);
+  EXPECT_EQ((*log)->stats().dropped, 1u);
+  EXPECT_EQ((*log)->stats().lines, 0u);
+  auto bad = AccessLog::open(&loop_, {"/nonexistent-dir/a.log", AccessLogFormat::kText, 1024});
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.status().message().find("/nonexistent-dir/a.log"), std::string::npos);
+  auto off = AccessLog::open(&loop_, {"off", AccessLogFormat::kText, 1024});
+  ASSERT_TRUE(off);
+  EXPECT_EQ(off->get(), nullptr);
+}
+
+// A sink nobody drains (a full pipe): the loop keeps going, lines beyond the buffer are dropped
+// and counted; once the reader drains the pipe, what was buffered arrives.
+TEST_F(AccessLogWriterTest, StuckSinkDropsInsteadOfBlocking) {
+  int p[2];
+  ASSERT_EQ(pipe2(p, O_CLOEXEC), 0);
+  std::string path = "/proc/self/fd/" + std::to_string(p[1]);
+  auto log = AccessLog::open(&loop_, {path, AccessLogFormat::kText, 16 << 10});
+  ASSERT_TRUE(log) << log.status().message();
+  std::string line = formatAccessLog(fullRecord(), AccessLogFormat::kText);
+  // Enough to fill the pipe (64 KiB) and then the 16 KiB buffer several times over.
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 2000; ++i) {
+    (*log)->write(fullRecord());
+    uv_run(&loop_, UV_RUN_NOWAIT);
+  }
+  auto spent = std::chrono::steady_clock::now() - t0;
+  AccessLogStats s = (*log)->stats();
+  EXPECT_GT(s.dropped, 0u) << "nothing dropped although the sink was stuck";
+  EXPECT_LT(s.lines, 2000u);
+  // Not a speed assertion: a loop blocked on the pipe would never get here at all.
+  EXPECT_LT(spent, std::chrono::seconds(60));
+  // Drain the pipe so the write in flight returns, then let the log go.
+  ASSERT_EQ(fcntl(p[0], F_SETFL, O_NONBLOCK), 0);
+  std::thread reader([fd = p[0]] {
+    char buf[65536];
+    for (int idle = 0; idle < 200;) {
+      ssize_t n = read(fd, buf, sizeof(buf));
+      if (n > 0) idle = 0;
+      else {
+        idle++;
+        usleep(5000);
+      }
+    }
+  });
+  log->reset();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  reader.join();
+  close(p[0]);
+  close(p[1]);
+}
+
+}  // namespace
+}  // namespace weft::ztunnel
