@@ -6,12 +6,14 @@
 #include <bpf/bpf_helpers.h>
 
 #include "lib/events.h"
+#include "lib/fast.h"
 #include "lib/inbound.h"
 
 /* Attaches: sk_lookup, one link per enrolled pod netns.
  * Decides: TCP to a pod IP that has a listener in weft_inbound_lst, unless exempt (ztunnel port,
- * from 127.0.0.6, from the pod's own address, from a bypass source) -> that listener. No entry,
- * exempt, or the listener cannot take it -> SK_PASS with nothing selected: the normal lookup. */
+ * from 127.0.0.6, from the pod's own address, from a bypass source, a same-node fast connection
+ * keyed in weft_fast_conn) -> that listener. No entry, exempt, or the listener cannot take it ->
+ * SK_PASS with nothing selected: the normal lookup. */
 SEC("sk_lookup")
 int weft_sk_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -23,6 +25,8 @@ int weft_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (!weft_lookup_addrs(ctx, &local, &remote))
 		return SK_PASS;
 	if (weft_inbound_exempt(ctx, &local, &remote))
+		return SK_PASS;
+	if (weft_fast_inbound(ctx, &local, &remote))
 		return SK_PASS;
 	sk = bpf_map_lookup_elem(&weft_inbound_lst, &local);
 	if (!sk)

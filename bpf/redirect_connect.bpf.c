@@ -8,6 +8,7 @@
 #include "lib/addr.h"
 #include "lib/dns.h"
 #include "lib/events.h"
+#include "lib/fast.h"
 #include "lib/redirect.h"
 
 /* DNS to port 53 (UDP or TCP) from an enrolled pod: keep the resolver (UDP: weft_dns_dst by
@@ -29,7 +30,9 @@ static __always_inline bool weft_dns_connect(struct bpf_sock_addr *ctx, __u64 co
  * Decides: IPv4 TCP connect() in an enrolled netns, not from a ztunnel socket (mark 0x539), not
  * to a loopback or unspecified destination -> remember the destination, connect to
  * 127.0.0.1:15001 instead; UDP or TCP to port 53 in a netns enrolled for DNS -> 127.0.0.1:15053
- * (the DNS proxy). Everything else connects as asked. Never refuses a connect. */
+ * (the DNS proxy); a destination the ztunnel cached as allowed for this netns (weft_fast_verdict:
+ * a pod on this node) -> connects as asked, marked fast (lib/fast.h). Everything else connects
+ * as asked. Never refuses a connect. */
 SEC("cgroup/connect4")
 int weft_connect4(struct bpf_sock_addr *ctx)
 {
@@ -47,6 +50,8 @@ int weft_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	}
 	if (!weft_redirect_candidate(ctx, cookie))
+		return 1;
+	if (weft_fast_connect(ctx, cookie, &dst))
 		return 1;
 	if (!weft_remember_orig_dst(ctx, &dst))
 		return 1;
@@ -80,6 +85,8 @@ int weft_connect6(struct bpf_sock_addr *ctx)
 		return 1;
 	}
 	if (!weft_redirect_candidate(ctx, cookie))
+		return 1;
+	if (weft_fast_connect(ctx, cookie, &dst))
 		return 1;
 	if (!weft_remember_orig_dst(ctx, &dst))
 		return 1;

@@ -123,7 +123,8 @@ nlohmann::json Ztunnel::configDump() const {
           {"services", services},
           {"endpoint_load", proxy_.balancer().toJson()},
           {"authorization_policies", policies},
-          {"events", events_ ? events_->statsJson() : nlohmann::json(nullptr)}};
+          {"events", events_ ? events_->statsJson() : nlohmann::json(nullptr)},
+          {"fast_path", fast_path_->statusJson()}};
 }
 
 HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
@@ -141,6 +142,16 @@ HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
     access_log_->setFormat(*f);
     spdlog::info("access log format: {}", accessLogFormatName(*f));
     return json(200, accessLogJson());
+  }
+  if (req.path == "/fast_path") {
+    // GET: state and counters; POST ?enabled=on|off switches caching verdicts at run time.
+    if (req.method == "GET") return json(200, fast_path_->statusJson());
+    if (req.method != "POST" && req.method != "PUT")
+      return error(405, "GET /fast_path or POST /fast_path?enabled=on|off");
+    if (req.query != "enabled=on" && req.query != "enabled=off")
+      return error(400, "want enabled=on|off");
+    fast_path_->setEnabled(req.query == "enabled=on");
+    return json(200, fast_path_->statusJson());
   }
   if (req.path == "/logging") {
     if (req.method == "GET") {
@@ -172,7 +183,11 @@ HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
     return json(200, t.value());
   }
   if (req.path == "/config_dump") return json(200, configDump());
-  if (req.path == "/connections") return json(200, proxy_.connectionsJson());
+  if (req.path == "/connections") {
+    nlohmann::json all = proxy_.connectionsJson();
+    for (auto& c : fast_path_->connectionsJson()) all.push_back(std::move(c));
+    return json(200, all);
+  }
   if (req.path == "/stats") {
     refreshGauges();
     return json(200, proxy_.stats().toJson());
@@ -197,6 +212,7 @@ HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
     return json(200, {{"endpoints",
                        {"GET /config_dump", "GET /connections", "GET /stats",
                         "GET /verdicts?since=SEQ&limit=N", "POST /logging?level=L",
+                        "GET /fast_path", "POST /fast_path?enabled=on|off",
                         "GET /events?pod=&namespace=&verdict=&kind=",
                         "GET /trace?src=NS/POD&dst=ADDR[:PORT]", "GET /logging",
                         "GET /access_log", "POST /access_log?format=text|json"}}});

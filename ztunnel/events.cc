@@ -25,6 +25,8 @@ const char* bpfEventType(uint32_t t) {
     case WEFT_EVENT_INBOUND_STEER: return "inbound_steer";
     case WEFT_EVENT_BIND_DENIED: return "bind_denied";
     case WEFT_EVENT_DNS_REDIRECT: return "dns_redirect";
+    case WEFT_EVENT_FAST_OPEN: return "fast_open";
+    case WEFT_EVENT_FAST_CLOSE: return "fast_close";
   }
   return "unknown";
 }
@@ -176,6 +178,15 @@ int EventHub::onRingRecord(void* ctx, void* data, size_t size) {
   }
   weft_event e;
   memcpy(&e, data, sizeof(e));
+  if (e.type == WEFT_EVENT_FAST_OPEN || e.type == WEFT_EVENT_FAST_CLOSE) {
+    if (size < sizeof(weft_fast_event)) {
+      self->malformed_++;
+      return 0;
+    }
+    weft_fast_event f;
+    memcpy(&f, data, sizeof(f));
+    if (self->on_fast_) self->on_fast_(f);
+  }
   self->publishBpf(e);
   return 0;
 }

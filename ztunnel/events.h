@@ -56,6 +56,9 @@ class EventHub {
   Status setPinDir(const std::string& pin_dir);
   bool consumingBpf() const { return rb_ != nullptr; }
 
+  // Where the same-node fast path's FAST_OPEN/FAST_CLOSE records go (they are also published).
+  void onFastEvent(std::function<void(const weft_fast_event&)> cb) { on_fast_ = std::move(cb); }
+
   // Producers.
   void publishVerdict(const VerdictEvent& e);
   void publishBpf(const weft_event& e);
@@ -82,6 +85,7 @@ class EventHub {
 
   uv_loop_t* loop_;
   EventPodResolver resolver_;
+  std::function<void(const weft_fast_event&)> on_fast_;
   std::string pin_dir_;
   ring_buffer* rb_ = nullptr;
   std::unique_ptr<UvHandle<uv_poll_t>> poll_;  // on the ring's epoll fd while consuming

@@ -35,14 +35,8 @@ std::optional<IpAddr> forwardedFor(const hbone::Headers& headers) {
   return std::nullopt;
 }
 
-Verdict authorizeInbound(Proxy& proxy, const WorkloadInfo& dst, const InboundPeer& peer,
-                         const SocketAddress& destination) {
-  const ClusterStatePtr& state = proxy.state();
-  // Labels and namespace from the live cluster state (a label change reaches selectors at
-  // once); the AddWorkload copy when the state does not know the pod.
-  WorkloadInfoPtr live = state ? state->workloadByUid(dst.uid) : nullptr;
-  const WorkloadInfo& w = live ? *live : dst;
-
+ConnectionAttributes inboundAttributes(const WorkloadInfo& w, const InboundPeer& peer,
+                                       const SocketAddress& destination) {
   ConnectionAttributes attrs;
   attrs.source_ip = peer.source.ip();
   attrs.remote_ip = peer.remote_ip.family() != 0 ? peer.remote_ip : peer.source.ip();
@@ -52,6 +46,18 @@ Verdict authorizeInbound(Proxy& proxy, const WorkloadInfo& dst, const InboundPee
   attrs.destination_labels = w.labels;
   attrs.destination_ip = destination.ip();
   attrs.destination_port = destination.port();
+  return attrs;
+}
+
+Verdict authorizeInbound(Proxy& proxy, const WorkloadInfo& dst, const InboundPeer& peer,
+                         const SocketAddress& destination) {
+  const ClusterStatePtr& state = proxy.state();
+  // Labels and namespace from the live cluster state (a label change reaches selectors at
+  // once); the AddWorkload copy when the state does not know the pod.
+  WorkloadInfoPtr live = state ? state->workloadByUid(dst.uid) : nullptr;
+  const WorkloadInfo& w = live ? *live : dst;
+
+  ConnectionAttributes attrs = inboundAttributes(w, peer, destination);
 
   static const std::vector<AuthorizationPolicyPtr> kNone;
   Verdict v = evaluate(state ? state->authorizationPolicies() : kNone, attrs);

@@ -18,6 +18,11 @@ struct InboundPeer {
   std::string principal;           // the verified SPIFFE ID; empty for plaintext
 };
 
+// The attributes the destination's policy sees for a connection from `peer` to `destination`
+// of workload `w` (the live cluster state's copy, for its current labels).
+ConnectionAttributes inboundAttributes(const WorkloadInfo& w, const InboundPeer& peer,
+                                       const SocketAddress& destination);
+
 // Decides and records (VerdictLog) the connection from `peer` to `destination` of local
 // workload `dst`; the caller refuses it when !allowed. Dry-run and AUDIT policies only show in
 // the recorded event.

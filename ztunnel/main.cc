@@ -56,6 +56,11 @@ int main(int argc, char** argv) {
   app.add_option("--access-log-format", access_log_format, "text|json")
       ->capture_default_str()
       ->check(CLI::IsMember({"text", "json"}));
+  std::string fast_path = "on";
+  app.add_option("--fast-path", fast_path,
+                 "same-node connections app to app in the kernel once policy allowed them: on|off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
   app.set_version_flag("--version", WEFT_VERSION);
   CLI11_PARSE(app, argc, argv);
 
@@ -84,6 +89,7 @@ int main(int argc, char** argv) {
   opts.drain_timeout_ms = static_cast<uint64_t>(drain_timeout * 1000);
   opts.cert_wait_ms = static_cast<uint64_t>(cert_wait * 1000);
   opts.access_log.sink = access_log;
+  opts.fast_path = fast_path == "on";
   opts.access_log.format = *weft::ztunnel::parseAccessLogFormat(access_log_format);
 
   uv_loop_t* loop = uv_default_loop();

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include "ztunnel/connection.h"
+#include "ztunnel/fast_path.h"
 #include "ztunnel/mesh_tls.h"
 #include "ztunnel/route.h"
 #include "ztunnel/sockets.h"
@@ -57,6 +58,8 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
     return;
   }
   c->upstream = route.next_hop;
+  // This connection takes the ztunnel path; the pair's next ones may go fast (same node).
+  if (proxy.fastPath()) proxy.fastPath()->consider(src, route, *orig);
   if (route.kind == RouteKind::kServiceEndpoint) {
     // Counts as the endpoint's open connection until it ends; the connect reports back.
     if (route.all_ejected) proxy.stats().lb_all_ejected_total++;

@@ -22,6 +22,7 @@
 
 namespace weft::ztunnel {
 
+class FastPath;
 class MeshTls;
 class ProxyConnection;
 
@@ -64,6 +65,9 @@ class Proxy {
   // The mTLS side (null: no HBONE, e.g. in tests without an identity manager).
   MeshTls* meshTls() const { return mesh_tls_; }
   void setMeshTls(MeshTls* m) { mesh_tls_ = m; }
+  // The same-node fast path (null: none, e.g. in tests).
+  FastPath* fastPath() const { return fast_path_; }
+  void setFastPath(FastPath* f) { fast_path_ = f; }
 
   size_t activeConnections() const { return connections_.size(); }
   // Cuts every connection (drain timeout).
@@ -107,6 +111,7 @@ class Proxy {
   std::function<void()> on_idle_;
   DestinationHook destination_hook_;
   MeshTls* mesh_tls_ = nullptr;
+  FastPath* fast_path_ = nullptr;
 };
 
 }  // namespace weft::ztunnel

@@ -54,7 +54,12 @@ namespace weft::ztunnel {
   X(dns_upstream_answers_total, "Forwarded DNS queries whose upstream answer was relayed")   \
   X(access_log_lines_total, "Access-log lines written to the sink")                         \
   X(access_log_dropped_total, "Access-log lines dropped: the sink was stuck or failing")    \
-  X(access_log_write_errors_total, "Access-log writes that failed")
+  X(access_log_write_errors_total, "Access-log writes that failed")                          \
+  X(fast_path_verdicts_cached_total, "Allowed same-node verdicts written for the fast path")  \
+  X(fast_path_cache_failures_total, "Fast-path verdicts the kernel map refused")              \
+  X(fast_path_invalidations_total, "Times every cached fast-path verdict was cleared")        \
+  X(fast_path_connections_total, "Same-node connections that went app to app in the kernel") \
+  X(fast_path_connect_failures_total, "Fast-path connects that never got established")
 
 // Gauges (weft_ztunnel_<name>), filled in when rendered.
 #define WEFT_ZTUNNEL_GAUGES(X)                                             \
@@ -64,7 +69,9 @@ namespace weft::ztunnel {
   X(ready, "1 once a snapshot from the agent was applied")                 \
   X(draining, "1 while draining for shutdown")                             \
   X(hbone_pool_connections, "Pooled outbound HBONE connections")         \
-  X(enrolled_pods, "Enrolled pods on this node the ztunnel serves (workloads with listeners)")
+  X(enrolled_pods, "Enrolled pods on this node the ztunnel serves (workloads with listeners)") \
+  X(fast_path_enabled, "1 while same-node verdicts are cached for the in-kernel fast path")   \
+  X(fast_path_active_connections, "Fast-path connections open now")
 
 struct ZtunnelStats {
 #define WEFT_DECLARE_STAT(name, help) uint64_t name = 0;

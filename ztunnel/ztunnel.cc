@@ -31,6 +31,9 @@ Ztunnel::Ztunnel(uv_loop_t* loop, ZtunnelOptions options)
     return w ? w->namespace_ + "/" + w->name : std::string();
   };
   events_ = std::make_unique<EventHub>(loop_, std::move(resolver));
+  fast_path_ = std::make_unique<FastPath>(proxy_, options_.fast_path);
+  proxy_.setFastPath(fast_path_.get());
+  events_->onFastEvent([this](const weft_fast_event& e) { fast_path_->onEvent(e); });
   proxy_.verdicts().setObserver([this](const VerdictEvent& e) {
     if (events_) events_->publishVerdict(e);
   });
@@ -154,6 +157,9 @@ Status Ztunnel::onNodeConfig(const node::v1::NodeConfig& config) {
     Status ev = events_->setPinDir(config.bpf_pin_dir());
     if (!ev) spdlog::warn("events: {}", ev.message());
   }
+  // Without its maps (an older BPF set) connections take the ztunnel path; /fast_path says why.
+  Status fp = fast_path_->setPinDir(config.bpf_pin_dir());
+  if (!fp) spdlog::warn("{}", fp.message());
   return workloads_.setPinDir(config.bpf_pin_dir());
 }
 
@@ -161,6 +167,7 @@ Status Ztunnel::onClusterUpdate(const node::v1::ClusterUpdate& update) {
   auto next = ClusterState::apply(proxy_.state().get(), update);
   if (!next) return next.status();
   proxy_.setState(std::move(next.value()));
+  fast_path_->invalidate("cluster update");
   return Status::ok();
 }
 
@@ -169,13 +176,15 @@ Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns
   if (!info) return info.status();
   snapshot_uids_.insert(info->uid);
   if (draining_) return Status::error("draining");
-  if (auto cookie = netnsCookie(netns.get()))
+  auto cookie = netnsCookie(netns.get());
+  if (cookie)
     pods_by_cookie_[cookie.value()] = {info->uid, info->namespace_ + "/" + info->name};
   Status st = workloads_.add(*info, std::move(netns));
   if (!st) {
     proxy_.stats().workload_listener_failures_total++;
     return st;
   }
+  if (cookie) fast_path_->addPod(info->uid, cookie.value());
   // Fetch its certificate ahead of its first connection.
   if (identities_) {
     Identity id{node_config_.trust_domain().empty() ? "cluster.local" : node_config_.trust_domain(),
@@ -194,6 +203,7 @@ Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns
 Status Ztunnel::onDelWorkload(const std::string& uid) {
   snapshot_uids_.erase(uid);
   std::erase_if(pods_by_cookie_, [&](const auto& kv) { return kv.second.first == uid; });
+  fast_path_->removePod(uid);
   if (identities_) identities_->removeWorkload(uid);
   return workloads_.remove(uid);
 }
@@ -221,7 +231,9 @@ void Ztunnel::refreshGauges() {
     s.access_log_dropped_total = a.dropped;
     s.access_log_write_errors_total = a.write_errors;
   }
-  s.active_connections = proxy_.activeConnections();
+  s.active_connections = proxy_.activeConnections() + fast_path_->activeConnections();
+  s.fast_path_enabled = fast_path_->available() && fast_path_->enabled() ? 1 : 0;
+  s.fast_path_active_connections = fast_path_->activeConnections();
   s.agent_connected = agent_ && agent_->connected() ? 1 : 0;
   s.ready = ready_ ? 1 : 0;
   s.draining = draining_ ? 1 : 0;

@@ -16,6 +16,7 @@
 #include "ztunnel/access_log.h"
 #include "ztunnel/agent_client.h"
 #include "ztunnel/events.h"
+#include "ztunnel/fast_path.h"
 #include "ztunnel/identity.h"
 #include "ztunnel/mesh_tls.h"
 #include "ztunnel/proxy.h"
@@ -32,6 +33,7 @@ struct ZtunnelOptions {
   uint64_t cert_wait_ms = 5000;  // how long a new connection waits for a first certificate
   AccessLogOptions access_log;   // sink "off" = none
   ListenerPorts ports;
+  bool fast_path = true;  // same-node verdicts cached for the in-kernel fast path
 };
 
 class Ztunnel : public AgentHandler {
@@ -54,6 +56,7 @@ class Ztunnel : public AgentHandler {
   IdentityManager* identities() { return identities_.get(); }
   // The HBONE side; null after shutdown().
   MeshTls* meshTls() { return mesh_tls_.get(); }
+  FastPath& fastPath() { return *fast_path_; }
   // Null when access logging is off.
   AccessLog* accessLog() { return access_log_.get(); }
 
@@ -94,6 +97,7 @@ class Ztunnel : public AgentHandler {
   // The /events stream (BPF ring consumer + verdicts), and the local pods by netns cookie for
   // naming BPF events: cookie -> (uid, "ns/name").
   std::unique_ptr<EventHub> events_;
+  std::unique_ptr<FastPath> fast_path_;
   std::map<uint64_t, std::pair<std::string, std::string>> pods_by_cookie_;
   HttpAdminServerPtr admin_;
   HttpAdminServerPtr metrics_;

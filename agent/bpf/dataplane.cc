@@ -39,7 +39,9 @@ namespace {
 constexpr const char* kMapNames[] = {WEFT_MAP_ENROLLED,       WEFT_MAP_SK_ORIG_DST,
                                      WEFT_MAP_ORIG_DST,       WEFT_MAP_INBOUND_LISTENERS,
                                      WEFT_MAP_INBOUND_BYPASS, WEFT_MAP_EVENTS,
-                                     WEFT_MAP_DNS_DST};
+                                     WEFT_MAP_DNS_DST,        WEFT_MAP_FAST_VERDICT,
+                                     WEFT_MAP_FAST_CONN,      WEFT_MAP_SK_FAST,
+                                     WEFT_MAP_FAST_STATS};
 // Programs attached at the cgroup root, each with a pinned link of the same name.
 constexpr const char* kCgroupProgs[] = {WEFT_PROG_CONNECT4,   WEFT_PROG_CONNECT6, WEFT_PROG_SOCKOPS,
                                         WEFT_PROG_GETSOCKOPT, WEFT_PROG_BIND4,    WEFT_PROG_BIND6,

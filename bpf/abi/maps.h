@@ -16,11 +16,18 @@
 /* The resolver a DNS socket asked for before cgroup/connect or cgroup/sendmsg sent it to the
  * ztunnel's 15053, keyed by the app socket (struct weft_dns_key -> struct weft_sockaddr). */
 #define WEFT_MAP_DNS_DST "weft_dns_dst"
+/* Same-node fast path (see the structs below): cached verdicts, connections in flight to their
+ * destination pod, the socket-local state of a fast connection, and the path's counters. */
+#define WEFT_MAP_FAST_VERDICT "weft_fast_verdict"
+#define WEFT_MAP_FAST_CONN "weft_fast_conn"
+#define WEFT_MAP_SK_FAST "weft_sk_fast"
+#define WEFT_MAP_FAST_STATS "weft_fast_stats"
 
 /* Version of the pinned set (programs + maps). Bump on any change of a map's shape or a program's
  * behaviour that an adopting agent must not mix with an older pinned set.
- * 2: DNS capture. 3: cgroup/sock_release deletes a closing UDP socket's weft_dns_dst entry. */
-#define WEFT_BPF_ABI_VERSION "weft-bpf-abi-3"
+ * 2: DNS capture. 3: cgroup/sock_release deletes a closing UDP socket's weft_dns_dst entry.
+ * 4: the same-node fast path (weft_fast_* maps, FAST_* events). */
+#define WEFT_BPF_ABI_VERSION "weft-bpf-abi-4"
 
 #ifndef WEFT_MAX_ENROLLED
 #define WEFT_MAX_ENROLLED 65536
@@ -36,6 +43,12 @@
 #endif
 #ifndef WEFT_MAX_DNS_DST
 #define WEFT_MAX_DNS_DST 65536
+#endif
+#ifndef WEFT_MAX_FAST_VERDICT
+#define WEFT_MAX_FAST_VERDICT 65536
+#endif
+#ifndef WEFT_MAX_FAST_CONN
+#define WEFT_MAX_FAST_CONN 65536
 #endif
 #define WEFT_EVENTS_RING_BYTES (256 * 1024)
 
@@ -80,6 +93,11 @@ struct weft_dns_key {
 #define WEFT_EVENT_INBOUND_STEER 2
 #define WEFT_EVENT_BIND_DENIED 3
 #define WEFT_EVENT_DNS_REDIRECT 4 /* dst = the resolver asked for; src unset */
+/* Same-node fast path, as struct weft_fast_event (a weft_event head + counts): FAST_OPEN when
+ * the client's connect completes (src = client, dst = the destination pod), FAST_CLOSE when its
+ * socket reaches TCP_CLOSE (with the bytes each way; old_state SYN_SENT = it never connected). */
+#define WEFT_EVENT_FAST_OPEN 5
+#define WEFT_EVENT_FAST_CLOSE 6
 struct weft_event {
 	__u64 timestamp_ns;
 	__u64 netns_cookie; /* 0 for INBOUND_STEER: sk_lookup cannot read it (dst = the pod) */
@@ -89,7 +107,69 @@ struct weft_event {
 	struct weft_sockaddr dst;
 };
 
+/* The same-node fast path. The ztunnel caches "allowed" verdicts of its policy engine for
+ * (source pod's netns, destination pod addr:port) when both pods are enrolled on this node;
+ * cgroup/connect then lets such a connect() go straight to the destination pod instead of to
+ * 15001, with weft_sk_fast state on the socket. sockops, once the client port is chosen
+ * (TCP_CONNECT_CB, before the SYN leaves), records the 4-tuple in weft_fast_conn; the
+ * destination's sk_lookup lets a connection whose 4-tuple is there through to the app instead of
+ * steering it to 15006; at TCP_CLOSE sockops reports the bytes and deletes the entry. */
+
+/* weft_fast_verdict (LRU hash): written and cleared by the ztunnel only. Present = allowed. */
+struct weft_fast_key {
+	__u64 src_netns_cookie;
+	struct weft_sockaddr dst; /* the destination pod's addr:port (v4-mapped stored as IPv4) */
+	__u32 reserved;
+};
+struct weft_fast_verdict {
+	__u64 dst_netns_cookie; /* the destination pod's netns (for events and weftctl) */
+	__u64 cached_ns;        /* bpf_ktime_get_ns() clock when the ztunnel cached it */
+};
+
+/* weft_fast_conn (LRU hash): client addr:port + destination addr:port (the client's view; no
+ * NAT between two pods of one node) -> the client's netns cookie. */
+struct weft_fast_conn_key {
+	struct weft_sockaddr src;
+	struct weft_sockaddr dst;
+};
+
+/* weft_sk_fast (SK_STORAGE) on the client socket of a fast connection. */
+#define WEFT_FAST_SK_KEYED (1u << 0)  /* its weft_fast_conn entry exists */
+#define WEFT_FAST_SK_OPENED (1u << 1) /* FAST_OPEN was sent */
+struct weft_fast_sock {
+	__u64 start_ns;
+	__u64 dst_netns_cookie;
+	struct weft_sockaddr dst;
+	__u32 flags; /* WEFT_FAST_SK_* */
+};
+
+/* weft_fast_stats (PERCPU_ARRAY of __u64), summed over CPUs by readers. */
+#define WEFT_FAST_STAT_CONNECTS 0     /* connect()s sent straight to the destination pod */
+#define WEFT_FAST_STAT_NO_STORAGE 1   /* verdict found, socket storage refused: took 15001 */
+#define WEFT_FAST_STAT_NO_CONN_ENTRY 2 /* weft_fast_conn update refused (sk_lookup will steer) */
+#define WEFT_FAST_STAT_LOOKUP_PASSED 3 /* sk_lookup let a fast connection through */
+#define WEFT_FAST_STAT_EVENTS_LOST 4  /* FAST_OPEN/FAST_CLOSE not sent: the ring was full */
+#define WEFT_FAST_STATS 8
+
+/* A FAST_OPEN / FAST_CLOSE record on weft_events (head.type tells which; head.netns_cookie is
+ * the client's netns). Bytes are the client socket's: sent = acked by the destination,
+ * received = delivered to the client. */
+struct weft_fast_event {
+	struct weft_event head;
+	__u64 dst_netns_cookie;
+	__u64 start_ns;
+	__u64 bytes_sent;
+	__u64 bytes_received;
+	__u32 old_state; /* FAST_CLOSE: the TCP state before TCP_CLOSE (BPF_TCP_*) */
+	__u32 reserved;
+};
+
 #ifdef __cplusplus
+static_assert(sizeof(struct weft_fast_key) == 32, "weft_fast_key is ABI");
+static_assert(sizeof(struct weft_fast_verdict) == 16, "weft_fast_verdict is ABI");
+static_assert(sizeof(struct weft_fast_conn_key) == 40, "weft_fast_conn_key is ABI");
+static_assert(sizeof(struct weft_fast_sock) == 40, "weft_fast_sock is ABI");
+static_assert(sizeof(struct weft_fast_event) == 104, "weft_fast_event is ABI");
 static_assert(sizeof(struct weft_enrollment) == 16, "weft_enrollment is ABI");
 static_assert(sizeof(struct weft_orig_dst_key) == 32, "weft_orig_dst_key is ABI");
 static_assert(sizeof(struct weft_event) == 64, "weft_event is ABI");

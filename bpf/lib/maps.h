@@ -72,3 +72,40 @@ struct {
 	__type(value, struct weft_sockaddr);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_dns_dst SEC(".maps");
+
+/* weft_fast_verdict: (source netns, destination pod addr:port) -> allowed, cached by the ztunnel
+ * from its policy engine. LRU: a cache; an evicted verdict only means the ztunnel path. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEFT_MAX_FAST_VERDICT);
+	__type(key, struct weft_fast_key);
+	__type(value, struct weft_fast_verdict);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_fast_verdict SEC(".maps");
+
+/* weft_fast_conn: 4-tuples of fast connections, from the client's connect until its close. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEFT_MAX_FAST_CONN);
+	__type(key, struct weft_fast_conn_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_fast_conn SEC(".maps");
+
+/* weft_sk_fast: a fast connection's client socket: when it started, where it goes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct weft_fast_sock);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_sk_fast SEC(".maps");
+
+/* weft_fast_stats: the fast path's counters (WEFT_FAST_STAT_*). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEFT_FAST_STATS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_fast_stats SEC(".maps");
