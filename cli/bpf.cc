@@ -360,7 +360,14 @@ int mapDump(Context& ctx, const std::vector<std::string>& args) {
   } else {
     auto keys = keysOf(fd->get(), info.value(), path);
     if (!keys) return ctx.fail(keys.status());
-    std::vector<uint8_t> value(info->value_size);
+    // Per-CPU maps answer a lookup with one (8-byte aligned) value per possible CPU.
+    bool percpu = info->type == BPF_MAP_TYPE_PERCPU_ARRAY ||
+                  info->type == BPF_MAP_TYPE_PERCPU_HASH ||
+                  info->type == BPF_MAP_TYPE_LRU_PERCPU_HASH;
+    int ncpu = percpu ? libbpf_num_possible_cpus() : 1;
+    if (ncpu <= 0) return ctx.fail(std::string("cannot count the possible CPUs"));
+    size_t slot = percpu ? (info->value_size + 7) / 8 * 8 : info->value_size;
+    std::vector<uint8_t> value(slot * static_cast<size_t>(ncpu));
     for (const auto& k : keys.value()) {
       if (bpf_map_lookup_elem(fd->get(), k.data(), value.data()) != 0) continue;  // gone
       json e;
@@ -389,6 +396,43 @@ int mapDump(Context& ctx, const std::vector<std::string>& args) {
         memcpy(&key, k.data(), sizeof(key));
         memcpy(&cookie, value.data(), 8);
         e = decodeInboundListener(key, cookie, pods);
+      } else if (name == WEFT_MAP_FAST_STATS && percpu && info->value_size == 8) {
+        uint32_t index;
+        memcpy(&index, k.data(), 4);
+        static const char* kNames[] = {"connects", "no_storage", "no_conn_entry",
+                                       "lookup_passed", "events_lost"};
+        uint64_t sum = 0;
+        for (int c = 0; c < ncpu; ++c) {
+          uint64_t v;
+          memcpy(&v, value.data() + static_cast<size_t>(c) * slot, 8);
+          sum += v;
+        }
+        e = {{"counter", index < std::size(kNames) ? json(kNames[index]) : json(index)},
+             {"value", sum}};
+      } else if (name == WEFT_MAP_FAST_VERDICT &&
+                 check(sizeof(weft_fast_key), sizeof(weft_fast_verdict))) {
+        weft_fast_key key;
+        weft_fast_verdict v;
+        memcpy(&key, k.data(), sizeof(key));
+        memcpy(&v, value.data(), sizeof(v));
+        auto pod = [&](uint64_t cookie) -> json {
+          auto it = pods.by_cookie.find(cookie);
+          return it == pods.by_cookie.end() ? json() : json(it->second);
+        };
+        e = {{"pod", pod(key.src_netns_cookie)},
+             {"netns_cookie", key.src_netns_cookie},
+             {"original_destination", SocketAddress::fromAbi(key.dst).toString()},
+             {"destination_pod", pod(v.dst_netns_cookie)}};
+      } else if (name == WEFT_MAP_FAST_CONN && check(sizeof(weft_fast_conn_key), 8)) {
+        weft_fast_conn_key key;
+        uint64_t cookie;
+        memcpy(&key, k.data(), sizeof(key));
+        memcpy(&cookie, value.data(), 8);
+        auto it = pods.by_cookie.find(cookie);
+        e = {{"pod", it == pods.by_cookie.end() ? json() : json(it->second)},
+             {"netns_cookie", cookie},
+             {"client", SocketAddress::fromAbi(key.src).toString()},
+             {"original_destination", SocketAddress::fromAbi(key.dst).toString()}};
       } else if (name == WEFT_MAP_INBOUND_BYPASS && info->key_size == sizeof(weft_ip)) {
         weft_ip key;
         memcpy(&key, k.data(), sizeof(key));
@@ -416,8 +460,9 @@ int mapDump(Context& ctx, const std::vector<std::string>& args) {
     // Columns in a reading order: who (pod), then the key, then what it maps to.
     std::vector<std::string> header;
     for (const char* k : {"pod", "pod_ip", "netns_cookie", "socket_cookie", "client",
-                          "original_destination", "resolver", "listener_socket_cookie",
-                          "source_ip", "flags", "workload_id", "key", "value"})
+                          "original_destination", "destination_pod", "resolver",
+                          "listener_socket_cookie", "counter", "source_ip", "flags",
+                          "workload_id", "key", "value"})
       if (entries[0].contains(k)) header.push_back(k);
     std::vector<std::string> upper = header;
     for (auto& h : upper)

@@ -64,12 +64,24 @@ json addIdentities(json conns, const json& workloads, const std::string& trust_d
     if (hbone) {
       src = outbound ? identityOf(c.value("source_workload", "")) : json(peer);
       dst = outbound ? json(peer) : identityOf(c.value("destination_workload", ""));
+    } else if (c.value("path", "") == "fast") {
+      // Same node, app to app in the kernel: the kernel attests both pods (netns cookies).
+      src = identityOf(c.value("source_workload", ""));
+      dst = identityOf(c.value("destination_workload", ""));
     }
     c["source_identity"] = src;
     c["destination_identity"] = dst;
   }
   return conns;
 }
+
+namespace {
+std::string bytesCell(const json& c, const char* key) {
+  auto it = c.find(key);
+  if (it == c.end() || !it->is_number_unsigned()) return "-";
+  return humanBytes(it->get<uint64_t>());
+}
+}  // namespace
 
 std::string renderConnections(const json& conns) {
   Table t({"DIRECTION", "SOURCE", "DESTINATION", "PATH", "SOURCE IDENTITY",
@@ -82,8 +94,8 @@ std::string renderConnections(const json& conns) {
            (src.empty() ? "" : src + " ") + c.value("src", ""),
            (dst.empty() ? (svc.empty() ? "" : svc + " ") : dst + " ") + c.value("dst", ""),
            cellOf(c, "path"), cellOf(c, "source_identity"), cellOf(c, "destination_identity"),
-           humanBytes(c.value("bytes_received", uint64_t{0})),
-           humanBytes(c.value("bytes_sent", uint64_t{0})),
+           // null: a fast-path connection, whose bytes the kernel reports when it closes
+           bytesCell(c, "bytes_received"), bytesCell(c, "bytes_sent"),
            humanDuration(c.value("age_ms", uint64_t{0})), cellOf(c, "state")});
   }
   return t.render();

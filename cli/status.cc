@@ -77,6 +77,23 @@ std::string renderStatus(const json& s) {
          fmt::format("{} valid, {} expiring (in the renew window), {} expired, {} pending",
                      cellOf(c, "valid"), cellOf(c, "expiring"), cellOf(c, "expired"),
                      cellOf(c, "pending"))});
+  if (s.contains("fast_path") && s["fast_path"].is_object()) {
+    // Same-node connections app to app in the kernel; fallbacks = the kernel refused and the
+    // connection took the ztunnel path.
+    const json& f = s["fast_path"];
+    std::string state = f.value("state", std::string("?"));
+    std::string reason = f.value("reason", std::string());
+    const json& kernel = f.value("kernel", json::object());
+    t.add({"fast path", state == "on" && f.value("fallbacks", 0) > 0 ? "fallbacks" : state,
+           fmt::format("{}{} cached verdicts, {} open, {} connections, {} connect failures, {} "
+                       "fallbacks to the ztunnel path (no socket storage {}, no 4-tuple entry {}, "
+                       "verdict cache refused {}), {} events lost",
+                       reason.empty() ? "" : reason + "; ", cellOf(f, "cached_verdicts"),
+                       cellOf(f, "active_connections"), cellOf(f, "connections"),
+                       cellOf(f, "connect_failures"), cellOf(f, "fallbacks"),
+                       cellOf(kernel, "no_storage"), cellOf(kernel, "no_conn_entry"),
+                       cellOf(f, "cache_failures"), cellOf(kernel, "events_lost"))});
+  }
   t.add({"config", s.value("config_errors", 0) > 0 ? "errors" : "ok",
          fmt::format("{} manifest errors", cellOf(s, "config_errors"))});
   return t.render();
@@ -113,6 +130,7 @@ int runStatus(Context& ctx, const std::vector<std::string>& args) {
       {"certificates",
        certificateHealth(zd.value("certificates", json::array()), ::time(nullptr))},
       {"config_errors", as.value("config_errors", 0)},
+      {"fast_path", zd.contains("fast_path") ? zd["fast_path"] : json(nullptr)},
   };
   if (ctx.json()) {
     ctx.printJson(out);
