@@ -145,6 +145,8 @@ struct AccessLog::Impl {
   AccessLogStats stats;
 
   void push(std::string line) {
+    // A full buffer that is only waiting for the gathering delay goes out now instead.
+    if (pending.size() + line.size() > max_buffered && !busy) kick();
     if (pending.size() + line.size() > max_buffered) {
       stats.dropped++;
       if (stats.dropped == 1 || stats.dropped % 1000 == 0)
