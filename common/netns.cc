@@ -45,6 +45,20 @@ ScopedNetns::ScopedNetns(int netns_fd) {
     return;
   }
   original_.reset(cur);
+  home_fd_ = cur;
+  enter(netns_fd);
+}
+
+ScopedNetns::ScopedNetns(int netns_fd, int home_fd) : home_fd_(home_fd) {
+  if (netns_fd < 0) return;
+  if (home_fd < 0) {
+    status_ = Status::error("setns: no namespace to return to");
+    return;
+  }
+  enter(netns_fd);
+}
+
+void ScopedNetns::enter(int netns_fd) {
   if (setns(netns_fd, CLONE_NEWNET) != 0) {
     status_ = Status::errorf("setns: {}", errnoText(errno));
     return;
@@ -54,7 +68,7 @@ ScopedNetns::ScopedNetns(int netns_fd) {
 
 ScopedNetns::~ScopedNetns() {
   if (!entered_) return;
-  if (setns(original_.get(), CLONE_NEWNET) != 0) {
+  if (setns(home_fd_, CLONE_NEWNET) != 0) {
     // A thread stuck in a pod's namespace would open every later socket there: never go on.
     abort();
   }
@@ -62,6 +76,14 @@ ScopedNetns::~ScopedNetns() {
 
 Result<UniqueFd> socketIn(int netns_fd, int domain, int type, int protocol) {
   ScopedNetns in(netns_fd);
+  if (!in.status()) return in.status();
+  int fd = ::socket(domain, type | SOCK_CLOEXEC, protocol);
+  if (fd < 0) return Status::errorf("socket: {}", errnoText(errno));
+  return UniqueFd(fd);
+}
+
+Result<UniqueFd> socketInFrom(int home_fd, int netns_fd, int domain, int type, int protocol) {
+  ScopedNetns in(netns_fd, home_fd);
   if (!in.status()) return in.status();
   int fd = ::socket(domain, type | SOCK_CLOEXEC, protocol);
   if (fd < 0) return Status::errorf("socket: {}", errnoText(errno));

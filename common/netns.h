@@ -24,18 +24,27 @@ Result<uint64_t> currentNetnsCookie();
 class ScopedNetns {
  public:
   explicit ScopedNetns(int netns_fd);
+  // Returns to `home_fd` (borrowed: the caller keeps it open, and it must be the namespace the
+  // thread is in) instead of opening /proc/thread-self/ns/net: for a thread that enters pods'
+  // namespaces once per connection.
+  ScopedNetns(int netns_fd, int home_fd);
   ~ScopedNetns();
   ScopedNetns(const ScopedNetns&) = delete;
   ScopedNetns& operator=(const ScopedNetns&) = delete;
   const Status& status() const { return status_; }
 
  private:
+  void enter(int netns_fd);
+
   UniqueFd original_;
+  int home_fd_ = -1;  // original_ or a borrowed descriptor
   Status status_;
   bool entered_ = false;
 };
 
 // socket(domain, type, protocol) created inside the namespace `netns_fd` (-1 = current).
 Result<UniqueFd> socketIn(int netns_fd, int domain, int type, int protocol = 0);
+// The same, returning to `home_fd` (see ScopedNetns(netns_fd, home_fd)).
+Result<UniqueFd> socketInFrom(int home_fd, int netns_fd, int domain, int type, int protocol = 0);
 
 }  // namespace weft

@@ -124,6 +124,10 @@ std::string formatAccessLog(const AccessLogRecord& r, AccessLogFormat format) {
 // destruction and deletes itself once that write returns.
 struct AccessLog::Impl {
   uv_loop_t* loop = nullptr;
+  uint64_t flush_delay_ms = 0;
+  size_t flush_bytes = 0;
+  uv_timer_t* timer = nullptr;  // the gathering delay; closed (and freed) with the AccessLog
+  bool timer_armed = false;
   std::string sink;
   int fd = -1;
   bool own_fd = false;
@@ -141,6 +145,8 @@ struct AccessLog::Impl {
   AccessLogStats stats;
 
   void push(std::string line) {
+    // A full buffer that is only waiting for the gathering delay goes out now instead.
+    if (pending.size() + line.size() > max_buffered && !busy) kick();
     if (pending.size() + line.size() > max_buffered) {
       stats.dropped++;
       if (stats.dropped == 1 || stats.dropped % 1000 == 0)
@@ -150,11 +156,33 @@ struct AccessLog::Impl {
     }
     pending += line;
     pending_lines++;
-    kick();
+    if (busy) return;  // onWritten takes what gathered meanwhile
+    if (timer == nullptr || pending.size() >= flush_bytes) return kick();
+    if (!timer_armed) {
+      timer_armed = uv_timer_start(timer, onTimer, flush_delay_ms, 0) == 0;
+      if (!timer_armed) kick();
+    }
+  }
+  static void onTimer(uv_timer_t* t) {
+    auto* self = static_cast<Impl*>(t->data);
+    self->timer_armed = false;
+    self->kick();
+  }
+  void closeTimer() {
+    if (timer == nullptr) return;
+    uv_timer_stop(timer);
+    uv_close(reinterpret_cast<uv_handle_t*>(timer),
+             [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+    timer = nullptr;
+    timer_armed = false;
   }
 
   void kick() {
     if (busy || pending.empty()) return;
+    if (timer_armed) {
+      uv_timer_stop(timer);
+      timer_armed = false;
+    }
     inflight.swap(pending);
     pending.clear();
     inflight_lines = pending_lines;
@@ -232,6 +260,8 @@ Result<std::unique_ptr<AccessLog>> AccessLog::open(uv_loop_t* loop, const Access
   impl->sink = o.sink;
   impl->format = o.format;
   impl->max_buffered = o.max_buffered;
+  impl->flush_delay_ms = o.flush_delay_ms;
+  impl->flush_bytes = o.flush_bytes;
   if (o.sink == "stderr") {
     impl->fd = STDERR_FILENO;
   } else {
@@ -239,10 +269,22 @@ Result<std::unique_ptr<AccessLog>> AccessLog::open(uv_loop_t* loop, const Access
     if (impl->fd < 0) return Status::errorf("access log {}: {}", o.sink, errnoText(errno));
     impl->own_fd = true;
   }
+  if (o.flush_delay_ms > 0) {
+    auto* t = new uv_timer_t{};
+    int rc = uv_timer_init(loop, t);
+    if (rc != 0) {
+      delete t;
+      if (impl->own_fd) ::close(impl->fd);
+      return Status::errorf("access log {}: uv_timer_init: {}", o.sink, uv_strerror(rc));
+    }
+    t->data = impl.get();
+    impl->timer = t;
+  }
   return std::unique_ptr<AccessLog>(new AccessLog(impl.release()));
 }
 
 AccessLog::~AccessLog() {
+  impl_->closeTimer();  // what it was gathering goes out below or after the write in flight
   impl_->orphaned = true;
   if (!impl_->busy) impl_->finish();
 }

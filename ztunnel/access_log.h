@@ -47,6 +47,11 @@ struct AccessLogOptions {
   std::string sink = "off";  // "off" | "stderr" | a file path (opened O_APPEND, created 0640)
   AccessLogFormat format = AccessLogFormat::kText;
   size_t max_buffered = 1 << 20;  // bytes waiting to be written; more lines are dropped
+  // Lines are gathered for up to this long (or until flush_bytes are waiting) and written
+  // together: one thread-pool write per line cost a wake-up and a context switch per
+  // connection. 0 = write as soon as the sink is idle.
+  uint64_t flush_delay_ms = 50;
+  size_t flush_bytes = 64 << 10;
 };
 
 struct AccessLogStats {

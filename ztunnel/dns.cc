@@ -288,6 +288,17 @@ Status setMark(int fd) {
   return Status::ok();
 }
 
+// The receive buffer of every DNS socket (client and upstream, UDP and TCP) on this thread's
+// loop: libuv asks for it in the alloc callback and the read callback consumes or copies what
+// it got before returning, so two reads never hold it at once. One per pod cost 64 KiB of
+// touched memory each (6.4 MiB with 100 pods); this one is not even touched until a query
+// comes (new[] without initialisation).
+uv_buf_t sharedRecvBuffer() {
+  constexpr size_t kSize = dns::kMaxMessage + 1;  // one more: a datagram over 64 KiB is partial
+  thread_local std::unique_ptr<char[]> buf(new char[kSize]);
+  return uv_buf_init(buf.get(), static_cast<unsigned>(kSize));
+}
+
 std::optional<SocketAddress> addressOf(const sockaddr* sa) {
   if (sa == nullptr) return std::nullopt;
   socklen_t len = sa->sa_family == AF_INET ? sizeof(sockaddr_in) : sizeof(sockaddr_in6);
@@ -298,9 +309,7 @@ std::optional<SocketAddress> addressOf(const sockaddr* sa) {
 
 PodDnsServer::PodDnsServer(Proxy& proxy, LocalPodPtr pod, DnsOptions options,
                            DnsResolverLookup lookup)
-    : proxy_(proxy), pod_(std::move(pod)), options_(options), lookup_(std::move(lookup)) {
-  recv_buf_.resize(dns::kMaxMessage + 1);
-}
+    : proxy_(proxy), pod_(std::move(pod)), options_(options), lookup_(std::move(lookup)) {}
 
 PodDnsServer::~PodDnsServer() = default;
 
@@ -369,11 +378,7 @@ Status PodDnsServer::addUdp(const SocketAddress& addr) {
   u->handle.get()->data = u.get();
   rc = uv_udp_recv_start(
       u->handle.get(),
-      [](uv_handle_t* h, size_t, uv_buf_t* buf) {
-        auto* self = static_cast<UdpSocket*>(h->data);
-        buf->base = reinterpret_cast<char*>(self->server->recv_buf_.data());
-        buf->len = self->server->recv_buf_.size();
-      },
+      [](uv_handle_t*, size_t, uv_buf_t* buf) { *buf = sharedRecvBuffer(); },
       [](uv_udp_t* h, ssize_t nread, const uv_buf_t* buf, const sockaddr* addr, unsigned flags) {
         auto* self = static_cast<UdpSocket*>(h->data);
         if (nread < 0) {
@@ -536,11 +541,7 @@ void PodDnsServer::forwardUdp(UdpSocket& sock, const dns::Query& q, std::span<co
   f->timer.get()->data = f.get();
   rc = uv_udp_recv_start(
       f->handle.get(),
-      [](uv_handle_t* h, size_t, uv_buf_t* buf) {
-        auto* self = static_cast<UdpForward*>(h->data);
-        buf->base = reinterpret_cast<char*>(self->server->recv_buf_.data());
-        buf->len = self->server->recv_buf_.size();
-      },
+      [](uv_handle_t*, size_t, uv_buf_t* buf) { *buf = sharedRecvBuffer(); },
       [](uv_udp_t* h, ssize_t nread, const uv_buf_t* buf, const sockaddr* addr, unsigned flags) {
         auto* self = static_cast<UdpForward*>(h->data);
         PodDnsServer* server = self->server;
@@ -619,11 +620,7 @@ void PodDnsServer::acceptTcp(TcpListener& l) {
   s->timer.get()->data = s.get();
   rc = uv_read_start(
       s->client.stream(),
-      [](uv_handle_t* h, size_t, uv_buf_t* buf) {
-        auto* self = static_cast<TcpSession*>(h->data);
-        buf->base = reinterpret_cast<char*>(self->server->recv_buf_.data());
-        buf->len = self->server->recv_buf_.size();
-      },
+      [](uv_handle_t*, size_t, uv_buf_t* buf) { *buf = sharedRecvBuffer(); },
       [](uv_stream_t* st, ssize_t nread, const uv_buf_t* buf) {
         auto* self = static_cast<TcpSession*>(st->data);
         if (nread == UV_EOF) {
@@ -747,11 +744,7 @@ void PodDnsServer::TcpSession::forward(const dns::Query& q, std::span<const uint
         self->upstream_pending.clear();
         int rc2 = uv_read_start(
             self->upstream->stream(),
-            [](uv_handle_t* h, size_t, uv_buf_t* buf) {
-              auto* s = static_cast<TcpSession*>(h->data);
-              buf->base = reinterpret_cast<char*>(s->server->recv_buf_.data());
-              buf->len = s->server->recv_buf_.size();
-            },
+            [](uv_handle_t*, size_t, uv_buf_t* buf) { *buf = sharedRecvBuffer(); },
             [](uv_stream_t* st, ssize_t nread, const uv_buf_t* buf) {
               auto* s = static_cast<TcpSession*>(st->data);
               if (nread < 0) return s->upstreamFailed(uv_strerror(static_cast<int>(nread)), true);

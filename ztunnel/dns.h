@@ -122,7 +122,6 @@ class PodDnsServer {
   DnsResolverLookup lookup_;
   uint64_t netns_cookie_ = 0;
   UniqueFd diag_fd_;
-  std::vector<uint8_t> recv_buf_;
   std::vector<std::unique_ptr<UdpSocket>> udp_;
   std::vector<std::unique_ptr<TcpListener>> tcp_;
   // Declared after the sockets: destroyed (their handles closed) before them.

@@ -18,8 +18,12 @@ void handleOutbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod)
   proxy.stats().outbound_accepted_total++;
   int fd = c->downstreamFd();
   if (auto peer = peerAddress(fd)) c->source = *peer;
-  auto local = localAddress(fd);
-  int family = local ? local->family() : AF_INET;
+  // A TCP peer is of the socket's own family: no getsockname() needed for it.
+  int family = c->source.family();
+  if (family == 0) {
+    auto local = localAddress(fd);
+    family = local ? local->family() : AF_INET;
+  }
   const WorkloadInfo& src = *pod->info;
   // The app reached us on the pod's loopback, so its socket's address is loopback too; who it
   // is to everyone else (logs, /connections, metrics) is the pod's own address, same port.

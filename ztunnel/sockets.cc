@@ -1,6 +1,7 @@
 // Marked sockets, listeners in pod namespaces, and SO_ORIGINAL_DST.
 #include "ztunnel/sockets.h"
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -15,8 +16,24 @@
 
 namespace weft::ztunnel {
 
+namespace {
+
+// The namespace this thread lives in, opened once: every upstream socket enters a pod's netns
+// and comes back, and opening /proc/thread-self/ns/net for each one (a procfs path walk, an
+// open and a close) was a visible part of the per-connection cost. The ztunnel's loop threads
+// never change namespace except through ScopedNetns, which always returns.
+int homeNetns() {
+  thread_local UniqueFd home(::open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC));
+  return home.get();
+}
+
+}  // namespace
+
 Result<UniqueFd> markedTcpSocket(int netns_fd, int family) {
-  auto s = socketIn(netns_fd, family, SOCK_STREAM | SOCK_NONBLOCK, IPPROTO_TCP);
+  int home = netns_fd < 0 ? -1 : homeNetns();
+  auto s = home >= 0 || netns_fd < 0
+               ? socketInFrom(home, netns_fd, family, SOCK_STREAM | SOCK_NONBLOCK, IPPROTO_TCP)
+               : socketIn(netns_fd, family, SOCK_STREAM | SOCK_NONBLOCK, IPPROTO_TCP);
   if (!s) return s.status();
   int mark = WEFT_ZTUNNEL_MARK;
   if (setsockopt(s->get(), SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)

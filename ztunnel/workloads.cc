@@ -135,6 +135,7 @@ Status LocalWorkloads::add(const WorkloadInfo& info, UniqueFd netns) {
   }
   spdlog::info("{} ({}): listening in its netns, {} IPs steered", what, info.uid,
                e.registered.size());
+  for (const IpAddr& ip : info.ips) pod_by_ip_.emplace(ip, pod);
   pods_.emplace(info.uid, std::move(e));
   return Status::ok();
 }
@@ -173,14 +174,25 @@ Status LocalWorkloads::remove(const std::string& uid) {
   unregister(it->second);
   spdlog::info("workload {}/{} ({}): listeners closed", it->second.pod->info->namespace_,
                it->second.pod->info->name, uid);
+  LocalPodPtr gone = it->second.pod;
   pods_.erase(it);  // closes the listeners; connections hold the pod until they end
+  for (const IpAddr& ip : gone->info->ips) {
+    auto at = pod_by_ip_.find(ip);
+    if (at == pod_by_ip_.end() || at->second != gone) continue;
+    pod_by_ip_.erase(at);
+    // Another held pod with the same IP (a stale uid the next snapshot drops) takes it over.
+    for (const auto& [other_uid, other] : pods_)
+      if (other.pod->info->hasIp(ip)) {
+        pod_by_ip_.emplace(ip, other.pod);
+        break;
+      }
+  }
   return Status::ok();
 }
 
 LocalPodPtr LocalWorkloads::podByIp(const IpAddr& ip) const {
-  for (const auto& [uid, e] : pods_)
-    if (e.pod->info->hasIp(ip)) return e.pod;
-  return nullptr;
+  auto it = pod_by_ip_.find(ip);
+  return it == pod_by_ip_.end() ? nullptr : it->second;
 }
 
 void LocalWorkloads::retainOnly(const std::set<std::string>& keep) {

@@ -77,7 +77,8 @@ class LocalWorkloads {
   void closeAllListeners();
 
   bool contains(const std::string& uid) const { return pods_.count(uid) != 0; }
-  // The local pod that has `ip`, or null.
+  // The local pod that has `ip`, or null. An index lookup: the HBONE server asks this for
+  // every CONNECT stream, so it must not walk the pods.
   LocalPodPtr podByIp(const IpAddr& ip) const;
   size_t size() const { return pods_.size(); }
   nlohmann::json toJson() const;
@@ -100,6 +101,9 @@ class LocalWorkloads {
   std::optional<InboundListenerMap> map_;
   DnsResolverLookup dns_lookup_for_test_;
   std::map<std::string, Entry> pods_;
+  // Every IP of every held pod -> that pod (kept with pods_; the first pod added with an IP
+  // keeps it, as the old scan in uid order did not guarantee either).
+  std::map<IpAddr, LocalPodPtr> pod_by_ip_;
 };
 
 }  // namespace weft::ztunnel

@@ -439,6 +439,52 @@ TEST_F(AccessLogWriterTest, WritesEveryLineToAFile) {
   std::filesystem::remove_all(tmpl);
 }
 
+// Lines are gathered for flush_delay_ms and go out in one write; flush_bytes waiting (or a
+// zero delay) sends them at once.
+TEST_F(AccessLogWriterTest, GathersLinesForTheDelay) {
+  char tmpl[] = "/tmp/weft-alog-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  std::string path = std::string(tmpl) + "/a.log";
+  std::string line = formatAccessLog(fullRecord(), AccessLogFormat::kText);
+  {
+    AccessLogOptions o{path, AccessLogFormat::kText, 1 << 20};
+    o.flush_delay_ms = 1000;  // long enough that a busy machine cannot outlast it below
+    o.flush_bytes = 64 << 10;
+    auto log = AccessLog::open(&loop_, o);
+    ASSERT_TRUE(log) << log.status().message();
+    uv_update_time(&loop_);
+    for (int i = 0; i < 3; ++i) (*log)->write(fullRecord());
+    uv_run(&loop_, UV_RUN_NOWAIT);
+    EXPECT_EQ(std::filesystem::file_size(path), 0u) << "written before the delay";
+    EXPECT_EQ((*log)->stats().lines, 0u);
+    uv_run(&loop_, UV_RUN_DEFAULT);  // the timer, then the write
+    EXPECT_EQ((*log)->stats().lines, 3u);
+    EXPECT_EQ(std::filesystem::file_size(path), 3 * line.size());
+    // flush_bytes reached: out without waiting for the timer.
+    size_t n = (64 << 10) / line.size() + 1;
+    for (size_t i = 0; i < n; ++i) (*log)->write(fullRecord());
+    EXPECT_EQ((*log)->stats().lines, 3u);  // in flight on the thread pool, not yet counted
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    EXPECT_EQ((*log)->stats().lines, 3u + n);
+    // A line still gathering when the log goes is written on the way out.
+    (*log)->write(fullRecord());
+  }
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  EXPECT_EQ(std::filesystem::file_size(path), (4 + (64 << 10) / line.size() + 1) * line.size());
+  {
+    AccessLogOptions o{path, AccessLogFormat::kText, 1 << 20};
+    o.flush_delay_ms = 0;  // no gathering: the write starts at once
+    auto log = AccessLog::open(&loop_, o);
+    ASSERT_TRUE(log);
+    (*log)->write(fullRecord());
+    uv_run(&loop_, UV_RUN_NOWAIT);
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    EXPECT_EQ((*log)->stats().lines, 1u);
+  }
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  std::filesystem::remove_all(tmpl);
+}
+
 TEST_F(AccessLogWriterTest, WriteErrorsAreCounted) {
   auto log = AccessLog::open(&loop_, {"/dev/full", AccessLogFormat::kText, 1 << 20});
   ASSERT_TRUE(log) << log.status().message();

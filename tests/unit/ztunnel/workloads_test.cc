@@ -251,6 +251,51 @@ TEST_F(ZtunnelNetnsTest, SnapshotDropsWorkloadsNotInIt) {
   EXPECT_EQ(zt_->handleReadiness({"GET", "/healthz/ready", "", ""}).status, 200);
 }
 
+// The HBONE server finds a CONNECT's pod by its IP through podByIp(), an index kept with the
+// pods: with many pods (sharing one netns here; SO_REUSEPORT lets their listeners coexist)
+// each IP answers its own pod, a removed pod's IPs answer nothing, and an IP two held pods
+// share (a stale uid and its successor) passes to the one that is left.
+TEST_F(ZtunnelNetnsTest, PodByIpFindsEachOfManyPods) {
+  constexpr int kPods = 40;
+  auto ip4 = [](int i) { return "10.250." + std::to_string(1 + i / 200) + "." +
+                                std::to_string(1 + i % 200); };
+  auto ip6 = [](int i) { return "fd00:250::1:" + std::to_string(i + 1); };
+  for (int i = 0; i < kPods; i++) {
+    node::v1::Workload w = podProto("many-" + std::to_string(i), "pod-" + std::to_string(i));
+    w.clear_ips();
+    w.add_ips(ip4(i));
+    w.add_ips(ip6(i));
+    Status st = zt_->onAddWorkload(w, netns_->dupFd());
+    ASSERT_TRUE(st) << i << ": " << st.message();
+  }
+  for (int i = 0; i < kPods; i++) {
+    for (const std::string& text : {ip4(i), ip6(i)}) {
+      LocalPodPtr pod = zt_->workloads().podByIp(*IpAddr::parse(text));
+      ASSERT_NE(pod, nullptr) << text;
+      EXPECT_EQ(pod->info->name, "pod-" + std::to_string(i)) << text;
+    }
+  }
+  EXPECT_EQ(zt_->workloads().podByIp(*IpAddr::parse("10.250.9.9")), nullptr);
+  EXPECT_EQ(zt_->workloads().podByIp(*IpAddr::parse("fd00:250::9:9")), nullptr);
+
+  ASSERT_TRUE(zt_->onDelWorkload("many-7"));
+  EXPECT_EQ(zt_->workloads().podByIp(*IpAddr::parse(ip4(7))), nullptr);
+  EXPECT_EQ(zt_->workloads().podByIp(*IpAddr::parse(ip6(7))), nullptr);
+  ASSERT_NE(zt_->workloads().podByIp(*IpAddr::parse(ip4(8))), nullptr);
+  EXPECT_EQ(zt_->workloads().podByIp(*IpAddr::parse(ip4(8)))->info->name, "pod-8");
+
+  // A new uid with pod-3's IPv4: pod-3 keeps answering until it is removed, then the new one.
+  node::v1::Workload again = podProto("many-3-new", "pod-3-new");
+  again.clear_ips();
+  again.add_ips(ip4(3));
+  ASSERT_TRUE(zt_->onAddWorkload(again, netns_->dupFd()));
+  EXPECT_EQ(zt_->workloads().podByIp(*IpAddr::parse(ip4(3)))->info->name, "pod-3");
+  ASSERT_TRUE(zt_->onDelWorkload("many-3"));
+  ASSERT_NE(zt_->workloads().podByIp(*IpAddr::parse(ip4(3))), nullptr);
+  EXPECT_EQ(zt_->workloads().podByIp(*IpAddr::parse(ip4(3)))->info->name, "pod-3-new");
+  EXPECT_EQ(zt_->workloads().podByIp(*IpAddr::parse(ip6(3))), nullptr);
+}
+
 TEST_F(ZtunnelNetnsTest, OutboundRelaysToServiceEndpointFromPodNetns) {
   node::v1::ClusterUpdate cu;
   cu.set_full(true);
