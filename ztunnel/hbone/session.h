@@ -32,7 +32,9 @@ struct H2Settings {
   std::chrono::milliseconds pingTimeout{20000};
   std::chrono::milliseconds idleTimeout{300000};  // no streams for this long: close
   // Bytes read from a tunnel's TCP socket and not yet sent as DATA; reading pauses above this.
-  size_t tcpReadBound = 1u << 20;
+  // The kernel's socket buffer behind it holds more; a bigger user-space buffer only spreads
+  // the copies over more memory (4 streams at 1 MiB each ran the chunk pool dry).
+  size_t tcpReadBound = 512u << 10;
   // Largest DATA payload we send (capped by the peer's SETTINGS_MAX_FRAME_SIZE): big frames
   // mean fewer frames, callbacks and (at the peer) socket writes per byte.
   uint32_t maxDataFrame = 128u << 10;
