@@ -52,6 +52,14 @@ HboneClient::~HboneClient() {
   conns_.clear();
 }
 
+size_t HboneClient::bufferedBytes() const {
+  size_t n = 0;
+  for (const auto& [serial, c] : conns_) {
+    if (c->session) n += c->session->bufferedBytes();
+  }
+  return n;
+}
+
 void HboneClient::later(uv_loop_t* loop, std::function<void()> fn) {
   auto* d = new Deferred{};
   d->fn = std::move(fn);

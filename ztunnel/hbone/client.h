@@ -68,6 +68,8 @@ class HboneClient {
   // Failed handshakes with this reason; over all reasons they add up to handshakeFailures().
   uint64_t refusals(TlsRefusal why) const { return refused_[static_cast<size_t>(why)]; }
   size_t connections() const { return conns_.size(); }
+  // H2Session::bufferedBytes() over every connection.
+  size_t bufferedBytes() const;
 
   static std::string poolKey(const OutboundConnect& req);
   static std::string makeTraceparent();

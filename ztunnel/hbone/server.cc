@@ -32,6 +32,12 @@ HboneServer::~HboneServer() {
   sessions_.clear();
 }
 
+size_t HboneServer::bufferedBytes() const {
+  size_t n = 0;
+  for (const auto& [serial, s] : sessions_) n += s->bufferedBytes();
+  return n;
+}
+
 Status HboneServer::listen(UniqueFd boundSocket) {
   if (listener_ != nullptr) return Status::error("HBONE server already listening");
   listener_ = new uv_tcp_t{};

@@ -72,6 +72,8 @@ class HboneServer {
   void setContext(SslCtxPtr ctx) { config_.ctx = std::move(ctx); }
   size_t connections() const { return sessions_.size(); }
   const ServerStats& stats() const { return stats_; }
+  // H2Session::bufferedBytes() over every connection.
+  size_t bufferedBytes() const;
 
  private:
   struct ConnectOp;

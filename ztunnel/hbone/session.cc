@@ -11,10 +11,9 @@
 namespace weft::hbone {
 namespace {
 
-constexpr size_t kFlushBatch = 256 * 1024;
-constexpr size_t kStageBatch = 64 * 1024;
-constexpr size_t kChunk = 256 * 1024;  // a tunnel's read buffer chunk
-constexpr size_t kSpareChunks = 2;
+constexpr size_t kFlushBatch = 256 * 1024;  // ciphertext per socket write, at most about
+constexpr size_t kRecord = 16 * 1024;       // a full TLS record's plaintext
+constexpr size_t kMinReadRoom = 32 * 1024;  // a socket read gets at least this much room
 
 struct TcpWrite {
   uv_write_t req;
@@ -55,7 +54,19 @@ Tunnel::~Tunnel() {
     nghttp2_session_consume_connection(session_->h2_, tcpQueued_);
   }
   if (tcp_ != nullptr) closeAndDelete(tcp_, resetTcp_);
+  toH2Bytes_ = 0;
+  releaseChunks();
   endWatch(watch_, resetTcp_);
+}
+
+// Gives sent (or, when nothing is left to send, all) chunks back to the loop's pool: an idle
+// tunnel holds no buffer.
+void Tunnel::releaseChunks() {
+  while (!toH2_.empty() && (toH2_.front().size() == 0) &&
+         (toH2_.size() > 1 || toH2Bytes_ == 0)) {
+    ChunkPool::local().give(std::move(toH2_.front()));
+    toH2_.pop_front();
+  }
 }
 
 void Tunnel::setWatch(TunnelWatchPtr w) {
@@ -81,10 +92,19 @@ Status Tunnel::attach(uv_tcp_t* tcp) {
   return Status::ok();
 }
 
-void Tunnel::onAlloc(uv_handle_t*, size_t, uv_buf_t* buf) {
-  static thread_local char scratch[64 * 1024];
-  buf->base = scratch;
-  buf->len = sizeof(scratch);
+// The socket reads straight into the tail of the last chunk (no copy out of a scratch buffer).
+void Tunnel::onAlloc(uv_handle_t* h, size_t, uv_buf_t* buf) {
+  auto* self = static_cast<Tunnel*>(h->data);
+  if (self == nullptr) {
+    *buf = uv_buf_init(nullptr, 0);  // libuv reports UV_ENOBUFS; the handle is closing
+    return;
+  }
+  auto& q = self->toH2_;
+  if (!q.empty() && q.back().size() == 0) q.back().begin = q.back().end = 0;
+  if (q.empty() || q.back().room() < kMinReadRoom) q.push_back(ChunkPool::local().take());
+  Chunk& c = q.back();
+  *buf = uv_buf_init(reinterpret_cast<char*>(c.data.get() + c.end),
+                     static_cast<unsigned>(c.room()));
 }
 
 void Tunnel::startReading() {
@@ -104,26 +124,18 @@ void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
   H2Session* session = self->session_;
   if (n > 0) {
     if (self->watch_) self->watch_->tcpToH2 += static_cast<uint64_t>(n);
-    const auto* bytes = reinterpret_cast<const uint8_t*>(buf->base);
-    size_t len = static_cast<size_t>(n);
-    // Append to the last chunk while it has room; new chunks come from the spares, so a busy
-    // tunnel stops allocating (fresh heap pages cost more than the copy itself).
-    if (self->toH2_.empty() || self->toH2_.back().capacity() - self->toH2_.back().size() < len) {
-      std::vector<uint8_t> chunk;
-      if (!self->spare_.empty()) {
-        chunk = std::move(self->spare_.back());
-        self->spare_.pop_back();
-        chunk.clear();
-      }
-      chunk.reserve(std::max<size_t>(kChunk, len));
-      self->toH2_.push_back(std::move(chunk));
+    // onAlloc handed out the last chunk's tail and nothing ran in between.
+    Chunk& c = self->toH2_.back();
+    if (reinterpret_cast<const uint8_t*>(buf->base) != c.data.get() + c.end) {
+      std::abort();  // impossible: libuv reads into the buffer onAlloc just gave
     }
-    self->toH2_.back().insert(self->toH2_.back().end(), bytes, bytes + len);
+    c.end += static_cast<size_t>(n);
     self->toH2Bytes_ += static_cast<size_t>(n);
     if (self->toH2Bytes_ >= session->settings_.tcpReadBound) self->stopReading();
   } else if (n == UV_EOF) {
     self->tcpEof_ = true;
     self->stopReading();
+    self->releaseChunks();
   } else if (n < 0) {
     // The TCP side reset or failed: reset the stream, and the socket.
     self->stopReading();
@@ -132,6 +144,7 @@ void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
     session->flush();
     return;
   } else {
+    self->releaseChunks();  // EAGAIN: an idle tunnel gives its empty chunk back
     return;
   }
   if (self->dataDeferred_) {
@@ -248,6 +261,8 @@ Result<std::unique_ptr<H2Session>> H2Session::create(uv_loop_t* loop, UniqueFd f
   nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, onFrameRecv);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, onDataChunk);
   nghttp2_session_callbacks_set_on_stream_close_callback(cbs, onStreamClose);
+  nghttp2_session_callbacks_set_send_data_callback(cbs, sendData);
+  nghttp2_session_callbacks_set_data_source_read_length_callback(cbs, dataLength);
   nghttp2_option* opt = nullptr;
   if (nghttp2_option_new(&opt) != 0) {
     nghttp2_session_callbacks_del(cbs);
@@ -371,48 +386,46 @@ void H2Session::onTlsData(const uint8_t* data, size_t len) {
 void H2Session::flush() {
   if (inFlush_ || closing_ || !tls_->established()) return;
   inFlush_ = true;
-  while (!closing_ && !tls_->writeBlocked()) {
+  Status st;
+  while (st && !closing_ && !tls_->writeBlocked()) {
     const uint8_t* out = nullptr;
+    // DATA payloads go through sendData (inside this call); the rest comes back here.
     ssize_t n = nghttp2_session_mem_send(h2_, &out);
     if (n < 0) {
-      inFlush_ = false;
-      close(Status::errorf("HTTP/2 send: {}", nghttp2_strerror(static_cast<int>(n))));
-      return;
+      st = sendError_ ? Status::errorf("HTTP/2 send: {}", nghttp2_strerror(static_cast<int>(n)))
+                      : sendError_;
+      break;
     }
     if (n == 0) break;
-    // Frames are staged and encrypted 64 KiB at a time, so TLS records are full 16 KiB ones
-    // rather than one per frame (a DATA frame is 16 KiB + a 9-byte header); the records gather
-    // in the memory BIO and go out in one socket write per 256 KiB or at the end of this flush.
-    staged_.insert(staged_.end(), out, out + n);
-    Status st;
-    if (staged_.size() >= kStageBatch) {
-      st = tls_->write(staged_.data(), staged_.size(), /*flushNow=*/false);
-      staged_.clear();
-    }
-    if (st && tls_->pendingCiphertext() >= kFlushBatch) st = tls_->flush();
-    if (!st) {
-      inFlush_ = false;
-      close(st);
-      return;
-    }
+    st = stage(out, static_cast<size_t>(n));
   }
-  if (!closing_) {
-    Status st;
-    if (!staged_.empty()) {
-      st = tls_->write(staged_.data(), staged_.size(), /*flushNow=*/false);
-      staged_.clear();
-    }
-    if (st) st = tls_->flush();
-    if (!st) {
-      inFlush_ = false;
-      close(st);
-      return;
-    }
-  }
+  // What is staged goes out now, as one (short) record: the end of a burst.
+  if (st && !closing_) st = writeStaged();
+  if (st && !closing_) st = tls_->flush();
   inFlush_ = false;
+  if (!st) {
+    close(st);
+    return;
+  }
   if (!closing_ && !nghttp2_session_want_read(h2_) && !nghttp2_session_want_write(h2_)) {
     close(Status::error("HTTP/2 session finished"));
   }
+}
+
+size_t bufferBound(const H2Settings& s, size_t tunnels) {
+  // A chunk gets a new one behind it when less than kMinReadRoom is left, so all but the first
+  // and the last hold at least kBytes - kMinReadRoom; the last may be an empty one (EAGAIN).
+  size_t fill = Chunk::kBytes - kMinReadRoom;
+  size_t chunks = (s.tcpReadBound + fill - 1) / fill + 2;
+  size_t h2ToTcp = std::min<size_t>(s.connectionWindow, tunnels * size_t{s.streamWindow});
+  return tunnels * chunks * Chunk::kBytes + h2ToTcp + TlsStream::kWriteBound + kFlushBatch +
+         s.maxDataFrame + (64u << 10);
+}
+
+size_t H2Session::bufferedBytes() const {
+  size_t n = staged_.size() + (tls_ ? tls_->pendingCiphertext() + tls_->queuedBytes() : 0);
+  for (const auto& [id, t] : tunnels_) n += t->toH2_.size() * Chunk::kBytes + t->tcpQueued_;
+  return n;
 }
 
 Tunnel* H2Session::tunnel(int32_t id) {
@@ -430,8 +443,10 @@ void H2Session::eraseTunnel(int32_t id) {
   if (cb_.onStreamCountChanged) cb_.onStreamCountChanged();
 }
 
-ssize_t H2Session::readData(nghttp2_session*, int32_t streamId, uint8_t* buf, size_t len,
-                            uint32_t* flags, nghttp2_data_source* src, void* user) {
+// The data provider: says how much of the tunnel's TCP bytes the next DATA frame carries and
+// leaves them where they are (NO_COPY); sendData then encrypts them from the chunks.
+ssize_t H2Session::readData(nghttp2_session*, int32_t streamId, uint8_t*, size_t len,
+                            uint32_t* flags, nghttp2_data_source*, void* user) {
   auto* self = static_cast<H2Session*>(user);
   Tunnel* t = self->tunnel(streamId);
   if (t == nullptr) {
@@ -439,30 +454,96 @@ ssize_t H2Session::readData(nghttp2_session*, int32_t streamId, uint8_t* buf, si
     if (self->pendingLocal_.count(streamId)) return NGHTTP2_ERR_DEFERRED;
     return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
   }
-  size_t copied = 0;
-  while (copied < len && !t->toH2_.empty()) {
-    auto& front = t->toH2_.front();
-    size_t n = std::min(len - copied, front.size() - t->toH2Offset_);
-    std::memcpy(buf + copied, front.data() + t->toH2Offset_, n);
-    copied += n;
-    t->toH2Offset_ += n;
-    if (t->toH2Offset_ == front.size()) {
-      if (t->spare_.size() < kSpareChunks) t->spare_.push_back(std::move(front));
-      t->toH2_.pop_front();
-      t->toH2Offset_ = 0;
-    }
-  }
-  t->toH2Bytes_ -= copied;
-  if (t->toH2Bytes_ < self->settings_.tcpReadBound) t->startReading();
-  if (t->toH2_.empty() && t->tcpEof_) {
+  size_t n = std::min(len, t->toH2Bytes_);
+  if (n == t->toH2Bytes_ && t->tcpEof_) {
     *flags |= NGHTTP2_DATA_FLAG_EOF;  // the TCP FIN becomes END_STREAM
-    return static_cast<ssize_t>(copied);
-  }
-  if (copied == 0) {
+  } else if (n == 0) {
     t->dataDeferred_ = true;
     return NGHTTP2_ERR_DEFERRED;
   }
-  return static_cast<ssize_t>(copied);
+  // An empty END_STREAM frame is nghttp2's to write; payloads are ours.
+  if (n > 0) *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+  return static_cast<ssize_t>(n);
+}
+
+int H2Session::sendData(nghttp2_session*, nghttp2_frame* frame, const uint8_t* framehd,
+                        size_t length, nghttp2_data_source*, void* user) {
+  auto* self = static_cast<H2Session*>(user);
+  Tunnel* t = self->tunnel(frame->hd.stream_id);
+  if (t == nullptr || length > t->toH2Bytes_) {
+    self->sendError_ = Status::error("HTTP/2 DATA for a tunnel without those bytes");
+    return NGHTTP2_ERR_CALLBACK_FAILURE;  // impossible: readData said how much there is
+  }
+  // We never ask for padding (no select_padding callback), so padlen is 0.
+  Status st = self->stage(framehd, 9);
+  if (st) st = t->sendPayload(length);
+  if (!st) {
+    self->sendError_ = st;
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  }
+  return 0;
+}
+
+// Big DATA frames, up to the peer's limit: nghttp2 still caps them at the flow-control windows.
+ssize_t H2Session::dataLength(nghttp2_session*, uint8_t, int32_t, int32_t, int32_t,
+                              uint32_t remoteMaxFrame, void* user) {
+  auto* self = static_cast<H2Session*>(user);
+  return static_cast<ssize_t>(std::min(remoteMaxFrame, self->settings_.maxDataFrame));
+}
+
+Status Tunnel::sendPayload(size_t len) {
+  Status st;
+  while (len > 0 && st) {
+    Chunk& c = toH2_.front();  // there is one: toH2Bytes_ >= len (sendData checked)
+    if (c.size() == 0) {
+      ChunkPool::local().give(std::move(c));
+      toH2_.pop_front();
+      continue;
+    }
+    size_t n = std::min(len, c.size());
+    st = session_->stage(c.data.get() + c.begin, n);
+    c.begin += n;
+    len -= n;
+    toH2Bytes_ -= n;
+    if (c.size() == 0 && toH2_.size() > 1) {
+      ChunkPool::local().give(std::move(c));
+      toH2_.pop_front();
+    }
+  }
+  releaseChunks();
+  if (toH2Bytes_ < session_->settings_.tcpReadBound) startReading();
+  return st;
+}
+
+Status H2Session::stage(const uint8_t* data, size_t len) {
+  if (!staged_.empty()) {
+    size_t take = std::min(len, kRecord - staged_.size() % kRecord);
+    staged_.insert(staged_.end(), data, data + take);
+    data += take;
+    len -= take;
+    if (staged_.size() % kRecord != 0) return Status::ok();
+    Status st = writeStaged();
+    if (!st) return st;
+  }
+  size_t whole = len - len % kRecord;
+  if (whole > 0) {
+    Status st = tls_->write(data, whole, /*flushNow=*/false);
+    if (!st) return st;
+    if (tls_->pendingCiphertext() >= kFlushBatch) {
+      st = tls_->flush();
+      if (!st) return st;
+    }
+  }
+  staged_.insert(staged_.end(), data + whole, data + len);
+  return Status::ok();
+}
+
+Status H2Session::writeStaged() {
+  if (staged_.empty()) return Status::ok();
+  Status st = tls_->write(staged_.data(), staged_.size(), /*flushNow=*/false);
+  staged_.clear();
+  if (st && tls_->pendingCiphertext() >= kFlushBatch) st = tls_->flush();
+  return st;
 }
 
 int H2Session::onBeginHeaders(nghttp2_session*, const nghttp2_frame* f, void* user) {

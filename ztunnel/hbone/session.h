@@ -17,6 +17,7 @@
 #include "common/address.h"
 #include "common/fd.h"
 #include "common/status.h"
+#include "ztunnel/hbone/chunk_pool.h"
 #include "ztunnel/hbone/tls_stream.h"
 
 namespace weft::hbone {
@@ -31,10 +32,22 @@ struct H2Settings {
   std::chrono::milliseconds pingTimeout{20000};
   std::chrono::milliseconds idleTimeout{300000};  // no streams for this long: close
   // Bytes read from a tunnel's TCP socket and not yet sent as DATA; reading pauses above this.
-  size_t tcpReadBound = 1u << 20;
+  // The kernel's socket buffer behind it holds more; a bigger user-space buffer only spreads
+  // the copies over more memory (4 streams at 1 MiB each ran the chunk pool dry).
+  size_t tcpReadBound = 512u << 10;
+  // Largest DATA payload we send (capped by the peer's SETTINGS_MAX_FRAME_SIZE): big frames
+  // mean fewer frames, callbacks and (at the peer) socket writes per byte.
+  uint32_t maxDataFrame = 128u << 10;
 };
 
 using Headers = std::vector<std::pair<std::string, std::string>>;
+
+// The most one HBONE connection with `tunnels` tunnels holds for their bytes
+// (H2Session::bufferedBytes()), however slow its readers: per tunnel, TCP -> HTTP/2 up to
+// tcpReadBound plus one socket read (in whole chunks); HTTP/2 -> TCP up to the stream window per
+// tunnel and the connection window over all; ciphertext up to TlsStream::kWriteBound plus one
+// flush batch and one DATA frame; 64 KiB for staged plaintext, control frames and record overhead.
+size_t bufferBound(const H2Settings& s, size_t tunnels);
 
 class H2Session;
 
@@ -80,10 +93,12 @@ class Tunnel {
   TunnelWatchPtr watch_;
   uv_tcp_t* tcp_ = nullptr;
   bool reading_ = false;
-  std::deque<std::vector<uint8_t>> toH2_;  // TCP bytes waiting to go out as DATA
-  std::vector<std::vector<uint8_t>> spare_;  // drained chunks kept for reuse (no malloc churn)
+  // Sends `len` bytes of toH2_ as the payload of a DATA frame (nghttp2's NO_COPY path).
+  Status sendPayload(size_t len);
+  void releaseChunks();
+
+  std::deque<Chunk> toH2_;  // TCP bytes waiting to go out as DATA (the socket reads into back)
   size_t toH2Bytes_ = 0;
-  size_t toH2Offset_ = 0;  // consumed part of toH2_.front()
   bool tcpEof_ = false;    // TCP peer sent FIN: END_STREAM after toH2_ drains
   bool dataDeferred_ = false;
   bool h2EndReceived_ = false;  // END_STREAM from the peer: shutdown(SHUT_WR) after writes
@@ -139,6 +154,10 @@ class H2Session {
   size_t remoteMaxStreams() const;
   uv_loop_t* loop() const { return loop_; }
   bool acceptingStreams() const { return !closing_ && !goingAway_; }
+  // Memory this connection holds for its tunnels' bytes right now: TCP -> HTTP/2 chunks
+  // (whole chunks, as allocated), HTTP/2 -> TCP writes queued, staged plaintext and ciphertext
+  // not yet written. Bounded: see docs/ARCHITECTURE.md "HBONE in the ztunnel".
+  size_t bufferedBytes() const;
 
  private:
   friend class Tunnel;
@@ -152,6 +171,15 @@ class H2Session {
   void eraseTunnel(int32_t id);
   static ssize_t readData(nghttp2_session*, int32_t streamId, uint8_t* buf, size_t len,
                                 uint32_t* flags, nghttp2_data_source* src, void* user);
+  static int sendData(nghttp2_session*, nghttp2_frame* frame, const uint8_t* framehd,
+                      size_t length, nghttp2_data_source* src, void* user);
+  static ssize_t dataLength(nghttp2_session*, uint8_t frameType, int32_t streamId,
+                            int32_t sessionWindow, int32_t streamWindow, uint32_t remoteMaxFrame,
+                            void* user);
+  // Plaintext into TLS so that records come out full (16 KiB): small pieces are staged until
+  // they fill one, whole records of a large span go straight from the caller's memory.
+  Status stage(const uint8_t* data, size_t len);
+  Status writeStaged();
 
   static int onHeader(nghttp2_session*, const nghttp2_frame* f, const uint8_t* name,
                       size_t namelen, const uint8_t* value, size_t valuelen, uint8_t flags,
@@ -179,6 +207,7 @@ class H2Session {
   void cleanup(const Status& why);
   uv_timer_t* timer_ = nullptr;
   std::vector<uint8_t> staged_;  // HTTP/2 output not yet encrypted (see flush())
+  Status sendError_;             // why sendData failed (it can only return a code)
   bool closing_ = false;
   bool goingAway_ = false;
   bool inFlush_ = false;

@@ -1,6 +1,6 @@
-// TLS over libuv through memory BIOs: the socket's bytes go into rbio, SSL's output comes out of
-// wbio and is written with uv_write. Peer identity is checked in the verify callback so a wrong
-// identity fails the handshake with an alert.
+// TLS over libuv through a BIO of our own: SSL reads ciphertext straight from the socket's read
+// buffer and appends records to a buffer that goes to uv_write as is. Peer identity is checked in
+// the verify callback so a wrong identity fails the handshake with an alert.
 #include "ztunnel/hbone/tls_stream.h"
 
 #include <openssl/bio.h>
@@ -134,15 +134,124 @@ int alpnSelect(SSL*, const unsigned char** out, unsigned char* outlen, const uns
   return SSL_TLSEXT_ERR_ALERT_FATAL;
 }
 
+// The BIO both ways: a memory BIO would cost a copy in (BIO_write) and a copy out (BIO_read)
+// of every byte. Made once per process; never freed (BIO_meth objects are tiny and shared).
+BIO_METHOD* ioMethod() {
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "weft-tls-io");
+    if (m == nullptr) return m;
+    if (BIO_meth_set_write(m, TlsStream::bioWrite) != 1 ||
+        BIO_meth_set_read(m, TlsStream::bioRead) != 1 ||
+        BIO_meth_set_ctrl(m, TlsStream::bioCtrl) != 1 ||
+        BIO_meth_set_create(m, [](BIO* b) {
+          BIO_set_init(b, 1);
+          return 1;
+        }) != 1) {
+      BIO_meth_free(m);
+      return static_cast<BIO_METHOD*>(nullptr);
+    }
+    return m;
+  }();
+  return method;
+}
+
+// The loop thread's read buffers: ciphertext from the socket, plaintext for onData. A stream
+// uses them only within one read callback, and read callbacks do not nest.
+struct ReadBuffers {
+  std::unique_ptr<char[]> cipher{new char[TlsStream::kReadBytes]};
+  std::unique_ptr<uint8_t[]> plain{new uint8_t[TlsStream::kReadBytes]};
+  bool plainInUse = false;
+};
+ReadBuffers& readBuffers() {
+  static thread_local ReadBuffers buffers;
+  return buffers;
+}
+
+// Output smaller than this waits while a socket write is in flight (flushCiphertext).
+constexpr size_t kDeferBelow = 256 * 1024;
+
+// Ciphertext buffers of one size, recycled through the loop thread's free list: a vector grown
+// record by record (reallocating, touching fresh pages) cost more than the encryption itself.
+// At most kKeep are kept (4 MiB); a connection holds one only while it has ciphertext.
+class CipherBufferPool {
+ public:
+  static constexpr size_t kBytes = 512 * 1024;  // one flush batch (256 KiB) + a DATA frame
+  static constexpr size_t kKeep = 8;
+  static CipherBufferPool& local() {
+    static thread_local CipherBufferPool pool;
+    return pool;
+  }
+  std::vector<char> take() {
+    std::vector<char> v;
+    if (!free_.empty()) {
+      v = std::move(free_.back());
+      free_.pop_back();
+    } else {
+      v.reserve(kBytes);
+    }
+    return v;
+  }
+  void give(std::vector<char>&& v) {
+    // One that outgrew the size (a burst before a flush) is freed, not kept.
+    if (v.capacity() >= kBytes && v.capacity() <= 2 * kBytes && free_.size() < kKeep) {
+      v.clear();
+      free_.push_back(std::move(v));
+    }
+    std::vector<char>().swap(v);
+  }
+
+ private:
+  std::vector<std::vector<char>> free_;
+};
+
 }  // namespace
 
-// One socket write of ciphertext. Its buffer is kept for reuse by the stream that made it.
+// One socket write of ciphertext; its buffer goes back to the pool when the write is done.
 struct TlsWriteReq {
   uv_write_t req;
-  std::unique_ptr<char[]> data;
-  size_t cap = 0;
-  size_t len = 0;
+  std::vector<char> data;
 };
+
+int TlsStream::bioWrite(BIO* b, const char* data, int len) {
+  auto* self = static_cast<TlsStream*>(BIO_get_data(b));
+  BIO_clear_retry_flags(b);
+  if (self == nullptr || len < 0) return -1;
+  // Never refuses: the HTTP/2 layer stops producing while writeBlocked() (the bound). A full
+  // buffer goes to the socket first, so buffers never grow (no realloc, no fresh pages).
+  if (!self->out_.empty() &&
+      self->out_.size() + static_cast<size_t>(len) > CipherBufferPool::kBytes) {
+    Status st = self->flushCiphertext();
+    if (!st) return -1;
+  }
+  if (self->out_.capacity() == 0) self->out_ = CipherBufferPool::local().take();
+  self->out_.insert(self->out_.end(), data, data + len);
+  return len;
+}
+
+int TlsStream::bioRead(BIO* b, char* data, int len) {
+  auto* self = static_cast<TlsStream*>(BIO_get_data(b));
+  BIO_clear_retry_flags(b);
+  if (self == nullptr || len < 0) return -1;
+  if (self->inLen_ == 0) {
+    BIO_set_retry_read(b);  // SSL_ERROR_WANT_READ: wait for the socket
+    return -1;
+  }
+  size_t n = std::min(self->inLen_, static_cast<size_t>(len));
+  std::memcpy(data, self->in_, n);
+  self->in_ += n;
+  self->inLen_ -= n;
+  return static_cast<int>(n);
+}
+
+long TlsStream::bioCtrl(BIO* b, int cmd, long, void*) {
+  auto* self = static_cast<TlsStream*>(BIO_get_data(b));
+  switch (cmd) {
+    case BIO_CTRL_FLUSH: return 1;
+    case BIO_CTRL_PENDING: return self == nullptr ? 0 : static_cast<long>(self->inLen_);
+    case BIO_CTRL_WPENDING: return self == nullptr ? 0 : static_cast<long>(self->out_.size());
+    default: return 0;
+  }
+}
 
 const char* tlsRefusalName(TlsRefusal r) {
   switch (r) {
@@ -263,14 +372,13 @@ Result<std::unique_ptr<TlsStream>> TlsStream::create(uv_loop_t* loop, UniqueFd f
   s->cb_ = std::move(callbacks);
   s->ssl_ = SSL_new(s->ctx_.get());
   if (s->ssl_ == nullptr) return Status::error("SSL_new: " + sslErrors());
-  BIO* rbio = BIO_new(BIO_s_mem());
-  BIO* wbio = BIO_new(BIO_s_mem());
-  if (rbio == nullptr || wbio == nullptr) {
-    BIO_free(rbio);
-    BIO_free(wbio);
-    return Status::error("BIO_new: out of memory");
-  }
-  SSL_set_bio(s->ssl_, rbio, wbio);
+  BIO_METHOD* method = ioMethod();
+  BIO* io = method == nullptr ? nullptr : BIO_new(method);
+  if (io == nullptr) return Status::error("BIO_new: " + sslErrors());
+  BIO_set_data(io, s.get());
+  SSL_set_bio(s->ssl_, io, io);  // one BIO both ways: SSL holds one reference per direction
+  // Read as many records as the BIO has per call instead of a header, then a body.
+  SSL_set_read_ahead(s->ssl_, 1);
   SSL_set_ex_data(s->ssl_, exIndex(), s.get());
   if (role == TlsRole::kClient) {
     SSL_set_connect_state(s->ssl_);  // no SSL_set_tlsext_host_name: no SNI, as Istio
@@ -313,9 +421,8 @@ Status TlsStream::start() {
 }
 
 void TlsStream::onAlloc(uv_handle_t*, size_t, uv_buf_t* buf) {
-  static thread_local char scratch[64 * 1024];
-  buf->base = scratch;
-  buf->len = sizeof(scratch);
+  buf->base = readBuffers().cipher.get();
+  buf->len = kReadBytes;
 }
 
 void TlsStream::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
@@ -330,15 +437,29 @@ void TlsStream::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
 }
 
 void TlsStream::handleCiphertext(const char* data, size_t len) {
-  if (BIO_write(SSL_get_rbio(ssl_), data, static_cast<int>(len)) != static_cast<int>(len)) {
-    close(Status::error("BIO_write failed"));
-    return;
+  // SSL reads from (in_, inLen_) through bioRead. Whatever it leaves (only when something
+  // stopped reading early) is carried to the next read, in order.
+  if (!inCarry_.empty()) {
+    inCarry_.insert(inCarry_.end(), data, data + len);
+    data = inCarry_.data();
+    len = inCarry_.size();
   }
-  if (!established_) {
-    driveHandshake();
-    if (!established_ || closing_) return;
+  in_ = data;
+  inLen_ = len;
+  if (!established_) driveHandshake();
+  if (established_ && !closing_) readPlaintext();
+  if (inLen_ > 0 && !closing_) {
+    if (in_ != inCarry_.data()) {
+      std::vector<char> rest(in_, in_ + inLen_);
+      inCarry_.swap(rest);
+    } else {
+      inCarry_.resize(inLen_);
+    }
+  } else {
+    inCarry_.clear();
   }
-  readPlaintext();
+  in_ = nullptr;
+  inLen_ = 0;
 }
 
 void TlsStream::refuse(TlsRefusal why, std::string text) {
@@ -424,33 +545,51 @@ Status TlsStream::finishHandshake(TlsRefusal* why) {
 }
 
 void TlsStream::readPlaintext() {
-  char buf[16 * 1024];
+  // Records are gathered into one buffer and handed over together: nghttp2 then sees whole
+  // large DATA frames and the tunnel writes them to its socket in one call each.
+  ReadBuffers& rb = readBuffers();
+  uint8_t small[16 * 1024];
+  bool own = !rb.plainInUse;
+  uint8_t* buf = own ? rb.plain.get() : small;
+  size_t cap = own ? kReadBytes : sizeof(small);
+  rb.plainInUse = rb.plainInUse || own;
+  size_t have = 0;
+  auto deliver = [&] {
+    if (have > 0 && cb_.onData && !closing_) cb_.onData(buf, have);
+    have = 0;
+  };
   while (!closing_) {
-    int n = SSL_read(ssl_, buf, sizeof(buf));
-    if (n > 0) {
-      if (cb_.onData) cb_.onData(reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(n));
+    if (cap - have < 16 * 1024) deliver();
+    if (closing_) break;
+    size_t n = 0;
+    int rc = SSL_read_ex(ssl_, buf + have, cap - have, &n);
+    if (rc == 1) {
+      have += n;
       continue;
     }
-    int err = SSL_get_error(ssl_, n);
+    // The reason first: onData below runs SSL_write, which would overwrite it.
+    int err = SSL_get_error(ssl_, rc);
+    std::string failure;
+    if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_ZERO_RETURN) {
+      failure = verifyError_.empty() ? sslErrors() : verifyError_;
+      ERR_clear_error();
+    }
+    deliver();
+    if (closing_) break;
     Status fl = flushCiphertext();  // e.g. key updates
     if (!fl) {
       close(fl);
-      return;
+      break;
     }
-    if (err == SSL_ERROR_WANT_READ) return;
+    if (err == SSL_ERROR_WANT_READ) break;
     if (err == SSL_ERROR_ZERO_RETURN) {
       close(Status::error("peer sent close_notify"));
-      return;
+      break;
     }
-    std::string why = verifyError_.empty() ? sslErrors() : verifyError_;
-    ERR_clear_error();
-    close(Status::error("TLS read: " + why));
-    return;
+    close(Status::error("TLS read: " + failure));
+    break;
   }
-}
-
-size_t TlsStream::pendingCiphertext() const {
-  return ssl_ == nullptr ? 0 : BIO_ctrl_pending(SSL_get_wbio(ssl_));
+  if (own) rb.plainInUse = false;
 }
 
 Status TlsStream::write(const uint8_t* data, size_t len, bool flushNow) {
@@ -458,18 +597,21 @@ Status TlsStream::write(const uint8_t* data, size_t len, bool flushNow) {
   if (!established_) return Status::error("TLS write before the handshake completed");
   size_t off = 0;
   while (off < len) {
-    size_t chunk = std::min<size_t>(len - off, 16 * 1024);
-    int n = SSL_write(ssl_, data + off, static_cast<int>(chunk));
-    if (n <= 0) return Status::error("SSL_write: " + sslErrors());
-    off += static_cast<size_t>(n);
+    // SSL_write_ex cuts len into full 16 KiB records and (our BIO never blocks) takes it all.
+    size_t n = 0;
+    if (SSL_write_ex(ssl_, data + off, len - off, &n) != 1 || n == 0) {
+      return Status::error("SSL_write: " + sslErrors());
+    }
+    off += n;
   }
   return flushNow ? flushCiphertext() : Status::ok();
 }
 
 Status TlsStream::flushCiphertext() {
-  BIO* wbio = SSL_get_wbio(ssl_);
-  size_t pending = BIO_ctrl_pending(wbio);
-  if (pending == 0 || tcp_ == nullptr) return Status::ok();
+  if (out_.empty() || tcp_ == nullptr) return Status::ok();
+  // While a write is still in flight, small output waits for it (the write callback sends it):
+  // it would only queue behind that write, and many small writes would each hold a buffer.
+  if (queued_ > 0 && out_.size() < kDeferBelow && !closing_) return Status::ok();
   TlsWriteReq* w = nullptr;
   if (!spareWrites_.empty()) {
     w = spareWrites_.back();
@@ -477,21 +619,16 @@ Status TlsStream::flushCiphertext() {
   } else {
     w = new TlsWriteReq{};
   }
-  if (w->cap < pending) {
-    w->cap = std::max<size_t>(pending, 64 * 1024);
-    w->data.reset(new char[w->cap]);
-  }
-  int n = BIO_read(wbio, w->data.get(), static_cast<int>(pending));
-  if (n <= 0) {
-    delete w;
-    return Status::error("BIO_read of ciphertext failed");
-  }
-  w->len = static_cast<size_t>(n);
-  uv_buf_t b = uv_buf_init(w->data.get(), static_cast<unsigned>(n));
+  // The records change hands without a copy; the next record takes a buffer from the pool.
+  w->data = std::move(out_);
+  out_ = std::vector<char>();
+  size_t n = w->data.size();
+  uv_buf_t b = uv_buf_init(w->data.data(), static_cast<unsigned>(n));
   int rc = uv_write(&w->req, reinterpret_cast<uv_stream_t*>(tcp_), &b, 1,
                     [](uv_write_t* req, int status) {
                       auto* wr = reinterpret_cast<TlsWriteReq*>(req);
-                      size_t sz = wr->len;
+                      size_t sz = wr->data.size();
+                      CipherBufferPool::local().give(std::move(wr->data));
                       auto* self = static_cast<TlsStream*>(req->handle->data);
                       if (self == nullptr || self->spareWrites_.size() >= kSpareWrites) {
                         delete wr;
@@ -507,6 +644,13 @@ Status TlsStream::flushCiphertext() {
                         }
                         return;
                       }
+                      if (self->queued_ == 0 && !self->out_.empty() && !self->closing_) {
+                        Status st = self->flushCiphertext();  // what waited for this write
+                        if (!st) {
+                          self->close(st);
+                          return;
+                        }
+                      }
                       if (wasBlocked && !self->writeBlocked() && self->cb_.onWritable) {
                         self->cb_.onWritable();
                       }
@@ -515,7 +659,7 @@ Status TlsStream::flushCiphertext() {
     delete w;
     return Status::errorf("uv_write: {}", uv_strerror(rc));
   }
-  queued_ += static_cast<size_t>(n);
+  queued_ += n;
   return Status::ok();
 }
 

@@ -91,13 +91,13 @@ class TlsStream {
 
   // Starts reading; the client sends its ClientHello.
   Status start();
-  // Encrypts and queues bytes (only after the handshake).
-  // With flushNow false the records stay in the memory BIO until flush(): one socket write for
-  // many HTTP/2 frames.
+  // Encrypts and queues bytes (only after the handshake); len > 16 KiB makes full 16 KiB
+  // records. With flushNow false the records stay in the output buffer until flush(): one
+  // socket write for many HTTP/2 frames.
   Status write(const uint8_t* data, size_t len, bool flushNow = true);
   Status flush() { return flushCiphertext(); }
   // Ciphertext made and not yet handed to libuv.
-  size_t pendingCiphertext() const;
+  size_t pendingCiphertext() const { return out_.size(); }
   // Ciphertext handed to libuv and not yet written to the socket.
   size_t queuedBytes() const { return queued_; }
   bool writeBlocked() const { return queued_ >= kWriteBound; }
@@ -115,6 +115,14 @@ class TlsStream {
 
   static constexpr size_t kWriteBound = 1 << 20;
   static constexpr size_t kSpareWrites = 2;
+  // Socket reads of ciphertext and the plaintext handed to onData at once, per loop thread.
+  static constexpr size_t kReadBytes = 256 * 1024;
+
+  // The BIO glue (tls_stream.cc): SSL reads ciphertext straight from the socket's read buffer
+  // and writes records straight into out_, with no memory BIO copy in between.
+  static int bioWrite(BIO* b, const char* data, int len);
+  static int bioRead(BIO* b, char* data, int len);
+  static long bioCtrl(BIO* b, int cmd, long num, void* ptr);
 
  private:
   TlsStream() = default;
@@ -141,6 +149,10 @@ class TlsStream {
   TlsRefusal refusal_ = TlsRefusal::kNone;
   Status closeStatus_;
   std::vector<TlsWriteReq*> spareWrites_;  // finished socket writes whose buffers are reused
+  std::vector<char> out_;        // records made, not yet handed to uv_write
+  const char* in_ = nullptr;     // ciphertext SSL has not read yet (the socket's read buffer)
+  size_t inLen_ = 0;
+  std::vector<char> inCarry_;    // ciphertext left unread when a read callback returned
 };
 
 }  // namespace weft::hbone
