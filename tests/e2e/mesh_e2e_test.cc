@@ -632,6 +632,56 @@ spec:
   seen = localServer_.acceptedSince(mark);
   ASSERT_EQ(seen.size(), 2u);
   EXPECT_EQ(seen[1].peerIp, kMeshClientIp) << "allowed again: back on the fast path";
+
+  // A live fast connection as weftctl shows it: `connection list` has it with path fast and
+  // both identities (the kernel attests them), `status` has the fast path on. The pair's first
+  // connection to the stream port takes the ztunnel path; the second is the fast one.
+  auto socatArgv = cluster_->execArgv(
+      kMeshClient, {"socat", "-T", "60", "-", fmt::format("TCP:{}:{}", kLocalServerIp,
+                                                          kStreamPort)});
+  {
+    Child warm;
+    ASSERT_TRUE(warm.start(socatArgv));
+    ASSERT_TRUE(roundTrip(warm, "warm-up-through-the-ztunnel"));
+    warm.closeStdin();
+    std::string out;
+    warm.wait(15s, &out);
+  }
+  Child live;
+  ASSERT_TRUE(live.start(socatArgv));
+  ASSERT_TRUE(roundTrip(live, "live-on-the-fast-path"));
+  std::string weftctl = buildDir() + "/cli/weftctl";
+  std::string dst = target(kLocalServerIp, kStreamPort);
+  Json fastEntry;
+  EXPECT_TRUE(eventually(
+      [&] {
+        auto r = cluster_->onNode("node1", {weftctl, "-j", "connection", "list", "--pod",
+                                            "mesh/local"});
+        auto j = Json::parse(r.out, nullptr, false);
+        if (!j.is_array()) return false;
+        for (const auto& c : j)
+          if (c.value("dst", "") == dst && c.value("path", "") == "fast") fastEntry = c;
+        return !fastEntry.is_null();
+      },
+      5s));
+  EXPECT_EQ(fastEntry.value("source_workload", ""), "mesh/client") << fastEntry.dump();
+  EXPECT_EQ(fastEntry.value("source_identity", ""), "spiffe://cluster.local/ns/mesh/sa/default");
+  EXPECT_EQ(fastEntry.value("destination_identity", ""),
+            "spiffe://cluster.local/ns/mesh/sa/default");
+  auto table = cluster_->onNode("node1", {weftctl, "connection", "list", "--pod", "mesh/local"});
+  EXPECT_NE(table.out.find(" fast "), std::string::npos) << table.out;
+  auto status = cluster_->onNode("node1", {weftctl, "-j", "status"});
+  auto sj = Json::parse(status.out, nullptr, false);
+  ASSERT_TRUE(sj.is_object()) << status.describe();
+  EXPECT_EQ(sj["fast_path"]["state"], "on") << sj.dump();
+  EXPECT_GE(sj["fast_path"]["active_connections"].get<int>(), 1) << sj.dump();
+  auto statusTable = cluster_->onNode("node1", {weftctl, "status"});
+  EXPECT_NE(statusTable.out.find("fast path"), std::string::npos) << statusTable.out;
+  EXPECT_TRUE(roundTrip(live, "still-live"));
+  live.closeStdin();
+  std::string out;
+  auto code = live.wait(15s, &out);
+  EXPECT_TRUE(code.has_value() && *code == 0) << "socat did not end cleanly: " << out;
 }
 
 // One meshed cross-node connection over IPv6.
