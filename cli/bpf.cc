@@ -399,15 +399,14 @@ int mapDump(Context& ctx, const std::vector<std::string>& args) {
       } else if (name == WEFT_MAP_FAST_STATS && percpu && info->value_size == 8) {
         uint32_t index;
         memcpy(&index, k.data(), 4);
-        static const char* kNames[] = {"connects", "no_storage", "no_conn_entry",
-                                       "lookup_passed", "events_lost"};
         uint64_t sum = 0;
         for (int c = 0; c < ncpu; ++c) {
           uint64_t v;
           memcpy(&v, value.data() + static_cast<size_t>(c) * slot, 8);
           sum += v;
         }
-        e = {{"counter", index < std::size(kNames) ? json(kNames[index]) : json(index)},
+        e = {{"counter", index < std::size(kWeftFastStatNames) ? json(kWeftFastStatNames[index])
+                                                               : json(index)},
              {"value", sum}};
       } else if (name == WEFT_MAP_FAST_VERDICT &&
                  check(sizeof(weft_fast_key), sizeof(weft_fast_verdict))) {

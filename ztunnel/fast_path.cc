@@ -24,8 +24,6 @@ uint64_t monotonicNs() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
 
-constexpr const char* kKernelStatNames[] = {"connects", "no_storage", "no_conn_entry",
-                                            "lookup_passed", "events_lost"};
 
 }  // namespace
 
@@ -55,7 +53,7 @@ Status FastPath::setPinDir(const std::string& pin_dir) {
   verdicts_ = std::move(vfd);
   stats_ = UniqueFd(s);
   unavailable_reason_.clear();
-  clearMap();  // verdicts of an earlier ztunnel were decided on a state we do not know
+  clearMap(true);  // verdicts of an earlier ztunnel were decided on a state we do not know
   spdlog::info("fast path: {} ({})", enabled_ ? "on" : "off (--fast-path off)", vpath);
   return Status::ok();
 }
@@ -87,8 +85,9 @@ void FastPath::invalidate(const char* why) {
   clearMap();
 }
 
-void FastPath::clearMap() {
-  if (!verdicts_.valid()) return;
+void FastPath::clearMap(bool force) {
+  if (!verdicts_.valid() || !(force || map_dirty_)) return;
+  map_dirty_ = false;
   weft_fast_key key;
   // Always the first key: each delete makes the next one first. Bounded by the map's size.
   for (int i = 0; i <= WEFT_MAX_FAST_VERDICT; ++i) {
@@ -138,10 +137,11 @@ void FastPath::consider(const WorkloadInfo& src, const Route& route,
                    destination.toString(), errnoText(errno));
     return;
   }
+  map_dirty_ = true;
   proxy_.stats().fast_path_verdicts_cached_total++;
 }
 
-bool FastPath::labelsOf(const Live& c, const char* reporter, TcpLabels* out) const {
+bool FastPath::labelsOf(const Live& c, TcpLabels* out) const {
   const ClusterStatePtr& state = proxy_.state();
   if (!state) return false;
   WorkloadInfoPtr src = state->workloadByUid(c.src_uid);
@@ -150,7 +150,7 @@ bool FastPath::labelsOf(const Live& c, const char* reporter, TcpLabels* out) con
   if (!dst) dst = state->workloadByIp(c.dst.ip());
   if (!src) return false;
   TcpLabels l;
-  l.reporter = reporter;
+  l.reporter = "source";
   setSourceLabels(l, *src);
   // The kernel attests the source (the connect() came from its pod's netns).
   l.source_principal = workloadPrincipal(*src, proxy_.trustDomain());
@@ -159,13 +159,11 @@ bool FastPath::labelsOf(const Live& c, const char* reporter, TcpLabels* out) con
   return true;
 }
 
-void FastPath::logLine(const Live& c, const char* direction, uint64_t bytes_up,
-                       uint64_t bytes_down, uint64_t duration_ms,
+void FastPath::logLine(const Live& c, const TcpLabels& l, const char* direction,
+                       uint64_t bytes_up, uint64_t bytes_down, uint64_t duration_ms,
                        const std::string& error) const {
   AccessLog* log = proxy_.accessLog();
   if (log == nullptr) return;
-  TcpLabels l;
-  if (!labelsOf(c, "source", &l)) return;
   AccessLogRecord r;
   r.time_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                   std::chrono::system_clock::now().time_since_epoch())
@@ -208,17 +206,18 @@ void FastPath::onEvent(const weft_fast_event& e) {
     if (dst_uid != uid_by_cookie_.end()) c.dst_uid = dst_uid->second;
     return c;
   };
-  auto count = [&](const Live& c, auto&& fn) {
-    for (const char* reporter : {"source", "destination"}) {
-      TcpLabels l;
-      if (labelsOf(c, reporter, &l)) fn(l);
-    }
+  // Labels are built once per event; the destination reporter's differ only in `reporter`.
+  auto count = [](TcpLabels l, auto&& fn) {
+    fn(l);
+    l.reporter = "destination";
+    fn(l);
   };
 
   if (e.head.type == WEFT_EVENT_FAST_OPEN) {
     Live c = describe();
     proxy_.stats().fast_path_connections_total++;
-    count(c, [&](const TcpLabels& l) { proxy_.tcpMetrics().opened(l); });
+    TcpLabels l;
+    if (labelsOf(c, &l)) count(l, [&](const TcpLabels& x) { proxy_.tcpMetrics().opened(x); });
     live_[key] = std::move(c);
     return;
   }
@@ -229,25 +228,27 @@ void FastPath::onEvent(const weft_fast_event& e) {
   bool had_open = it != live_.end();
   Live c = had_open ? it->second : describe();
   if (had_open) live_.erase(it);
-  if (e.old_state == BPF_TCP_SYN_SENT) {
+  bool failed = e.old_state == BPF_TCP_SYN_SENT;
+  if (failed) proxy_.stats().fast_path_connect_failures_total++;
+  TcpLabels labels;
+  if (!labelsOf(c, &labels)) return;  // not a pod this ztunnel knows: no labels to count under
+  if (failed) {
     // Never connected (refused, unreachable): a failed connection, as on the ztunnel path.
-    proxy_.stats().fast_path_connect_failures_total++;
-    count(c, [&](TcpLabels l) {
-      l.response_flags = "CONNECT";
-      proxy_.tcpMetrics().failed(l);
-    });
-    logLine(c, "outbound", 0, 0, duration_ms, "connect failed");
+    labels.response_flags = "CONNECT";
+    count(labels, [&](const TcpLabels& x) { proxy_.tcpMetrics().failed(x); });
+    labels.response_flags = "-";
+    logLine(c, labels, "outbound", 0, 0, duration_ms, "connect failed");
     return;
   }
   // A close whose open was lost (ring full, or before this ztunnel started) still counts as
   // opened, so opened == closed + live holds.
-  count(c, [&](const TcpLabels& l) {
-    if (!had_open) proxy_.tcpMetrics().opened(l);
+  count(labels, [&](const TcpLabels& x) {
+    if (!had_open) proxy_.tcpMetrics().opened(x);
     // sent = destination -> source, received = source -> destination (both reporters).
-    proxy_.tcpMetrics().closed(l, e.bytes_received, e.bytes_sent);
+    proxy_.tcpMetrics().closed(x, e.bytes_received, e.bytes_sent);
   });
-  logLine(c, "outbound", e.bytes_sent, e.bytes_received, duration_ms, "");
-  logLine(c, "inbound", e.bytes_sent, e.bytes_received, duration_ms, "");
+  logLine(c, labels, "outbound", e.bytes_sent, e.bytes_received, duration_ms, "");
+  logLine(c, labels, "inbound", e.bytes_sent, e.bytes_received, duration_ms, "");
 }
 
 std::map<std::string, uint64_t> FastPath::kernelStats() const {
@@ -256,11 +257,11 @@ std::map<std::string, uint64_t> FastPath::kernelStats() const {
   int ncpu = libbpf_num_possible_cpus();
   if (ncpu <= 0) return out;
   std::vector<uint64_t> per(static_cast<size_t>(ncpu));
-  for (uint32_t i = 0; i < std::size(kKernelStatNames); ++i) {
+  for (uint32_t i = 0; i < std::size(kWeftFastStatNames); ++i) {
     if (bpf_map_lookup_elem(stats_.get(), &i, per.data()) != 0) continue;
     uint64_t sum = 0;
     for (uint64_t v : per) sum += v;
-    out[kKernelStatNames[i]] = sum;
+    out[kWeftFastStatNames[i]] = sum;
   }
   return out;
 }
@@ -277,7 +278,7 @@ nlohmann::json FastPath::statusJson() const {
       ++cached;
     }
   }
-  const ZtunnelStats& s = const_cast<Proxy&>(proxy_).stats();
+  const ZtunnelStats& s = proxy_.stats();
   nlohmann::json kernel = nlohmann::json::object();
   for (const auto& [k, v] : kernelStats()) kernel[k] = v;
   std::string state = !verdicts_.valid() ? "unavailable" : enabled_ ? "on" : "off";
@@ -303,7 +304,7 @@ nlohmann::json FastPath::connectionsJson() const {
   uint64_t now = uv_now(proxy_.loop());
   for (const auto& [key, c] : live_) {
     TcpLabels l;
-    bool known = labelsOf(c, "source", &l);
+    bool known = labelsOf(c, &l);
     auto ref = [](const std::string& ns, const std::string& name) {
       return ns.empty() ? std::string() : ns + "/" + name;
     };

@@ -64,11 +64,13 @@ class FastPath {
   };
   using CacheKey = std::tuple<uint64_t, std::string>;  // src cookie, dst addr:port
   using LiveKey = std::tuple<uint64_t, std::string>;   // src cookie, client addr:port
-  void clearMap();
-  // Labels of a fast connection for `reporter`; false when the source pod is unknown.
-  bool labelsOf(const Live& c, const char* reporter, TcpLabels* out) const;
-  void logLine(const Live& c, const char* direction, uint64_t bytes_up, uint64_t bytes_down,
-               uint64_t duration_ms, const std::string& error) const;
+  // Deletes every cached verdict. Unless `force`, only when one was written since the last
+  // clear: a cluster update then costs no system call when nothing went fast.
+  void clearMap(bool force = false);
+  // Labels of a fast connection (reporter "source"); false when the source pod is unknown.
+  bool labelsOf(const Live& c, TcpLabels* out) const;
+  void logLine(const Live& c, const TcpLabels& l, const char* direction, uint64_t bytes_up,
+               uint64_t bytes_down, uint64_t duration_ms, const std::string& error) const;
 
   Proxy& proxy_;
   bool enabled_;
@@ -81,6 +83,7 @@ class FastPath {
   std::set<CacheKey> cached_;
   std::map<LiveKey, Live> live_;
   uint64_t cache_failures_logged_ = 0;
+  bool map_dirty_ = false;  // a verdict was written since the last clear
 };
 
 }  // namespace weft::ztunnel

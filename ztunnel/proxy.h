@@ -53,6 +53,7 @@ class Proxy {
   Balancer& balancer() { return balancer_; }
   const Balancer& balancer() const { return balancer_; }
   ZtunnelStats& stats() { return stats_; }
+  const ZtunnelStats& stats() const { return stats_; }
   TcpMetrics& tcpMetrics() { return tcp_metrics_; }
   VerdictLog& verdicts() { return verdicts_; }
   const RelayOptions& relayOptions() const { return relay_options_; }

@@ -150,6 +150,11 @@ struct weft_fast_sock {
 #define WEFT_FAST_STAT_LOOKUP_PASSED 3 /* sk_lookup let a fast connection through */
 #define WEFT_FAST_STAT_EVENTS_LOST 4  /* FAST_OPEN/FAST_CLOSE not sent: the ring was full */
 #define WEFT_FAST_STATS 8
+#ifdef __cplusplus
+/* The counters' names, by index (the ztunnel's /fast_path and weftctl's map dump). */
+inline constexpr const char* kWeftFastStatNames[] = {"connects", "no_storage", "no_conn_entry",
+						     "lookup_passed", "events_lost"};
+#endif
 
 /* A FAST_OPEN / FAST_CLOSE record on weft_events (head.type tells which; head.netns_cookie is
  * the client's netns). Bytes are the client socket's: sent = acked by the destination,
