@@ -5,9 +5,7 @@
 // fuzz run of malformed packets leaves the proxy answering.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
-#include <signal.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -19,6 +17,7 @@
 #include <thread>
 
 #include "tests/e2e/sim_cluster.h"
+#include "tests/e2e/sim_suite.h"
 
 namespace weft::e2e {
 namespace {
@@ -34,15 +33,6 @@ constexpr const char* kUpstreamIp6 = "fd00:10:244:2::53";
 constexpr const char* kVip = "10.96.0.20";
 constexpr const char* kVip6 = "fd00:10:96::20";
 constexpr const char* kFqdn = "web.mesh.svc.cluster.local";
-
-bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(200ms);
-  }
-}
 
 std::string readFile(const std::string& path) {
   std::ifstream in(path);
@@ -60,97 +50,27 @@ std::vector<std::string> lines(const std::string& text) {
   return out;
 }
 
-std::string tailOf(const std::string& path, size_t n) {
-  auto all = lines(readFile(path));
-  std::string out;
-  for (size_t i = all.size() > n ? all.size() - n : 0; i < all.size(); ++i)
-    out += "    " + all[i] + "\n";
-  return out;
-}
-
-// Tears the sim down on SIGTERM/SIGINT (ctest timeout). Async-signal-safe only.
-std::vector<std::string> g_downArgv;
-void downOnSignal(int sig) {
-  if (!g_downArgv.empty()) {
-    std::vector<char*> argv;
-    for (auto& a : g_downArgv) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    if (pid > 0) ::waitpid(pid, nullptr, 0);
-  }
-  ::signal(sig, SIG_DFL);
-  ::raise(sig);
-}
-
-class DnsE2E : public ::testing::Test {
+class DnsE2E : public SimSuite<DnsE2E> {
  protected:
   static void SetUpTestSuite() {
     setupError_.clear();
     if (::geteuid() != 0) return;
-    char tmpl[] = "/tmp/weft-e2e-dns-XXXXXX";
-    if (!::mkdtemp(tmpl)) {
-      setupError_ = "mkdtemp failed";
-      return;
-    }
-    dir_ = tmpl;
-    ::chmod(dir_.c_str(), 0755);
-    upstreamLog_ = dir_ + "/upstream.log";
+    if (!makeLogDir("dns")) return;
+    upstreamLog_ = logDir_ + "/upstream.log";
     // The pod's resolv.conf, as kubelet writes it for ClusterFirst pods; the nameserver is the
     // upstream pod (the proxy sees whatever the pod asked).
-    std::ofstream(dir_ + "/resolv.conf")
+    std::ofstream(logDir_ + "/resolv.conf")
         << "nameserver " << kUpstreamIp << "\n"
         << "search mesh.svc.cluster.local svc.cluster.local cluster.local\n"
         << "options ndots:5 timeout:2 attempts:2\n";
-    std::string name = fmt::format("dns{}", ::getpid() % 1000000);
-    cluster_ = std::make_unique<SimCluster>(name);
-    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
-    ::signal(SIGTERM, downOnSignal);
-    ::signal(SIGINT, downOnSignal);
-    std::string err;
-    if (!cluster_->up(2, manifests(), &err)) {
-      setupError_ = err;
-      return;
-    }
+    if (!bringUp(fmt::format("dns{}", ::getpid() % 1000000), 2, manifests())) return;
     if (!eventually([] { return readFile(upstreamLog_).find("listening") != std::string::npos; },
                     20s))
       setupError_ = "upstream DNS pod did not start: " + readFile(upstreamLog_);
   }
 
-  static void TearDownTestSuite() {
-    if (cluster_) cluster_->down();
-    cluster_.reset();
-    g_downArgv.clear();
-    ::signal(SIGTERM, SIG_DFL);
-    ::signal(SIGINT, SIG_DFL);
-    if (!dir_.empty()) {
-      std::error_code ec;
-      fs::remove_all(dir_, ec);
-      dir_.clear();
-    }
-  }
-
-  void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
-    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
-    ASSERT_TRUE(cluster_ && cluster_->isUp());
-  }
-
-  void TearDown() override {
-    if (!HasFailure() || !cluster_) return;
-    auto s = cluster_->status();
-    if (!s || !s->contains("nodes")) return;
-    std::string out = "--- sim logs (tails) ---\n";
-    for (auto& n : (*s)["nodes"])
-      for (const char* which : {"agent", "ztunnel"})
-        if (n.contains(which) && n[which].contains("log") && n[which]["log"].is_string())
-          out += n.value("name", "?") + " " + which + ":\n" +
-                 tailOf(n[which]["log"].get<std::string>(), 25);
-    out += "upstream:\n" + tailOf(upstreamLog_, 15);
-    std::fprintf(stderr, "%s", out.c_str());
+  std::vector<std::pair<std::string, std::string>> extraLogs() const override {
+    return {{"upstream", upstreamLog_}};
   }
 
   static std::vector<ManifestFile> manifests() {
@@ -190,7 +110,7 @@ class DnsE2E : public ::testing::Test {
                                      "sh",
                                      "-c",
                                      "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
-                                     dir_ + "/resolv.conf"};
+                                     logDir_ + "/resolv.conf"};
     argv.insert(argv.end(), cmd.begin(), cmd.end());
     return cluster_->exec(pod, argv, timeout);
   }
@@ -213,9 +133,6 @@ class DnsE2E : public ::testing::Test {
     return out;
   }
 
-  static inline std::unique_ptr<SimCluster> cluster_;
-  static inline std::string setupError_;
-  static inline std::string dir_;
   static inline std::string upstreamLog_;
 };
 

@@ -3,7 +3,6 @@
 // reading the manifest directory; pods reach the agents as watch events, then get enrolled.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -14,6 +13,7 @@
 #include <thread>
 
 #include "tests/e2e/sim_cluster.h"
+#include "tests/e2e/sim_suite.h"
 
 namespace weft::e2e {
 namespace {
@@ -43,34 +43,17 @@ std::string servicesYaml() {
       kWebVip, kSvcPort, kManualVip, kSvcPort, kPort);
 }
 
-bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
-                std::chrono::milliseconds step = 200ms) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(step);
-  }
-}
-
 std::string slurp(const std::string& path) {
   std::ifstream in(path);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
-class KubeE2E : public ::testing::Test {
+class KubeE2E : public SimSuite<KubeE2E> {
  protected:
   static void SetUpTestSuite() {
     setupError_.clear();
     if (::geteuid() != 0) return;
-    char tmpl[] = "/tmp/weft-e2e-kube-XXXXXX";
-    if (!::mkdtemp(tmpl)) {
-      setupError_ = "mkdtemp failed";
-      return;
-    }
-    logDir_ = tmpl;
-    ::chmod(logDir_.c_str(), 0755);
-    cluster_ = std::make_unique<SimCluster>(fmt::format("k{}", ::getpid() % 100000000));
+    if (!makeLogDir("kube")) return;
     PodSpec client;
     client.ns = "mesh", client.name = "client", client.node = "node1";
     client.ip4 = "10.244.1.40", client.ip6 = "fd00:10:244:1::40";
@@ -82,16 +65,14 @@ class KubeE2E : public ::testing::Test {
         fmt::format("{} --port {} --log-peers {}/server.log", echoServerPath(), kPort, logDir_);
     server.labels = {{"app", "server"}};
     server.containerPorts = {{"http", kPort}};
-    std::string err;
-    bool up = cluster_->up(2,
-                           {{"ns.yaml", namespaceYaml("mesh", true)},
-                            {"pods.yaml", podYaml(client) + "---\n" + podYaml(server)},
-                            {"services.yaml", servicesYaml()}},
-                           &err, {"--kube-api", "fake"});
-    if (!up) {
-      setupError_ = err;
+    if (!bringUp(fmt::format("k{}", ::getpid() % 100000000), 2,
+                 {{"ns.yaml", namespaceYaml("mesh", true)},
+                  {"pods.yaml", podYaml(client) + "---\n" + podYaml(server)},
+                  {"services.yaml", servicesYaml()}},
+                 {"--kube-api", "fake"})) {
       return;
     }
+    std::string err;
     auto st = cluster_->status(&err);
     if (!st || !st->contains("kube_api") || !(*st)["kube_api"].is_object()) {
       setupError_ = "sim status has no kube_api: " + err;
@@ -100,29 +81,6 @@ class KubeE2E : public ::testing::Test {
     kube_ = (*st)["kube_api"];
     if (!eventually([] { return fs::exists(logDir_ + "/server.log"); }, 20s))
       setupError_ = "echo server did not start";
-  }
-
-  static void TearDownTestSuite() {
-    if (cluster_) cluster_->down();
-    cluster_.reset();
-    if (!logDir_.empty()) {
-      std::error_code ec;
-      fs::remove_all(logDir_, ec);
-    }
-  }
-
-  void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
-    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
-  }
-
-  void TearDown() override {
-    if (!HasFailure() || !cluster_) return;
-    auto st = cluster_->status();
-    if (!st) return;
-    for (auto& n : (*st)["nodes"])
-      std::fprintf(stderr, "--- %s agent log:\n%s\n", n.value("name", "?").c_str(),
-                   slurp(n["agent"].value("log", "")).c_str());
   }
 
   // POST to the fake API server's control API, from inside the fabric netns.
@@ -170,9 +128,6 @@ class KubeE2E : public ::testing::Test {
     return j;
   }
 
-  static inline std::unique_ptr<SimCluster> cluster_;
-  static inline std::string setupError_;
-  static inline std::string logDir_;
   static inline Json kube_;
 };
 

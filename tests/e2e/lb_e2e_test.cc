@@ -1,9 +1,7 @@
 // End-to-end load balancing on a 2-node sim: round robin over a service's three endpoints
 // (IPv4 and IPv6 VIPs), ejection of an endpoint that refuses connects, and peak-EWMA avoiding an
 // endpoint whose packets are held 200 ms (weft-delay-queue: netem's delay via NFQUEUE).
-#include <signal.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -19,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/e2e/sim_cluster.h"
+#include "tests/e2e/sim_suite.h"
 
 namespace weft::e2e {
 namespace {
@@ -56,50 +55,6 @@ size_t acceptLines(const std::string& path) {
   return n;
 }
 
-bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
-                std::chrono::milliseconds step = 200ms) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(step);
-  }
-}
-
-std::string tailOf(const std::string& path, size_t lines) {
-  std::ifstream in(path);
-  if (!in) return "(cannot read " + path + ")";
-  std::vector<std::string> all;
-  std::string l;
-  while (std::getline(in, l)) all.push_back(l);
-  std::string out;
-  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i)
-    out += "    " + all[i] + "\n";
-  return out;
-}
-
-// Tears the sim down when the run is interrupted; only async-signal-safe calls in the handler.
-std::vector<std::string> g_downArgv;
-std::vector<std::string> g_cleanArgv;
-void runFromSignal(std::vector<std::string>& args) {
-  if (args.empty()) return;
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  if (pid > 0) ::waitpid(pid, nullptr, 0);
-}
-void downOnSignal(int sig) {
-  runFromSignal(g_downArgv);
-  runFromSignal(g_cleanArgv);
-  ::signal(sig, SIG_DFL);
-  ::raise(sig);
-}
-
 std::string serviceYaml(const std::string& name, const std::vector<std::string>& ips,
                         const std::string& selector, const std::string& lb) {
   std::string y = fmt::format("apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n"
@@ -122,51 +77,13 @@ std::string namedPortServiceYaml() {
       kNamedVip, kServicePort);
 }
 
-class LbE2E : public ::testing::Test {
+class LbE2E : public SimSuite<LbE2E> {
  protected:
   static void SetUpTestSuite() {
     setupError_.clear();
     if (::geteuid() != 0) return;
-    char tmpl[] = "/tmp/weft-lb-e2e-XXXXXX";
-    if (!::mkdtemp(tmpl)) {
-      setupError_ = "mkdtemp failed";
-      return;
-    }
-    logDir_ = tmpl;
-    ::chmod(logDir_.c_str(), 0755);
-    std::string name = fmt::format("lb{}", ::getpid() % 10000000);
-    cluster_ = std::make_unique<SimCluster>(name);
-    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
-    ::signal(SIGTERM, downOnSignal);
-    ::signal(SIGINT, downOnSignal);
-    std::string err;
-    bool isUp = cluster_->up(2, manifests(), &err);
-    g_cleanArgv = {"/bin/rm", "-rf", "--", logDir_, cluster_->manifestCopyDir()};
-    if (!isUp) setupError_ = err;
-  }
-
-  static void TearDownTestSuite() {
-    if (cluster_) cluster_->down();
-    cluster_.reset();
-    g_downArgv.clear();
-    g_cleanArgv.clear();
-    ::signal(SIGTERM, SIG_DFL);
-    ::signal(SIGINT, SIG_DFL);
-    if (!logDir_.empty()) {
-      std::error_code ec;
-      fs::remove_all(logDir_, ec);
-      logDir_.clear();
-    }
-  }
-
-  void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF, NFQUEUE)";
-    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
-    ASSERT_TRUE(cluster_ && cluster_->isUp());
-  }
-
-  void TearDown() override {
-    if (HasFailure() && cluster_ && cluster_->isUp()) dumpLogs();
+    if (!makeLogDir("lb")) return;
+    bringUp(fmt::format("lb{}", ::getpid() % 10000000), 2, manifests());
   }
 
   static std::string backendLog(int i) { return fmt::format("{}/backend-{}.log", logDir_, i + 1); }
@@ -206,21 +123,6 @@ class LbE2E : public ::testing::Test {
                                      "round-robin") +
                          "---\n" + namedPortServiceYaml()});
     return files;
-  }
-
-  void dumpLogs() {
-    auto s = cluster_->status();
-    if (!s || !s->contains("nodes")) return;
-    std::string out = "--- sim logs (tails) ---\n";
-    for (auto& n : (*s)["nodes"]) {
-      for (const char* what : {"agent", "ztunnel"}) {
-        if (n.contains(what) && n[what].is_object() && n[what].contains("log")) {
-          std::string log = n[what]["log"].get<std::string>();
-          out += n.value("name", "?") + " " + what + " " + log + ":\n" + tailOf(log, 25);
-        }
-      }
-    }
-    std::fprintf(stderr, "%s", out.c_str());
   }
 
   static std::string target(const std::string& ip, int port) {
@@ -283,10 +185,6 @@ class LbE2E : public ::testing::Test {
     for (auto& e : j["endpoint_load"]) out[e.value("endpoint", "")] = e;
     return out;
   }
-
-  static inline std::unique_ptr<SimCluster> cluster_;
-  static inline std::string setupError_;
-  static inline std::string logDir_;
 };
 
 // Three endpoints, round robin: 300 connections are exactly 100 each; the IPv6 VIP of the same

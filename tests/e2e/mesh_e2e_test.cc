@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/e2e/sim_cluster.h"
+#include "tests/e2e/sim_suite.h"
 
 namespace weft::e2e {
 namespace {
@@ -52,14 +53,6 @@ struct Accepted {
   std::string peerIp, localIp;
   int localPort = 0;
 };
-
-std::pair<std::string, int> splitHostPort(const std::string& s) {
-  size_t colon = s.rfind(':');
-  if (colon == std::string::npos) return {s, 0};
-  std::string host = s.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
-  return {host, std::atoi(s.c_str() + colon + 1)};
-}
 
 class ServerLog {
  public:
@@ -99,52 +92,6 @@ class ServerLog {
   std::string path_;
 };
 
-bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
-                std::chrono::milliseconds step = 200ms) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(step);
-  }
-}
-
-std::string tailOf(const std::string& path, size_t lines) {
-  std::ifstream in(path);
-  if (!in) return "(cannot read " + path + ")";
-  std::vector<std::string> all;
-  std::string l;
-  while (std::getline(in, l)) all.push_back(l);
-  std::string out;
-  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i) {
-    out += "    " + all[i] + "\n";
-  }
-  return out;
-}
-
-// Tears the sim down when the run is interrupted (ctest timeout sends SIGTERM first), so no
-// namespaces, cgroups or BPF links outlive us. Only async-signal-safe calls in the handler.
-std::vector<std::string> g_downArgv;   // scripts/sim down --name S
-std::vector<std::string> g_cleanArgv;  // rm -rf of our temp dirs
-void runFromSignal(std::vector<std::string>& args) {
-  if (args.empty()) return;
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  if (pid > 0) ::waitpid(pid, nullptr, 0);
-}
-void downOnSignal(int sig) {
-  runFromSignal(g_downArgv);
-  runFromSignal(g_cleanArgv);
-  ::signal(sig, SIG_DFL);
-  ::raise(sig);
-}
-
 // nginx in a pod, every path under $POD_DIR, answering with the caller's address as nginx saw
 // it: a server nobody here wrote, for a client nobody here wrote (curl).
 constexpr const char* kWebScript = R"(#!/bin/sh
@@ -177,33 +124,16 @@ exec nginx -e "$POD_DIR/nginx-error.log" -c "$POD_DIR/nginx.conf"
 )";
 
 // One sim per test suite, shared by its tests to keep the run short.
-class SimSuite : public ::testing::Test {
+class MeshSim : public SimSuite<MeshSim> {
  protected:
   static void SetUpTestSuite() {
     setupError_.clear();
     if (::geteuid() != 0) return;  // each test skips with the reason
-    char tmpl[] = "/tmp/weft-e2e-logs-XXXXXX";
-    if (!::mkdtemp(tmpl)) {
-      setupError_ = "mkdtemp failed";
-      return;
-    }
-    logDir_ = tmpl;
-    ::chmod(logDir_.c_str(), 0755);
+    if (!makeLogDir("logs")) return;
     meshServer_ = ServerLog(logDir_ + "/mesh-server.log");
     localServer_ = ServerLog(logDir_ + "/local-server.log");
     plainServer_ = ServerLog(logDir_ + "/plain-server.log");
-    std::string name = fmt::format("e2e{}", ::getpid());
-    cluster_ = std::make_unique<SimCluster>(name);
-    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
-    ::signal(SIGTERM, downOnSignal);
-    ::signal(SIGINT, downOnSignal);
-    std::string err;
-    bool isUp = cluster_->up(2, manifests(), &err);
-    g_cleanArgv = {"/bin/rm", "-rf", "--", logDir_, cluster_->manifestCopyDir()};
-    if (!isUp) {
-      setupError_ = err;
-      return;
-    }
+    if (!bringUp(fmt::format("e2e{}", ::getpid()), 2, manifests())) return;
     // The sim returns once pods are started; the servers may still be binding.
     for (auto* log : {&meshServer_, &plainServer_, &localServer_}) {
       if (!eventually([&] { return log->mark() > 0; }, 20s)) {
@@ -211,30 +141,6 @@ class SimSuite : public ::testing::Test {
         return;
       }
     }
-  }
-
-  static void TearDownTestSuite() {
-    if (cluster_) cluster_->down();
-    cluster_.reset();
-    g_downArgv.clear();
-    g_cleanArgv.clear();
-    ::signal(SIGTERM, SIG_DFL);
-    ::signal(SIGINT, SIG_DFL);
-    if (!logDir_.empty()) {
-      std::error_code ec;
-      fs::remove_all(logDir_, ec);
-      logDir_.clear();
-    }
-  }
-
-  void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
-    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
-    ASSERT_TRUE(cluster_ && cluster_->isUp());
-  }
-
-  void TearDown() override {
-    if (HasFailure() && cluster_ && cluster_->isUp()) dumpLogs();
   }
 
   static std::vector<ManifestFile> manifests() {
@@ -279,27 +185,14 @@ class SimSuite : public ::testing::Test {
     };
   }
 
-  // On failure: the tails of every agent's and ztunnel's log, so the report shows their side.
-  void dumpLogs() {
-    auto s = cluster_->status();
-    if (!s) return;
-    std::string out = "--- sim logs (tails) ---\n";
-    auto addLog = [&](const std::string& what, const Json& obj) {
-      if (obj.is_object() && obj.contains("log") && obj["log"].is_string()) {
-        out += what + " " + obj["log"].get<std::string>() + ":\n" +
-               tailOf(obj["log"].get<std::string>(), 25);
-      }
-    };
-    if (s->contains("nodes")) {
-      for (auto& n : (*s)["nodes"]) {
-        std::string node = n.value("name", "?");
-        if (n.contains("agent")) addLog(node + " agent", n["agent"]);
-        if (n.contains("ztunnel")) addLog(node + " ztunnel", n["ztunnel"]);
-        std::string restarted = cluster_->restartedAgentLog(node);
-        if (fs::exists(restarted)) out += node + " restarted agent:\n" + tailOf(restarted, 25);
-      }
+  // Agents a test restarted log to files of their own.
+  std::vector<std::pair<std::string, std::string>> extraLogs() const override {
+    std::vector<std::pair<std::string, std::string>> out;
+    for (const char* node : {"node1", "node2"}) {
+      std::string restarted = cluster_->restartedAgentLog(node);
+      if (fs::exists(restarted)) out.push_back({std::string(node) + " restarted agent", restarted});
     }
-    std::fprintf(stderr, "%s", out.c_str());
+    return out;
   }
 
   // Connections opened as counted by `node`'s ztunnel with the given reporter.
@@ -345,16 +238,13 @@ class SimSuite : public ::testing::Test {
                                              : fmt::format("{}:{}", ip, port);
   }
 
-  static inline std::unique_ptr<SimCluster> cluster_;
-  static inline std::string setupError_;
-  static inline std::string logDir_;
   static inline ServerLog meshServer_;
   static inline ServerLog plainServer_;
   static inline ServerLog localServer_;
 };
 
-class MeshE2E : public SimSuite {};
-class ResilienceE2E : public SimSuite {};
+class MeshE2E : public MeshSim {};
+class ResilienceE2E : public MeshSim {};
 
 #define EXPECT_ECHO_OK(j, n)                                                         \
   do {                                                                               \
@@ -525,21 +415,6 @@ TEST_F(MeshE2E, IntegrityOfThousandConnections) {
       << "all of them must have gone through the mesh";
 }
 
-// The ztunnel's admin JSON on `node` (GET path), or nullopt with a test failure.
-std::optional<Json> ztunnelAdmin(SimCluster& cluster, const std::string& node,
-                                 const std::string& path, const std::string& method = "GET") {
-  std::vector<std::string> cmd = {"curl", "-sS", "--max-time", "5"};
-  if (method != "GET") cmd.insert(cmd.end(), {"-X", method});
-  cmd.push_back("http://127.0.0.1:15000" + path);
-  auto r = cluster.onNode(node, cmd);
-  auto j = Json::parse(r.out, nullptr, false);
-  if (r.exitCode != 0 || j.is_discarded()) {
-    ADD_FAILURE() << node << " ztunnel " << path << ": " << r.describe();
-    return std::nullopt;
-  }
-  return j;
-}
-
 // Two enrolled pods on one node: the first connection of the pair takes the ztunnel path (which
 // decides it and caches the verdict), the next ones go app to app in the kernel. 200 connections
 // of random data up to 4 MiB with half-close keep every byte; each is counted once per reporter
@@ -553,7 +428,7 @@ TEST_F(MeshE2E, SameNodeFastPathKeepsEveryByteAndCountsThemExactly) {
   auto seen = localServer_.acceptedSince(mark);
   ASSERT_EQ(seen.size(), 1u);
   EXPECT_EQ(seen[0].peerIp, kMeshInboundSource) << "the pair's first connection: ztunnel path";
-  auto fp = ztunnelAdmin(*cluster_, "node1", "/fast_path");
+  auto fp = ztunnelAdmin("node1", "/fast_path");
   ASSERT_TRUE(fp);
   ASSERT_EQ((*fp)["state"], "on") << fp->dump();
   EXPECT_GE((*fp)["cached_verdicts"].get<int>(), 1) << fp->dump();
@@ -592,7 +467,7 @@ TEST_F(MeshE2E, SameNodeFastPathKeepsEveryByteAndCountsThemExactly) {
       << "source -> destination bytes, as the kernel counted them";
   EXPECT_EQ(metric("istio_tcp_sent_bytes_total", "source") - downSrc0, received);
   EXPECT_EQ(metric("istio_tcp_received_bytes_total", "destination") - upDst0, sent);
-  fp = ztunnelAdmin(*cluster_, "node1", "/fast_path");
+  fp = ztunnelAdmin("node1", "/fast_path");
   ASSERT_TRUE(fp);
   EXPECT_EQ((*fp)["connections"].get<uint64_t>() - fast0, static_cast<uint64_t>(kConns));
   EXPECT_EQ((*fp)["fallbacks"].get<uint64_t>(), 0u) << fp->dump();

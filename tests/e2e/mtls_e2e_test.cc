@@ -27,6 +27,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/e2e/sim_cluster.h"
+#include "tests/e2e/sim_suite.h"
 
 namespace weft::e2e {
 namespace {
@@ -56,29 +57,6 @@ constexpr const char* kTlsRefused = "weft_ztunnel_tls_refused_total";
 constexpr const char* kCertWaits = "weft_ztunnel_cert_waits_total";
 constexpr const char* kCertWaitTimeouts = "weft_ztunnel_cert_wait_timeouts_total";
 constexpr const char* kPlaintextRefused = "weft_ztunnel_plaintext_refused_total";
-
-bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
-                std::chrono::milliseconds step = 200ms) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(step);
-  }
-}
-
-std::string tailOf(const std::string& path, size_t lines) {
-  std::ifstream in(path);
-  if (!in) return "(cannot read " + path + ")";
-  std::vector<std::string> all;
-  std::string l;
-  while (std::getline(in, l)) all.push_back(l);
-  std::string out;
-  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i) {
-    out += "    " + all[i] + "\n";
-  }
-  return out;
-}
 
 std::string readWhole(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -123,44 +101,18 @@ size_t lineCount(const std::string& log) {
   return n;
 }
 
-// Torn down on SIGTERM/SIGINT (ctest's timeout) like SimSuite does, and a node agent this suite
-// stopped is continued first. Only async-signal-safe calls in the handler.
-std::vector<std::string> g_downArgv;
-std::vector<std::string> g_cleanArgv;
-std::atomic<pid_t> g_stoppedAgent{0};
-void runFromSignal(std::vector<std::string>& args) {
-  if (args.empty()) return;
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  if (pid > 0) ::waitpid(pid, nullptr, 0);
-}
-void downOnSignal(int sig) {
-  pid_t stopped = g_stoppedAgent.load();
-  if (stopped > 0) ::kill(stopped, SIGCONT);
-  runFromSignal(g_downArgv);
-  runFromSignal(g_cleanArgv);
-  ::signal(sig, SIG_DFL);
-  ::raise(sig);
-}
-
 // A SIGSTOPped agent that is always continued: on resume(), on scope exit and on a signal.
 class StoppedAgent {
  public:
   explicit StoppedAgent(pid_t pid) : pid_(pid) {}
   ~StoppedAgent() { resume(); }
   bool stop() {
-    g_stoppedAgent = pid_;
+    setStoppedPidForSignal(pid_);
     return ::kill(pid_, SIGSTOP) == 0;
   }
   void resume() {
     if (pid_ > 0) ::kill(pid_, SIGCONT);
-    g_stoppedAgent = 0;
+    setStoppedPidForSignal(0);
   }
 
  private:
@@ -198,32 +150,17 @@ std::vector<std::string> nonEmpty(const std::string& field) {
   return out;
 }
 
-class MtlsE2E : public ::testing::Test {
+class MtlsE2E : public SimSuite<MtlsE2E> {
  protected:
   static void SetUpTestSuite() {
     setupError_.clear();
     if (::geteuid() != 0) return;  // each test skips with the reason
-    char tmpl[] = "/tmp/weft-e2e-mtls-XXXXXX";
-    if (!::mkdtemp(tmpl)) {
-      setupError_ = "mkdtemp failed";
-      return;
-    }
-    dir_ = tmpl;
-    ::chmod(dir_.c_str(), 0755);
-    meshServerLog_ = dir_ + "/mesh-server.log";
+    if (!makeLogDir("mtls")) return;
+    meshServerLog_ = logDir_ + "/mesh-server.log";
     std::string name = fmt::format("mtls{}", ::getpid() % 10000000);
-    cluster_ = std::make_unique<SimCluster>(name);
-    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
-    ::signal(SIGTERM, downOnSignal);
-    ::signal(SIGINT, downOnSignal);
-    std::string err;
     auto t0 = std::chrono::steady_clock::now();
-    bool isUp = cluster_->up(2, manifests(), &err,
-                             {"--agent-arg=--cert-ttl",
-                              fmt::format("--agent-arg={}", kCertTtlSeconds)});
-    g_cleanArgv = {"/bin/rm", "-rf", "--", dir_, cluster_->manifestCopyDir()};
-    if (!isUp) {
-      setupError_ = err;
+    if (!bringUp(name, 2, manifests(),
+                 {"--agent-arg=--cert-ttl", fmt::format("--agent-arg={}", kCertTtlSeconds)})) {
       return;
     }
     std::printf("sim %s up in %lld ms\n", name.c_str(),
@@ -234,6 +171,7 @@ class MtlsE2E : public ::testing::Test {
       setupError_ = "echo server did not start: no 'listening' line in " + meshServerLog_;
       return;
     }
+    std::string err;
     auto st = cluster_->status(&err);
     if (!st || !st->contains("state_dir") || !st->contains("fabric_netns")) {
       setupError_ = "scripts/sim status --json without state_dir/fabric_netns: " + err;
@@ -256,30 +194,6 @@ class MtlsE2E : public ::testing::Test {
     if (!makeCertificates(&err)) setupError_ = err;
   }
 
-  static void TearDownTestSuite() {
-    if (cluster_) cluster_->down();
-    cluster_.reset();
-    g_downArgv.clear();
-    g_cleanArgv.clear();
-    ::signal(SIGTERM, SIG_DFL);
-    ::signal(SIGINT, SIG_DFL);
-    if (!dir_.empty()) {
-      std::error_code ec;
-      fs::remove_all(dir_, ec);
-      dir_.clear();
-    }
-  }
-
-  void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
-    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
-    ASSERT_TRUE(cluster_ && cluster_->isUp());
-  }
-
-  void TearDown() override {
-    if (HasFailure() && cluster_ && cluster_->isUp()) dumpLogs();
-  }
-
   static std::vector<ManifestFile> manifests() {
     std::string server = fmt::format("{} --port {} --stream-port {} --log-peers ",
                                      echoServerPath(), kHashPort, kStreamPort);
@@ -300,7 +214,7 @@ class MtlsE2E : public ::testing::Test {
         {"pods-plain.yaml", pod("plain", "client", "node1", kPlainClientIp, "sleep infinity") +
                                 "---\n" +
                                 pod("plain", "server", "node2", kPlainServerIp,
-                                    server + dir_ + "/plain-server.log")},
+                                    server + logDir_ + "/plain-server.log")},
     };
   }
 
@@ -316,7 +230,7 @@ class MtlsE2E : public ::testing::Test {
   // With the openssl CLI: a client certificate of the sim's CA for plain's identity (as an
   // agent would issue: P-256, critical URI SAN), and a CA of our own with the same kind of leaf.
   static bool makeCertificates(std::string* err) {
-    std::string d = dir_ + "/certs";
+    std::string d = logDir_ + "/certs";
     std::string ext = d + "/leaf.ext";
     std::string caKey = simCa_.substr(0, simCa_.rfind('/')) + "/ca-key.pem";
     return sh("mkdir -p " + d, err) &&
@@ -351,56 +265,7 @@ class MtlsE2E : public ::testing::Test {
               err) &&
            sh("chmod -R a+rX " + d, err);
   }
-  static std::string cert(const std::string& f) { return dir_ + "/certs/" + f; }
-
-  // On failure: the tails of every agent's and ztunnel's log.
-  void dumpLogs() {
-    auto s = cluster_->status();
-    if (!s) return;
-    std::string out = "--- sim logs (tails) ---\n";
-    auto addLog = [&](const std::string& what, const Json& obj) {
-      if (obj.is_object() && obj.contains("log") && obj["log"].is_string()) {
-        out += what + " " + obj["log"].get<std::string>() + ":\n" +
-               tailOf(obj["log"].get<std::string>(), 30);
-      }
-    };
-    if (s->contains("nodes")) {
-      for (auto& n : (*s)["nodes"]) {
-        std::string node = n.value("name", "?");
-        if (n.contains("agent")) addLog(node + " agent", n["agent"]);
-        if (n.contains("ztunnel")) addLog(node + " ztunnel", n["ztunnel"]);
-      }
-    }
-    std::fprintf(stderr, "%s", out.c_str());
-  }
-
-  // The sum of `metric`'s samples matching `labels` on `node`'s ztunnel; -1 (and a failure)
-  // when the scrape fails.
-  static double metric(const std::string& node, const std::string& name,
-                       const std::map<std::string, std::string>& labels = {}) {
-    std::string err;
-    auto m = cluster_->metrics(node, &err);
-    if (!m) {
-      ADD_FAILURE() << err;
-      return -1;
-    }
-    return sumSamples(*m, name, labels);
-  }
-
-  static std::optional<Json> ztunnelAdmin(const std::string& node, const std::string& path) {
-    auto r = cluster_->onNode(
-        node, {"curl", "-sS", "--max-time", "5", "http://127.0.0.1:15000" + path});
-    if (r.exitCode != 0) {
-      ADD_FAILURE() << node << " ztunnel admin " << path << ": " << r.describe();
-      return std::nullopt;
-    }
-    auto j = Json::parse(r.out, nullptr, false);
-    if (j.is_discarded()) {
-      ADD_FAILURE() << node << " ztunnel admin " << path << " is not JSON: " << r.out;
-      return std::nullopt;
-    }
-    return j;
-  }
+  static std::string cert(const std::string& f) { return logDir_ + "/certs/" + f; }
 
   // `identity`'s entry in `node`'s /config_dump certificates, or an empty object.
   static Json certificateOf(const std::string& node, const std::string& identity) {
@@ -464,7 +329,7 @@ class MtlsE2E : public ::testing::Test {
   };
   static ServedProbe probeServedCertificate() {
     ServedProbe p;
-    std::string d = dir_ + "/probe";
+    std::string d = logDir_ + "/probe";
     std::string dump = fmt::format(
         "ip netns exec {} curl -sS --max-time 5 http://127.0.0.1:15000/config_dump", node2Netns_);
     auto r = run({"/bin/sh", "-c",
@@ -499,9 +364,6 @@ class MtlsE2E : public ::testing::Test {
     return p;
   }
 
-  static inline std::unique_ptr<SimCluster> cluster_;
-  static inline std::string setupError_;
-  static inline std::string dir_;
   static inline std::string meshServerLog_;
   static inline std::string simCa_;
   static inline std::string fabricNetns_;
@@ -521,7 +383,7 @@ bool sameSerial(std::string a, std::string b) {
 // the meshed pods only TLS 1.3 to 15008 with nothing but encrypted records after the hellos;
 // the plain pair's marker is on the wire, the meshed pair's is not.
 TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
-  std::string pcap = dir_ + "/fabric.pcapng";
+  std::string pcap = logDir_ + "/fabric.pcapng";
   // Bounded by dumpcap itself too (-a duration), in case we die before stopping it.
   Child capture;
   ASSERT_TRUE(capture.start({"ip", "netns", "exec", fabricNetns_, "dumpcap", "-i", "br0", "-w",
@@ -562,7 +424,7 @@ TEST_F(MtlsE2E, FabricCarriesOnlyTls13BetweenMeshedPods) {
   stopCapture.stop();
   ASSERT_TRUE(fs::exists(pcap)) << "no capture file; dumpcap said: " << stopCapture.out;
   std::printf("dumpcap: %s\n", stopCapture.out.c_str());
-  // For a look with Wireshark: WEFT_E2E_KEEP_CAPTURE=DIR keeps a copy (ours goes with dir_).
+  // For a look with Wireshark: WEFT_E2E_KEEP_CAPTURE=DIR keeps a copy (ours goes with logDir_).
   if (const char* keep = std::getenv("WEFT_E2E_KEEP_CAPTURE")) {
     std::error_code ec;
     fs::copy_file(pcap, fs::path(keep) / fmt::format("mtls-fabric-{}.pcapng", ::getpid()),

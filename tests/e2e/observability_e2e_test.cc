@@ -4,8 +4,6 @@
 // JSON); a denied connection is logged with its error and counted as failed; no key material in
 // any admin output; log levels change at run time on agent and ztunnel; the agent's /status
 // lists kernel features and certificate health; /connections shows a live connection.
-#include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -23,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/e2e/sim_cluster.h"
+#include "tests/e2e/sim_suite.h"
 
 namespace weft::e2e {
 namespace {
@@ -39,16 +38,6 @@ constexpr const char* kServiceVip = "10.96.50.1";
 constexpr const char* kClientIdentity = "spiffe://cluster.local/ns/obs/sa/client";
 constexpr const char* kServerIdentity = "spiffe://cluster.local/ns/obs/sa/server";
 constexpr const char* kServiceHost = "echo.obs.svc.cluster.local";
-
-bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
-                std::chrono::milliseconds step = 200ms) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(step);
-  }
-}
 
 std::string readFrom(const std::string& path, std::streamoff offset) {
   std::ifstream in(path, std::ios::binary);
@@ -118,46 +107,13 @@ std::map<std::string, std::string> jsonFields(const std::string& line) {
   return f;
 }
 
-std::string tailOf(const std::string& path, size_t lines) {
-  auto all = linesOf(readFrom(path, 0));
-  std::string out;
-  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i)
-    out += "    " + all[i] + "\n";
-  return out;
-}
-
-std::vector<std::string> g_downArgv;
-void downOnSignal(int sig) {
-  if (!g_downArgv.empty()) {
-    std::vector<char*> argv;
-    for (auto& a : g_downArgv) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    if (pid > 0) ::waitpid(pid, nullptr, 0);
-  }
-  ::signal(sig, SIG_DFL);
-  ::raise(sig);
-}
-
-class ObservabilityE2E : public ::testing::Test {
+class ObservabilityE2E : public SimSuite<ObservabilityE2E> {
  protected:
   static void SetUpTestSuite() {
     setupError_.clear();
     if (::geteuid() != 0) return;
-    std::string name = fmt::format("obs{}", ::getpid());
-    cluster_ = std::make_unique<SimCluster>(name);
-    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
-    ::signal(SIGTERM, downOnSignal);
-    ::signal(SIGINT, downOnSignal);
+    if (!bringUp(fmt::format("obs{}", ::getpid()), 2, manifests())) return;
     std::string err;
-    if (!cluster_->up(2, manifests(), &err)) {
-      setupError_ = err;
-      return;
-    }
     auto st = cluster_->status(&err);
     if (!st) {
       setupError_ = err;
@@ -166,31 +122,8 @@ class ObservabilityE2E : public ::testing::Test {
     status_ = *st;
   }
 
-  static void TearDownTestSuite() {
-    if (cluster_) cluster_->down();
-    cluster_.reset();
-    g_downArgv.clear();
-    ::signal(SIGTERM, SIG_DFL);
-    ::signal(SIGINT, SIG_DFL);
-  }
-
-  void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
-    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
-  }
-
-  void TearDown() override {
-    if (!HasFailure() || !cluster_) return;
-    std::string out = "--- sim logs (tails) ---\n";
-    for (const char* node : {"node1", "node2"}) {
-      for (const char* which : {"agent", "ztunnel"}) {
-        std::string log = nodeField(node, which, "log");
-        out += fmt::format("{} {} {}:\n{}", node, which, log, tailOf(log, 25));
-      }
-      std::string al = accessLog(node);
-      out += fmt::format("{} access log {}:\n{}", node, al, tailOf(al, 10));
-    }
-    std::fprintf(stderr, "%s", out.c_str());
+  std::vector<std::pair<std::string, std::string>> extraLogs() const override {
+    return {{"node1 access log", accessLog("node1")}, {"node2 access log", accessLog("node2")}};
   }
 
   static std::vector<ManifestFile> manifests() {
@@ -273,17 +206,6 @@ spec:
     return r.out;
   }
 
-  static double metric(const std::string& node, const std::string& name,
-                       const std::map<std::string, std::string>& match) {
-    std::string err;
-    auto m = cluster_->metrics(node, &err);
-    if (!m) {
-      ADD_FAILURE() << err;
-      return -1;
-    }
-    return sumSamples(*m, name, match);
-  }
-
   // N connections from the client through the service, each sending `bytes` and reading the
   // echo server's 32-byte digest + the bytes back.
   static Json echo(const std::string& target, int count, int bytes, int seed) {
@@ -298,8 +220,6 @@ spec:
     return j;
   }
 
-  static inline std::unique_ptr<SimCluster> cluster_;
-  static inline std::string setupError_;
   static inline Json status_;
 };
 

@@ -3,8 +3,6 @@
 // destination, port) row checked over HBONE (meshed sources) and plaintext inbound (sources
 // outside the mesh) for its outcome and for the deciding policy and rule in the destination
 // ztunnel's /verdicts; and a policy edit that changes the next connection within a second.
-#include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -19,6 +17,7 @@
 
 #include "tests/e2e/policy_matrix.h"
 #include "tests/e2e/sim_cluster.h"
+#include "tests/e2e/sim_suite.h"
 
 namespace weft::e2e {
 namespace {
@@ -26,87 +25,12 @@ namespace {
 using namespace std::chrono_literals;
 using Json = nlohmann::json;
 
-bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
-                std::chrono::milliseconds step = 200ms) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(step);
-  }
-}
-
-std::string tailOf(const std::string& path, size_t lines) {
-  std::ifstream in(path);
-  if (!in) return "(cannot read " + path + ")";
-  std::vector<std::string> all;
-  std::string l;
-  while (std::getline(in, l)) all.push_back(l);
-  std::string out;
-  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i)
-    out += "    " + all[i] + "\n";
-  return out;
-}
-
-// Tears the sim down when the run is interrupted, like the other suites.
-std::vector<std::string> g_downArgv;
-void downOnSignal(int sig) {
-  if (!g_downArgv.empty()) {
-    std::vector<char*> argv;
-    for (auto& a : g_downArgv) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    if (pid > 0) ::waitpid(pid, nullptr, 0);
-  }
-  ::signal(sig, SIG_DFL);
-  ::raise(sig);
-}
-
-class PolicyE2E : public ::testing::Test {
+class PolicyE2E : public SimSuite<PolicyE2E> {
  protected:
   static void SetUpTestSuite() {
     setupError_.clear();
     if (::geteuid() != 0) return;
-    std::string name = fmt::format("pol{}", ::getpid());
-    cluster_ = std::make_unique<SimCluster>(name);
-    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
-    ::signal(SIGTERM, downOnSignal);
-    ::signal(SIGINT, downOnSignal);
-    std::string err;
-    if (!cluster_->up(2, manifests(), &err)) setupError_ = err;
-  }
-
-  static void TearDownTestSuite() {
-    if (cluster_) cluster_->down();
-    cluster_.reset();
-    g_downArgv.clear();
-    ::signal(SIGTERM, SIG_DFL);
-    ::signal(SIGINT, SIG_DFL);
-  }
-
-  void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
-    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
-  }
-
-  void TearDown() override {
-    if (!HasFailure() || !cluster_) return;
-    auto s = cluster_->status();
-    if (!s || !s->contains("nodes")) return;
-    std::string out = "--- sim logs (tails) ---\n";
-    for (auto& n : (*s)["nodes"]) {
-      for (const char* who : {"agent", "ztunnel"}) {
-        if (n.contains(who) && n[who].contains("log") && n[who]["log"].is_string()) {
-          std::string log = n[who]["log"];
-          out += n.value("name", "?") + " " + who + " " + log + ":\n" + tailOf(log, 25);
-        }
-      }
-    }
-    std::fprintf(stderr, "%s", out.c_str());
+    bringUp(fmt::format("pol{}", ::getpid()), 2, manifests());
   }
 
   static std::vector<ManifestFile> manifests() { return policyMatrixManifests(); }
@@ -133,9 +57,6 @@ class PolicyE2E : public ::testing::Test {
     return j;
   }
   static uint64_t lastSeq() { return verdictsSince(~0ull >> 1).value("last_seq", 0ull); }
-
-  static inline std::unique_ptr<SimCluster> cluster_;
-  static inline std::string setupError_;
 };
 
 std::string describe(const Row& r) {

@@ -20,6 +20,7 @@
 
 #include "tests/e2e/policy_matrix.h"
 #include "tests/e2e/sim_cluster.h"
+#include "tests/e2e/sim_suite.h"
 
 namespace weft::e2e {
 namespace {
@@ -42,16 +43,6 @@ spec:
 )";
 }
 
-bool eventually(const std::function<bool()>& pred, std::chrono::milliseconds limit,
-                std::chrono::milliseconds step = 200ms) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (pred()) return true;
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(step);
-  }
-}
-
 bool processGone(int pid) {
   if (::kill(pid, 0) != 0) return errno == ESRCH;
   std::ifstream st("/proc/" + std::to_string(pid) + "/stat");
@@ -61,18 +52,6 @@ bool processGone(int pid) {
   return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
 }
 
-std::string tailOf(const std::string& path, size_t lines) {
-  std::ifstream in(path);
-  if (!in) return "(cannot read " + path + ")";
-  std::vector<std::string> all;
-  std::string l;
-  while (std::getline(in, l)) all.push_back(l);
-  std::string out;
-  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i)
-    out += "    " + all[i] + "\n";
-  return out;
-}
-
 size_t lineCount(const std::string& s) {
   size_t n = 0;
   for (char c : s) n += c == '\n';
@@ -80,66 +59,14 @@ size_t lineCount(const std::string& s) {
   return n;
 }
 
-std::vector<std::string> g_downArgv;
-void downOnSignal(int sig) {
-  if (!g_downArgv.empty()) {
-    std::vector<char*> argv;
-    for (auto& a : g_downArgv) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    if (pid > 0) ::waitpid(pid, nullptr, 0);
-  }
-  ::signal(sig, SIG_DFL);
-  ::raise(sig);
-}
-
-class WeftctlE2E : public ::testing::Test {
+class WeftctlE2E : public SimSuite<WeftctlE2E> {
  protected:
   static void SetUpTestSuite() {
     setupError_.clear();
     if (::geteuid() != 0) return;
-    std::string name = fmt::format("ctl{}", ::getpid());
-    cluster_ = std::make_unique<SimCluster>(name);
-    g_downArgv = {repoRoot() + "/scripts/sim", "down", "--name", name};
-    ::signal(SIGTERM, downOnSignal);
-    ::signal(SIGINT, downOnSignal);
     auto files = policyMatrixManifests();
     files.push_back({"services.yaml", serviceYaml()});
-    std::string err;
-    if (!cluster_->up(2, files, &err)) setupError_ = err;
-  }
-
-  static void TearDownTestSuite() {
-    if (cluster_) cluster_->down();
-    cluster_.reset();
-    g_downArgv.clear();
-    ::signal(SIGTERM, SIG_DFL);
-    ::signal(SIGINT, SIG_DFL);
-  }
-
-  void SetUp() override {
-    if (::geteuid() != 0) GTEST_SKIP() << "the sim needs root (netns, cgroups, BPF)";
-    ASSERT_TRUE(setupError_.empty()) << "cluster setup failed: " << setupError_;
-  }
-
-  void TearDown() override {
-    if (!HasFailure() || !cluster_) return;
-    auto s = cluster_->status();
-    if (!s || !s->contains("nodes")) return;
-    std::string out = "--- sim logs (tails) ---\n";
-    for (auto& n : (*s)["nodes"]) {
-      for (const char* who : {"agent", "ztunnel"}) {
-        if (n.contains(who) && n[who].contains("log") && n[who]["log"].is_string()) {
-          std::string log = n[who]["log"];
-          out += n.value("name", "?") + " " + who + " " + log + ":\n" + tailOf(log, 25);
-        }
-      }
-    }
-    std::fprintf(stderr, "%s", out.c_str());
+    bringUp(fmt::format("ctl{}", ::getpid()), 2, files);
   }
 
   // weftctl ARGS inside `node`'s netns, with the environment `scripts/sim node` sets.
@@ -163,8 +90,6 @@ class WeftctlE2E : public ::testing::Test {
     return r.exitCode == 0 && j.is_object() && j.value("ok", 0) == 1;
   }
 
-  static inline std::unique_ptr<SimCluster> cluster_;
-  static inline std::string setupError_;
 };
 
 // One verb: table form exits 0 with output, JSON form parses; `check` looks at the JSON.
