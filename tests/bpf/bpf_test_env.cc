@@ -23,6 +23,7 @@
 #include "bpf/abi/ports.h"
 #include "bpf/abi/progs.h"
 #include "common/address.h"
+#include "common/inbound_listener_map.h"
 #include "common/netns.h"
 
 namespace weft::bpftest {
@@ -455,6 +456,27 @@ pid_t BpfKernelTest::spawn(int netns_fd, bool in_cgroup, std::function<int(int o
   close(fds[1]);
   children_.emplace(pid, Proc{pid, UniqueFd(fds[0]), ""});
   return pid;
+}
+
+pid_t BpfKernelTest::startZtunnelInbound(int count, int accept_ms) {
+  std::string pin = pin_dir_;
+  return spawnServer(pod_fd_.get(), true, [pin, count, accept_ms](int out) {
+    return child::serve(out, {"0.0.0.0:15006", "[::]:15006"}, true, "ztunnel-in", count,
+                        accept_ms, [pin](int out, const std::vector<int>& fds) {
+                          auto map = InboundListenerMap::open(pin);
+                          if (!map) {
+                            child::report(out, "map_err", map.status().message());
+                            return false;
+                          }
+                          Status a = map->add(*IpAddr::parse(kPodV4), fds[0]);
+                          Status b = map->add(*IpAddr::parse(kPodV6), fds[1]);
+                          if (!a || !b) {
+                            child::report(out, "map_err", a.message() + " / " + b.message());
+                            return false;
+                          }
+                          return true;
+                        });
+  });
 }
 
 pid_t BpfKernelTest::spawnServer(int netns_fd, bool in_cgroup, std::function<int(int out)> fn) {

@@ -93,6 +93,10 @@ class BpfKernelTest : public ::testing::Test {
   ChildResult wait(pid_t pid, int timeout_ms = 8000);
   // spawn + wait.
   ChildResult run(int netns_fd, bool in_cgroup, std::function<int(int out)> fn);
+  // The ztunnel's inbound listeners in the pod (0.0.0.0:15006 and [::]:15006, marked),
+  // registered for kPodV4 and kPodV6 in the pin dir's listener map like the ztunnel does, then
+  // serving `count` connections (see child::serve).
+  pid_t startZtunnelInbound(int count, int accept_ms);
 
   // Runs a shell command (ip ...); fails the test if it fails.
   void sh(const std::string& cmd);

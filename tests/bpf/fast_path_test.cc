@@ -16,7 +16,6 @@
 
 #include "bpf/abi/maps.h"
 #include "common/address.h"
-#include "common/inbound_listener_map.h"
 #include "common/netns.h"
 #include "tests/bpf/bpf_test_env.h"
 
@@ -100,23 +99,7 @@ class FastPathTest : public BpfKernelTest {
     return n;
   }
 
-  // The ztunnel's listeners: 15006 in the pod (registered for its IPs) and 15001 in the peer.
-  pid_t startZtunnelInbound(int count, int accept_ms) {
-    std::string pin = pin_dir_;
-    return spawnServer(pod_fd_.get(), true, [pin, count, accept_ms](int out) {
-      return child::serve(out, {"0.0.0.0:15006", "[::]:15006"}, true, "ztunnel-in", count,
-                          accept_ms, [pin](int out, const std::vector<int>& fds) {
-                            auto map = InboundListenerMap::open(pin);
-                            if (!map) {
-                              child::report(out, "map_err", map.status().message());
-                              return false;
-                            }
-                            Status a = map->add(*IpAddr::parse(kPodV4), fds[0]);
-                            Status b = map->add(*IpAddr::parse(kPodV6), fds[1]);
-                            return a.isOk() && b.isOk();
-                          });
-    });
-  }
+  // The ztunnel's outbound listener in the peer (its inbound one: startZtunnelInbound).
   pid_t startZtunnelOutbound(int count, int accept_ms) {
     return spawnServer(peer_fd_.get(), true, [count, accept_ms](int out) {
       return child::serve(out, {"127.0.0.1:15001", "[::1]:15001"}, true, "ztunnel-out", count,

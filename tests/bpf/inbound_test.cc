@@ -26,28 +26,6 @@ class InboundTest : public BpfKernelTest {
     ASSERT_TRUE(st.isOk()) << st.message();
   }
 
-  // The ztunnel's inbound listeners (v4 and v6), registered for the pod's IPs.
-  pid_t startZtunnelInbound(int count, int accept_ms) {
-    std::string pin = pin_dir_;
-    return spawnServer(pod_fd_.get(), true, [pin, count, accept_ms](int out) {
-      return child::serve(out, {"0.0.0.0:15006", "[::]:15006"}, true, "ztunnel-in", count,
-                          accept_ms, [pin](int out, const std::vector<int>& fds) {
-                            auto map = InboundListenerMap::open(pin);
-                            if (!map) {
-                              child::report(out, "map_err", map.status().message());
-                              return false;
-                            }
-                            Status a = map->add(*IpAddr::parse(kPodV4), fds[0]);
-                            Status b = map->add(*IpAddr::parse(kPodV6), fds[1]);
-                            if (!a || !b) {
-                              child::report(out, "map_err", a.message() + " / " + b.message());
-                              return false;
-                            }
-                            return true;
-                          });
-    });
-  }
-
   // The app in the pod: dual-stack on 8080.
   pid_t startApp(int count, int accept_ms) {
     return spawnServer(pod_fd_.get(), true, [count, accept_ms](int out) {
