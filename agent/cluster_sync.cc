@@ -1,7 +1,6 @@
 // Converts the agent's model into node-protocol messages and computes deltas between models.
 #include "agent/cluster_sync.h"
 
-#include <google/protobuf/util/message_differencer.h>
 
 #include <map>
 
@@ -61,7 +60,6 @@ pb::ClusterUpdate fullClusterUpdate(const ClusterModel& model) {
 }
 
 pb::ClusterUpdate clusterDelta(const ClusterModel& before, const ClusterModel& after) {
-  using google::protobuf::util::MessageDifferencer;
   pb::ClusterUpdate u;
   // Workloads are keyed by uid on the wire; a pod whose uid changed is a removal plus an add.
   std::map<std::string, pb::Workload> old_w, new_w;
@@ -69,7 +67,7 @@ pb::ClusterUpdate clusterDelta(const ClusterModel& before, const ClusterModel& a
   for (const auto& [k, p] : after.pods) new_w[p.meta.uid] = workloadProto(after, p);
   for (const auto& [uid, w] : new_w) {
     auto it = old_w.find(uid);
-    if (it == old_w.end() || !MessageDifferencer::Equals(it->second, w))
+    if (it == old_w.end() || !sameMessage(it->second, w))
       *u.add_upsert_workloads() = w;
   }
   for (const auto& [uid, w] : old_w)
@@ -78,7 +76,7 @@ pb::ClusterUpdate clusterDelta(const ClusterModel& before, const ClusterModel& a
     pb::Service now = serviceProto(after, svc);
     auto it = before.services.find(key);
     if (it == before.services.end() ||
-        !MessageDifferencer::Equals(serviceProto(before, it->second), now))
+        !sameMessage(serviceProto(before, it->second), now))
       *u.add_upsert_services() = std::move(now);
   }
   for (const auto& [key, svc] : before.services)
@@ -86,7 +84,7 @@ pb::ClusterUpdate clusterDelta(const ClusterModel& before, const ClusterModel& a
   for (const auto& [key, ap] : after.authorization_policies) {
     auto it = before.authorization_policies.find(key);
     if (it == before.authorization_policies.end() ||
-        !MessageDifferencer::Equals(it->second.spec, ap.spec))
+        !sameMessage(it->second.spec, ap.spec))
       *u.add_upsert_authorization_policies() = ap.spec;
   }
   for (const auto& [key, ap] : before.authorization_policies)

@@ -3,7 +3,8 @@
 #include "agent/model.h"
 
 #include <fmt/format.h>
-#include <google/protobuf/util/message_differencer.h>
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 
 namespace weft::agent {
 
@@ -24,10 +25,31 @@ constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;
 
 bool AuthorizationPolicy::operator==(const AuthorizationPolicy& o) const {
   return meta == o.meta && warnings == o.warnings &&
-         google::protobuf::util::MessageDifferencer::Equals(spec, o.spec);
+         sameMessage(spec, o.spec);
 }
 
 std::string objectKey(const std::string& ns, const std::string& name) { return ns + "/" + name; }
+
+namespace {
+std::string deterministicBytes(const google::protobuf::MessageLite& m) {
+  std::string out;
+  {
+    google::protobuf::io::StringOutputStream raw(&out);
+    google::protobuf::io::CodedOutputStream coded(&raw);
+    coded.SetSerializationDeterministic(true);
+    m.SerializeWithCachedSizes(&coded);
+  }
+  return out;
+}
+}  // namespace
+
+bool sameMessage(const google::protobuf::MessageLite& a,
+                 const google::protobuf::MessageLite& b) {
+  if (a.GetTypeName() != b.GetTypeName()) return false;
+  // ByteSizeLong() fills the cached sizes SerializeWithCachedSizes relies on.
+  if (a.ByteSizeLong() != b.ByteSizeLong()) return false;
+  return deterministicBytes(a) == deterministicBytes(b);
+}
 
 const Pod* ClusterModel::findPod(const std::string& ns, const std::string& name) const {
   auto it = pods.find(objectKey(ns, name));

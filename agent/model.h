@@ -139,6 +139,12 @@ const char* mtlsModeName(MtlsMode mode);
 // "namespace/name": the key of namespaced objects.
 std::string objectKey(const std::string& ns, const std::string& name);
 
+// Whether two messages of the same type hold the same fields: their deterministic encodings
+// (map entries in key order) are equal. The node protocol is built on the protobuf lite
+// runtime, which has no reflection (no MessageDifferencer).
+bool sameMessage(const google::protobuf::MessageLite& a,
+                 const google::protobuf::MessageLite& b);
+
 struct ClusterModel {
   std::map<std::string, Namespace> namespaces;  // by name
   std::map<std::string, Pod> pods;              // by namespace/name
