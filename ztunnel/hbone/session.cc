@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include <sys/socket.h>
+
 #include "common/log.h"
 
 namespace weft::hbone {
@@ -141,7 +143,7 @@ void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
     self->stopReading();
     self->resetTcp_ = true;
     nghttp2_submit_rst_stream(session->h2_, NGHTTP2_FLAG_NONE, self->streamId_, NGHTTP2_CANCEL);
-    session->flush();
+    session->scheduleFlush();
     return;
   } else {
     self->releaseChunks();  // EAGAIN: an idle tunnel gives its empty chunk back
@@ -151,7 +153,7 @@ void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
     self->dataDeferred_ = false;
     nghttp2_session_resume_data(session->h2_, self->streamId_);
   }
-  session->flush();
+  session->scheduleFlush();
 }
 
 void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
@@ -201,7 +203,7 @@ void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
                         if (self->watch_) self->watch_->h2ToTcp += sz;
                         nghttp2_session_consume(session->h2_, self->streamId_, sz);
                       }
-                      session->flush();
+                      session->scheduleFlush();
                     });
   if (rc != 0) {
     delete w;
@@ -216,6 +218,18 @@ void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
 void Tunnel::maybeShutdownTcp() {
   if (!h2EndReceived_ || tcpShutdown_ || tcp_ == nullptr) return;
   tcpShutdown_ = true;
+  // Nothing queued: shut down now. uv_shutdown would arm the socket for writability, wake the
+  // loop once more and re-arm it again afterwards (two epoll_ctl calls and a loop turn per
+  // tunnel) only to make the same call.
+  auto* stream = reinterpret_cast<uv_stream_t*>(tcp_);
+  uv_os_fd_t fd = -1;
+  if (tcpQueued_ == 0 && uv_stream_get_write_queue_size(stream) == 0 &&
+      uv_fileno(reinterpret_cast<uv_handle_t*>(tcp_), &fd) == 0) {
+    // A failure (the peer already reset) shows up on the socket's next read or write.
+    ::shutdown(fd, SHUT_WR);
+    shutdownDone_ = true;
+    return;
+  }
   auto* req = new uv_shutdown_t{};
   // uv_shutdown waits for the queued writes, then shutdown(SHUT_WR): the peer's FIN, exactly.
   int rc = uv_shutdown(req, reinterpret_cast<uv_stream_t*>(tcp_), [](uv_shutdown_t* r, int) {
@@ -300,6 +314,11 @@ H2Session::~H2Session() {
     uv_close(reinterpret_cast<uv_handle_t*>(timer_),
              [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
   }
+  if (flusher_ != nullptr) {
+    flusher_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(flusher_),
+             [](uv_handle_t* h) { delete reinterpret_cast<uv_prepare_t*>(h); });
+  }
   tls_.reset();
   if (h2_ != nullptr) nghttp2_session_del(h2_);
 }
@@ -313,6 +332,14 @@ Status H2Session::start() {
     return Status::errorf("uv_timer_init: {}", uv_strerror(rc));
   }
   timer_->data = this;
+  flusher_ = new uv_prepare_t{};
+  rc = uv_prepare_init(loop_, flusher_);
+  if (rc != 0) {
+    delete flusher_;
+    flusher_ = nullptr;  // scheduleFlush() then flushes at once
+  } else {
+    flusher_->data = this;
+  }
   auto shortest = std::min(settings_.pingInterval, settings_.idleTimeout);
   uint64_t tick = std::clamp<uint64_t>(static_cast<uint64_t>(shortest.count()) / 4, 10, 1000);
   uv_timer_start(timer_, [](uv_timer_t* t) {
@@ -365,7 +392,7 @@ void H2Session::onTimer() {
 
 void H2Session::onTlsHandshake(const Status& st) {
   if (cb_.onHandshake) cb_.onHandshake(st);
-  if (st) flush();
+  if (st) scheduleFlush();
 }
 
 void H2Session::onTlsData(const uint8_t* data, size_t len) {
@@ -380,7 +407,30 @@ void H2Session::onTlsData(const uint8_t* data, size_t len) {
     close(Status::errorf("HTTP/2 from peer: {}", nghttp2_strerror(static_cast<int>(rc))));
     return;
   }
-  flush();
+  scheduleFlush();
+}
+
+// Output of the events of one loop turn (reads on many tunnels, CONNECTs, answers, window
+// updates) goes out together just before the loop polls again: one TLS record and one socket
+// write for all of them instead of one per event. A prepare handle runs before the loop
+// blocks, so nothing scheduled waits for a poll.
+void H2Session::scheduleFlush() {
+  if (closing_ || flushScheduled_) return;
+  if (flusher_ == nullptr) {
+    flush();
+    return;
+  }
+  if (uv_prepare_start(flusher_, [](uv_prepare_t* p) {
+        uv_prepare_stop(p);
+        auto* self = static_cast<H2Session*>(p->data);
+        if (self == nullptr) return;
+        self->flushScheduled_ = false;
+        self->flush();
+      }) != 0) {
+    flush();  // cannot defer: send now rather than hold output
+    return;
+  }
+  flushScheduled_ = true;
 }
 
 void H2Session::flush() {
@@ -740,7 +790,7 @@ Result<int32_t> H2Session::submitConnect(const Headers& headers, UniqueFd local,
   pendingLocal_[id] = std::move(local);
   if (watch) pendingWatch_[id] = std::move(watch);
   idleSinceMs_ = 0;
-  flush();
+  scheduleFlush();
   return id;
 }
 
@@ -785,14 +835,14 @@ Status H2Session::respond(int32_t streamId, int status, uv_tcp_t* upstream,
     endWatch(watch, true);
     return Status::errorf("response: {}", nghttp2_strerror(rc));
   }
-  flush();
+  scheduleFlush();
   return Status::ok();
 }
 
 void H2Session::resetStream(int32_t streamId, uint32_t errorCode) {
   if (closing_) return;
   nghttp2_submit_rst_stream(h2_, NGHTTP2_FLAG_NONE, streamId, errorCode);
-  flush();
+  scheduleFlush();
 }
 
 void H2Session::cleanup(const Status& why) {

@@ -165,6 +165,8 @@ class H2Session {
   void onTlsHandshake(const Status& st);
   void onTlsData(const uint8_t* data, size_t len);
   void flush();
+  // flush() once, before the loop next polls (see session.cc).
+  void scheduleFlush();
   void onTimer();
   void touch();
   Tunnel* tunnel(int32_t id);
@@ -206,6 +208,8 @@ class H2Session {
   void onTlsClosed(const Status& st);
   void cleanup(const Status& why);
   uv_timer_t* timer_ = nullptr;
+  uv_prepare_t* flusher_ = nullptr;  // runs a scheduled flush; active only while one is due
+  bool flushScheduled_ = false;
   std::vector<uint8_t> staged_;  // HTTP/2 output not yet encrypted (see flush())
   Status sendError_;             // why sendData failed (it can only return a code)
   bool closing_ = false;

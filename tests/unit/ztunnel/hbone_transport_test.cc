@@ -3,8 +3,10 @@
 // the data path's memory bound under a slow reader and large transfers in random-sized writes.
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <iostream>
 #include <random>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -677,6 +679,28 @@ TEST(HboneTraceparent, Format) {
   EXPECT_EQ(t.substr(0, 3), "00-");
   EXPECT_EQ(t[35], '-');
   EXPECT_EQ(t.substr(52), "-00");
+}
+
+// The ids come from a per-thread generator seeded once: every one is lower-case hex, not the
+// invalid all-zero id, and no two of many are alike (trace id or span id).
+TEST(HboneTraceparent, IdsAreHexNonZeroAndDistinct) {
+  std::set<std::string> traces, spans;
+  for (int i = 0; i < 20000; ++i) {
+    std::string t = HboneClient::makeTraceparent();
+    ASSERT_EQ(t.size(), 55u);
+    std::string trace = t.substr(3, 32), span = t.substr(36, 16);
+    for (char ch : trace + span) ASSERT_TRUE(std::isxdigit(ch) && !std::isupper(ch)) << t;
+    EXPECT_NE(trace, std::string(32, '0'));
+    EXPECT_NE(span, std::string(16, '0'));
+    traces.insert(trace);
+    spans.insert(span);
+  }
+  EXPECT_EQ(traces.size(), 20000u);
+  EXPECT_EQ(spans.size(), 20000u);
+  // Another thread has its own generator, seeded on its own: its ids are not this thread's.
+  std::string other;
+  std::thread([&] { other = HboneClient::makeTraceparent(); }).join();
+  EXPECT_EQ(traces.count(other.substr(3, 32)), 0u);
 }
 
 }  // namespace
