@@ -148,6 +148,14 @@ std::string HboneClient::makeTraceparent() {
 }
 
 void HboneClient::open(const OutboundConnect& req, UniqueFd local, ConnectDone done) {
+  openLocal(req, LocalSocket(std::move(local)), std::move(done));
+}
+
+void HboneClient::open(const OutboundConnect& req, uv_tcp_t* local, ConnectDone done) {
+  openLocal(req, LocalSocket(local), std::move(done));
+}
+
+void HboneClient::openLocal(const OutboundConnect& req, LocalSocket local, ConnectDone done) {
   Headers h = {{":method", "CONNECT"}, {":authority", req.target.toString()}};
   if (req.forwardedFor.port() != 0) {
     h.emplace_back("forwarded", "for=\"" + req.forwardedFor.toString() + "\"");

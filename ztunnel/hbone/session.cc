@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include <sys/socket.h>
 
@@ -42,6 +43,44 @@ void endWatch(const TunnelWatchPtr& w, bool reset) {
   auto cb = std::move(w->onEnd);
   w->onEnd = nullptr;
   if (cb) cb();
+}
+
+// ---------------------------------------------------------------------------------------------
+// LocalSocket
+
+LocalSocket::LocalSocket(LocalSocket&& o) noexcept
+    : fd_(std::move(o.fd_)), tcp_(std::exchange(o.tcp_, nullptr)) {}
+
+LocalSocket& LocalSocket::operator=(LocalSocket&& o) noexcept {
+  if (this != &o) {
+    reset();
+    fd_ = std::move(o.fd_);
+    tcp_ = std::exchange(o.tcp_, nullptr);
+  }
+  return *this;
+}
+
+void LocalSocket::reset() {
+  if (tcp_ != nullptr) closeAndDelete(std::exchange(tcp_, nullptr), /*reset=*/true);
+  fd_.reset();
+}
+
+Result<uv_tcp_t*> LocalSocket::take(uv_loop_t* loop) {
+  if (tcp_ != nullptr) return std::exchange(tcp_, nullptr);
+  if (!fd_.valid()) return Status::error("no local socket");
+  auto* tcp = new uv_tcp_t{};
+  int rc = uv_tcp_init(loop, tcp);
+  if (rc != 0) {
+    delete tcp;
+    return Status::errorf("local socket: {}", uv_strerror(rc));
+  }
+  rc = uv_tcp_open(tcp, fd_.get());
+  if (rc != 0) {
+    closeAndDelete(tcp, false);
+    return Status::errorf("local socket: {}", uv_strerror(rc));
+  }
+  fd_.release();
+  return tcp;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -662,7 +701,7 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
         if (st >= 100 && st < 200) return 0;  // informational: wait for the final one
         auto local = self->pendingLocal_.find(id);
         if (local == self->pendingLocal_.end()) return 0;
-        UniqueFd fd = std::move(local->second);
+        LocalSocket sock = std::move(local->second);
         self->pendingLocal_.erase(local);
         TunnelWatchPtr watch;
         if (auto w = self->pendingWatch_.find(id); w != self->pendingWatch_.end()) {
@@ -671,23 +710,14 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
         }
         if (st == 200 && !endStream) {
           auto tun = std::make_unique<Tunnel>(self, id);
-          auto* tcp = new uv_tcp_t{};
-          int rc = uv_tcp_init(self->loop_, tcp);
-          if (rc != 0) {
-            delete tcp;
-            tcp = nullptr;
-          } else {
-            rc = uv_tcp_open(tcp, fd.get());
-          }
-          if (rc != 0) {
-            if (tcp != nullptr) closeAndDelete(tcp, false);
+          Result<uv_tcp_t*> handle = sock.take(self->loop_);
+          if (!handle) {
+            endWatch(watch, true);
             nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
-            if (self->cb_.onStreamFailed) {
-              self->cb_.onStreamFailed(id, Status::errorf("local socket: {}", uv_strerror(rc)));
-            }
+            if (self->cb_.onStreamFailed) self->cb_.onStreamFailed(id, handle.status());
             return 0;
           }
-          fd.release();
+          uv_tcp_t* tcp = handle.value();
           Tunnel* t = tun.get();
           t->setWatch(std::move(watch));
           self->tunnels_[id] = std::move(tun);
@@ -698,7 +728,7 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
           if (self->cb_.onResponse) self->cb_.onResponse(id, 200);
           return 0;
         }
-        // Not a tunnel: end our side; the local socket closes with fd.
+        // Not a tunnel: end our side; the local socket closes (a handle with a reset).
         endWatch(watch, true);
         nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
         if (self->cb_.onResponse) self->cb_.onResponse(id, st == 200 ? 502 : st);
@@ -771,7 +801,7 @@ int H2Session::onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorC
   return 0;
 }
 
-Result<int32_t> H2Session::submitConnect(const Headers& headers, UniqueFd local,
+Result<int32_t> H2Session::submitConnect(const Headers& headers, LocalSocket local,
                                          TunnelWatchPtr watch) {
   if (!acceptingStreams()) return Status::error("HBONE connection is closing");
   std::vector<nghttp2_nv> nva;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cerrno>
 #include <iostream>
 #include <random>
 #include <set>
@@ -269,6 +270,56 @@ TEST_F(HboneTest, DeniedIs401) {
   auto [status, app] = open(request(up.port()), &err);
   EXPECT_EQ(status, 401) << err;
   EXPECT_EQ(server_->stats().denied401, 1u);
+}
+
+// The caller's own libuv handle of the local socket becomes the tunnel's socket as it is.
+TEST_F(HboneTest, LocalHandleBecomesTheTunnel) {
+  Listener up;
+  std::thread upstream = echoUpstream(up);
+  JoinUpstream guard(up, upstream);
+  auto [local, app] = tcpPair();
+  auto* handle = new uv_tcp_t{};
+  ASSERT_EQ(uv_tcp_init(&loop_, handle), 0);
+  ASSERT_EQ(uv_tcp_open(handle, local.release()), 0);
+  int status = -1;
+  Status err;
+  client_->open(request(up.port()), handle, [&](int st, const Status& e) {
+    status = st;
+    err = e;
+  });
+  ASSERT_TRUE(runUntil(&loop_, [&] { return status != -1; }));
+  ASSERT_EQ(status, 200) << err.message();
+  std::string back;
+  withThread([&, fd = app.get()] {
+    writeAll(fd, "through the caller's handle");
+    ::shutdown(fd, SHUT_WR);
+    back = readToEof(fd);
+  });
+  upstream.join();
+  EXPECT_EQ(back, "through the caller's handle");
+}
+
+// A handle whose stream is refused is reset (the app sees RST, not a clean FIN) and freed (ASan
+// reports a leak otherwise).
+TEST_F(HboneTest, LocalHandleOfARefusedStreamIsReset) {
+  deny_ = true;
+  Listener up;
+  auto [local, app] = tcpPair();
+  auto* handle = new uv_tcp_t{};
+  ASSERT_EQ(uv_tcp_init(&loop_, handle), 0);
+  ASSERT_EQ(uv_tcp_open(handle, local.release()), 0);
+  int status = -1;
+  client_->open(request(up.port()), handle, [&](int st, const Status&) { status = st; });
+  ASSERT_TRUE(runUntil(&loop_, [&] { return status != -1; }));
+  EXPECT_EQ(status, 401);
+  ASSERT_TRUE(runUntil(&loop_, [&] {
+    char c;
+    ssize_t n = ::recv(app.get(), &c, 1, MSG_DONTWAIT);
+    if (n < 0 && errno == EAGAIN) return false;
+    EXPECT_EQ(n, -1) << "the app's socket got a FIN or bytes, not a reset";
+    EXPECT_EQ(errno, ECONNRESET);
+    return true;
+  }));
 }
 
 TEST_F(HboneTest, UpstreamRefusedIs503) {
