@@ -691,8 +691,9 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
         if (it == self->pending_.end()) return 0;
         self->headerBytes_.erase(id);
         if (endStream) self->pendingEnd_[id] = true;
-        Headers h = it->second;
-        if (self->cb_.onRequest) self->cb_.onRequest(id, h);
+        // The entry stays as the stream's "awaiting an answer" mark; its headers move on.
+        Headers h = std::move(it->second);
+        if (self->cb_.onRequest) self->cb_.onRequest(id, std::move(h));
         return 0;
       }
       if (self->role_ == Role::kClient && f->headers.cat == NGHTTP2_HCAT_RESPONSE) {

@@ -140,8 +140,8 @@ class H2Session {
  public:
   enum class Role { kClient, kServer };
   struct Callbacks {
-    // Server: a complete request header block on a new stream.
-    std::function<void(int32_t streamId, const Headers& headers)> onRequest;
+    // Server: a complete request header block on a new stream (the headers are the callee's).
+    std::function<void(int32_t streamId, Headers&& headers)> onRequest;
     // Client: the response to a CONNECT.
     std::function<void(int32_t streamId, int status)> onResponse;
     // Client: a stream ended before a response (reset, connection lost).
