@@ -1,11 +1,11 @@
 // A proxied connection's life: accepted, connecting upstream, relaying, closing.
 #include "ztunnel/connection.h"
 
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <utility>
 
 #include "ztunnel/proxy.h"
 
@@ -28,19 +28,22 @@ ProxyConnection::~ProxyConnection() {
 ProxyConnection* ProxyConnection::accept(Proxy* proxy, uv_stream_t* listener,
                                          ConnectionDirection dir) {
   auto* c = new ProxyConnection(proxy, dir);
-  int rc = uv_tcp_init(proxy->loop(), &c->down_);
+  c->down_ = new uv_tcp_t{};
+  int rc = uv_tcp_init(proxy->loop(), c->down_);
   if (rc != 0) {
     spdlog::warn("{} accept: uv_tcp_init: {}", directionName(dir), uv_strerror(rc));
     proxy->stats().accept_failures_total++;
+    delete c->down_;
+    c->down_ = nullptr;
     delete c;
     return nullptr;
   }
   c->open_handles_ = 1;
   c->down_open_ = true;
-  c->down_.data = c;
-  rc = uv_accept(listener, reinterpret_cast<uv_stream_t*>(&c->down_));
+  c->down_->data = c;
+  rc = uv_accept(listener, reinterpret_cast<uv_stream_t*>(c->down_));
   uv_os_fd_t fd = -1;
-  if (rc == 0) rc = uv_fileno(reinterpret_cast<uv_handle_t*>(&c->down_), &fd);
+  if (rc == 0) rc = uv_fileno(reinterpret_cast<uv_handle_t*>(c->down_), &fd);
   if (rc != 0) {
     spdlog::warn("{} accept: {}", directionName(dir), uv_strerror(rc));
     proxy->stats().accept_failures_total++;
@@ -94,24 +97,23 @@ uint64_t ProxyConnection::bytesSent() const {
 }
 
 void ProxyConnection::tunnelOutbound(hbone::HboneClient& client, hbone::OutboundConnect req) {
-  if (state_ == State::kClosing) return;
-  int dup = ::fcntl(down_fd_, F_DUPFD_CLOEXEC, 0);
-  if (dup < 0) {
-    proxy_->stats().upstream_socket_failures_total++;
-    refuse(std::string("dup: ") + errnoText(errno));
-    return;
-  }
+  if (state_ == State::kClosing || !down_open_) return;
   tunnel_ = true;
   path = "hbone";
   labels.connection_security_policy = "mutual_tls";
-  open_handles_++;  // the tunnel, until answered and ended
+  // The client socket's handle goes to the HBONE client as it is: on 200 it is the tunnel's
+  // socket, otherwise the client resets it. It counted as our open handle; the tunnel counts
+  // instead until it is answered and ended. (A dup for the tunnel and closing ours cost four
+  // system calls per connection: fcntl, ioctl, a failing epoll_ctl and close.)
+  uv_tcp_t* local = std::exchange(down_, nullptr);
+  down_open_ = false;
   state_ = State::kConnecting;
   watch_ = std::make_shared<hbone::TunnelWatch>();
   watch_->onEnd = [this] { onTunnelEnd(); };
   req.watch = watch_;
   proxy_->stats().hbone_outbound_streams_total++;
   if (lease_) lease_->begin();  // latency = time to the CONNECT's answer
-  client.open(req, UniqueFd(dup), [this](int status, const Status& err) {
+  client.open(req, local, [this](int status, const Status& err) {
     onTunnelAnswer(status, err);
   });
 }
@@ -131,12 +133,6 @@ void ProxyConnection::onTunnelAnswer(int status, const Status& err) {
       }
     } else {
       onTunnelAttached();
-      // The tunnel has its own descriptor of the socket; ours goes without a FIN or RST.
-      if (down_open_) {
-        down_open_ = false;
-        uv_close(reinterpret_cast<uv_handle_t*>(&down_), onHandleClosed);
-        return maybeReleaseTunnel();  // `this` lives: the tunnel still counts
-      }
     }
   } else {
     if (status > 0) proxy_->stats().hbone_connect_refused_total++;
@@ -151,7 +147,7 @@ void ProxyConnection::onTunnelAnswer(int status, const Status& err) {
                          : "HBONE: " + err.message());
     spdlog::debug("outbound {} -> {} over HBONE: {}", source.toString(), destination.toString(),
                   err.message());
-    closeAll(true, true);  // the last descriptor of the client socket: RST
+    closeAll(true, true);  // the HBONE client has reset the client socket
   }
   maybeReleaseTunnel();
 }
@@ -230,13 +226,13 @@ void ProxyConnection::onConnect(uv_connect_t* req, int status) {
     return;
   }
   int rc = uv_tcp_nodelay(&self->up_, 1);
-  if (rc == 0) rc = uv_tcp_nodelay(&self->down_, 1);
+  if (rc == 0) rc = uv_tcp_nodelay(self->down_, 1);
   if (rc != 0) spdlog::debug("nodelay: {}", uv_strerror(rc));  // a latency nicety only
   self->state_ = State::kRelaying;
   self->opened_ = true;
   self->proxy_->tcpMetrics().opened(self->labels);
   self->relay_ = std::make_unique<Relay>(
-      reinterpret_cast<uv_stream_t*>(&self->down_), reinterpret_cast<uv_stream_t*>(&self->up_),
+      reinterpret_cast<uv_stream_t*>(self->down_), reinterpret_cast<uv_stream_t*>(&self->up_),
       self->proxy_->relayOptions(), [self](const RelayOutcome& o) { self->onRelayDone(o); });
   self->relay_->start();
 }
@@ -302,7 +298,7 @@ void ProxyConnection::closeAll(bool reset_down, bool reset_up) {
   }
   if (down_open_) {
     down_open_ = false;
-    closeStream(reinterpret_cast<uv_stream_t*>(&down_), reset_down, this, onHandleClosed);
+    closeStream(reinterpret_cast<uv_stream_t*>(down_), reset_down, this, onDownClosed);
   }
   if (up_init_) closeStream(reinterpret_cast<uv_stream_t*>(&up_), reset_up, this, onHandleClosed);
 }
@@ -349,6 +345,13 @@ AccessLogRecord ProxyConnection::accessLogRecord() const {
 
 void ProxyConnection::onHandleClosed(uv_handle_t* h) {
   auto* self = static_cast<ProxyConnection*>(h->data);
+  if (--self->open_handles_ == 0) delete self;
+}
+
+void ProxyConnection::onDownClosed(uv_handle_t* h) {
+  auto* self = static_cast<ProxyConnection*>(h->data);
+  self->down_ = nullptr;
+  delete reinterpret_cast<uv_tcp_t*>(h);
   if (--self->open_handles_ == 0) delete self;
 }
 

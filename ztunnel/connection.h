@@ -35,7 +35,7 @@ class ProxyConnection {
   // the HBONE server's decision) until the tunnel ends.
   static ProxyConnection* forInboundTunnel(Proxy* proxy, hbone::TunnelWatchPtr* watch);
 
-  uv_tcp_t* downstream() { return &down_; }
+  uv_tcp_t* downstream() { return down_; }
   int downstreamFd() const { return down_fd_; }
 
   // Set before connectUpstream(): what the decision found.
@@ -93,6 +93,7 @@ class ProxyConnection {
 
   static void onConnect(uv_connect_t* req, int status);
   static void onHandleClosed(uv_handle_t* h);
+  static void onDownClosed(uv_handle_t* h);
   void onRelayDone(const RelayOutcome& outcome);
   void closeAll(bool reset_down, bool reset_up);
   void onTunnelAnswer(int status, const Status& err);
@@ -108,7 +109,8 @@ class ProxyConnection {
   Proxy* proxy_;
   ConnectionDirection direction_;
   State state_ = State::kAccepted;
-  uv_tcp_t down_{};
+  // On the heap: an HBONE tunnel takes it over as its socket (no dup, no second handle).
+  uv_tcp_t* down_ = nullptr;
   uv_tcp_t up_{};
   uv_connect_t connect_req_{};
   int down_fd_ = -1;

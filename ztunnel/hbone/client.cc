@@ -3,6 +3,7 @@
 #include "ztunnel/hbone/client.h"
 
 #include <algorithm>
+#include <random>
 
 #include <fcntl.h>
 #include <openssl/rand.h>
@@ -84,27 +85,77 @@ std::string HboneClient::poolKey(const OutboundConnect& req) {
          req.hboneAddress.toString();
 }
 
-std::string HboneClient::makeTraceparent() {
-  unsigned char r[24];
-  if (RAND_bytes(r, sizeof(r)) != 1) {
-    for (auto& b : r) b = static_cast<unsigned char>(::random());
+namespace {
+
+// Random ids for traceparent: xoshiro256** per thread, seeded once from OpenSSL's RNG. Asking
+// RAND_bytes per CONNECT cost a getpid() system call (its fork check) and a DRBG round each
+// time; trace ids need to be unique and unguessable in practice, not secret keys.
+class TraceIdSource {
+ public:
+  static TraceIdSource& local() {
+    static thread_local TraceIdSource source;
+    return source;
   }
+  uint64_t next() {
+    uint64_t result = rotl(s_[1] * 5, 7) * 9;
+    uint64_t t = s_[1] << 17;
+    s_[2] ^= s_[0];
+    s_[3] ^= s_[1];
+    s_[1] ^= s_[2];
+    s_[0] ^= s_[3];
+    s_[2] ^= t;
+    s_[3] = rotl(s_[3], 45);
+    return result;
+  }
+
+ private:
+  TraceIdSource() {
+    if (RAND_bytes(reinterpret_cast<unsigned char*>(s_), sizeof(s_)) != 1) {
+      std::random_device rd;
+      for (auto& x : s_) x = (uint64_t{rd()} << 32) ^ rd();
+    }
+    if ((s_[0] | s_[1] | s_[2] | s_[3]) == 0) s_[0] = 1;  // the one state xoshiro cannot leave
+  }
+  static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+  uint64_t s_[4];
+};
+
+void putHex(char* out, uint64_t v) {
   static const char* hex = "0123456789abcdef";
-  std::string out = "00-";
-  for (int i = 0; i < 16; ++i) {
-    out += hex[r[i] >> 4];
-    out += hex[r[i] & 15];
+  for (int i = 15; i >= 0; --i) {
+    out[i] = hex[v & 15];
+    v >>= 4;
   }
-  out += '-';
-  for (int i = 16; i < 24; ++i) {
-    out += hex[r[i] >> 4];
-    out += hex[r[i] & 15];
-  }
-  out += "-00";
+}
+
+}  // namespace
+
+std::string HboneClient::makeTraceparent() {
+  // "00-" + 32 hex (trace id) + "-" + 16 hex (span id) + "-00"; all-zero ids are invalid.
+  TraceIdSource& rng = TraceIdSource::local();
+  uint64_t hi = rng.next(), lo = rng.next(), span = rng.next();
+  if ((hi | lo) == 0) lo = 1;
+  if (span == 0) span = 1;
+  std::string out(55, '-');
+  out[0] = '0';
+  out[1] = '0';
+  putHex(&out[3], hi);
+  putHex(&out[19], lo);
+  putHex(&out[36], span);
+  out[53] = '0';
+  out[54] = '0';
   return out;
 }
 
 void HboneClient::open(const OutboundConnect& req, UniqueFd local, ConnectDone done) {
+  openLocal(req, LocalSocket(std::move(local)), std::move(done));
+}
+
+void HboneClient::open(const OutboundConnect& req, uv_tcp_t* local, ConnectDone done) {
+  openLocal(req, LocalSocket(local), std::move(done));
+}
+
+void HboneClient::openLocal(const OutboundConnect& req, LocalSocket local, ConnectDone done) {
   Headers h = {{":method", "CONNECT"}, {":authority", req.target.toString()}};
   if (req.forwardedFor.port() != 0) {
     h.emplace_back("forwarded", "for=\"" + req.forwardedFor.toString() + "\"");

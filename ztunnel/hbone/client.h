@@ -62,6 +62,10 @@ class HboneClient {
   // Opens a CONNECT stream and, on 200, relays `local` (a connected socket, owned from now on)
   // through it. done runs exactly once, on the loop, never inside open().
   void open(const OutboundConnect& req, UniqueFd local, ConnectDone done);
+  // The same with the caller's own libuv handle of the local socket (allocated with new,
+  // initialised on this loop, connected, not reading), owned from now on: on 200 it is the
+  // tunnel's socket as it is (no dup, no second handle); otherwise it is reset (RST) and freed.
+  void open(const OutboundConnect& req, uv_tcp_t* local, ConnectDone done);
 
   uint64_t handshakes() const { return handshakes_; }
   uint64_t handshakeFailures() const { return handshakeFailures_; }
@@ -77,7 +81,7 @@ class HboneClient {
  private:
   struct Waiter {
     Headers headers;
-    UniqueFd local;
+    LocalSocket local;
     ConnectDone done;
     TunnelWatchPtr watch;
   };
@@ -93,6 +97,7 @@ class HboneClient {
     std::map<int32_t, ConnectDone> streams;  // awaiting their response
     size_t load() const;
   };
+  void openLocal(const OutboundConnect& req, LocalSocket local, ConnectDone done);
   Conn* pick(const OutboundConnect& req);
   Conn* dial(const OutboundConnect& req, Status* err);
   void onTcpConnected(uint64_t serial, int status, UniqueFd fd, OutboundConnect req);

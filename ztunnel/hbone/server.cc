@@ -89,7 +89,7 @@ Status HboneServer::serve(UniqueFd conn) {
       spdlog::info("hbone server: {}", st.message());
     }
   };
-  cb.onRequest = [this, serial](int32_t id, const Headers& h) { onRequest(serial, id, h); };
+  cb.onRequest = [this, serial](int32_t id, Headers&& h) { onRequest(serial, id, std::move(h)); };
   cb.onClosed = [this, serial](const Status&) {
     peers_.erase(serial);
     sessions_.erase(serial);
@@ -117,7 +117,7 @@ Status HboneServer::serve(UniqueFd conn) {
   return Status::ok();
 }
 
-void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& headers) {
+void HboneServer::onRequest(uint64_t serial, int32_t streamId, Headers&& headers) {
   auto it = sessions_.find(serial);
   if (it == sessions_.end()) return;
   ++stats_.streams;
@@ -125,9 +125,9 @@ void HboneServer::onRequest(uint64_t serial, int32_t streamId, const Headers& he
   req.streamId = streamId;
   req.peerIdentity = it->second->peerIdentity();
   if (auto p = peers_.find(serial); p != peers_.end()) req.peer = p->second;
-  req.headers = headers;
+  req.headers = std::move(headers);
   std::string method;
-  for (const auto& [k, v] : headers) {
+  for (const auto& [k, v] : req.headers) {
     if (k == ":method") method = v;
     if (k == ":authority") req.authority = v;
   }

@@ -77,7 +77,7 @@ class HboneServer {
 
  private:
   struct ConnectOp;
-  void onRequest(uint64_t serial, int32_t streamId, const Headers& headers);
+  void onRequest(uint64_t serial, int32_t streamId, Headers&& headers);
   void finish(uint64_t serial, int32_t streamId, int status, uv_tcp_t* upstream,
               TunnelWatchPtr watch);
 

@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
+
+#include <sys/socket.h>
 
 #include "common/log.h"
 
@@ -40,6 +43,44 @@ void endWatch(const TunnelWatchPtr& w, bool reset) {
   auto cb = std::move(w->onEnd);
   w->onEnd = nullptr;
   if (cb) cb();
+}
+
+// ---------------------------------------------------------------------------------------------
+// LocalSocket
+
+LocalSocket::LocalSocket(LocalSocket&& o) noexcept
+    : fd_(std::move(o.fd_)), tcp_(std::exchange(o.tcp_, nullptr)) {}
+
+LocalSocket& LocalSocket::operator=(LocalSocket&& o) noexcept {
+  if (this != &o) {
+    reset();
+    fd_ = std::move(o.fd_);
+    tcp_ = std::exchange(o.tcp_, nullptr);
+  }
+  return *this;
+}
+
+void LocalSocket::reset() {
+  if (tcp_ != nullptr) closeAndDelete(std::exchange(tcp_, nullptr), /*reset=*/true);
+  fd_.reset();
+}
+
+Result<uv_tcp_t*> LocalSocket::take(uv_loop_t* loop) {
+  if (tcp_ != nullptr) return std::exchange(tcp_, nullptr);
+  if (!fd_.valid()) return Status::error("no local socket");
+  auto* tcp = new uv_tcp_t{};
+  int rc = uv_tcp_init(loop, tcp);
+  if (rc != 0) {
+    delete tcp;
+    return Status::errorf("local socket: {}", uv_strerror(rc));
+  }
+  rc = uv_tcp_open(tcp, fd_.get());
+  if (rc != 0) {
+    closeAndDelete(tcp, false);
+    return Status::errorf("local socket: {}", uv_strerror(rc));
+  }
+  fd_.release();
+  return tcp;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -141,7 +182,7 @@ void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
     self->stopReading();
     self->resetTcp_ = true;
     nghttp2_submit_rst_stream(session->h2_, NGHTTP2_FLAG_NONE, self->streamId_, NGHTTP2_CANCEL);
-    session->flush();
+    session->scheduleFlush();
     return;
   } else {
     self->releaseChunks();  // EAGAIN: an idle tunnel gives its empty chunk back
@@ -151,7 +192,7 @@ void Tunnel::onRead(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
     self->dataDeferred_ = false;
     nghttp2_session_resume_data(session->h2_, self->streamId_);
   }
-  session->flush();
+  session->scheduleFlush();
 }
 
 void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
@@ -201,7 +242,7 @@ void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
                         if (self->watch_) self->watch_->h2ToTcp += sz;
                         nghttp2_session_consume(session->h2_, self->streamId_, sz);
                       }
-                      session->flush();
+                      session->scheduleFlush();
                     });
   if (rc != 0) {
     delete w;
@@ -216,6 +257,18 @@ void Tunnel::writeToTcp(const uint8_t* data, size_t len) {
 void Tunnel::maybeShutdownTcp() {
   if (!h2EndReceived_ || tcpShutdown_ || tcp_ == nullptr) return;
   tcpShutdown_ = true;
+  // Nothing queued: shut down now. uv_shutdown would arm the socket for writability, wake the
+  // loop once more and re-arm it again afterwards (two epoll_ctl calls and a loop turn per
+  // tunnel) only to make the same call.
+  auto* stream = reinterpret_cast<uv_stream_t*>(tcp_);
+  uv_os_fd_t fd = -1;
+  if (tcpQueued_ == 0 && uv_stream_get_write_queue_size(stream) == 0 &&
+      uv_fileno(reinterpret_cast<uv_handle_t*>(tcp_), &fd) == 0) {
+    // A failure (the peer already reset) shows up on the socket's next read or write.
+    ::shutdown(fd, SHUT_WR);
+    shutdownDone_ = true;
+    return;
+  }
   auto* req = new uv_shutdown_t{};
   // uv_shutdown waits for the queued writes, then shutdown(SHUT_WR): the peer's FIN, exactly.
   int rc = uv_shutdown(req, reinterpret_cast<uv_stream_t*>(tcp_), [](uv_shutdown_t* r, int) {
@@ -300,6 +353,11 @@ H2Session::~H2Session() {
     uv_close(reinterpret_cast<uv_handle_t*>(timer_),
              [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
   }
+  if (flusher_ != nullptr) {
+    flusher_->data = nullptr;
+    uv_close(reinterpret_cast<uv_handle_t*>(flusher_),
+             [](uv_handle_t* h) { delete reinterpret_cast<uv_prepare_t*>(h); });
+  }
   tls_.reset();
   if (h2_ != nullptr) nghttp2_session_del(h2_);
 }
@@ -313,6 +371,14 @@ Status H2Session::start() {
     return Status::errorf("uv_timer_init: {}", uv_strerror(rc));
   }
   timer_->data = this;
+  flusher_ = new uv_prepare_t{};
+  rc = uv_prepare_init(loop_, flusher_);
+  if (rc != 0) {
+    delete flusher_;
+    flusher_ = nullptr;  // scheduleFlush() then flushes at once
+  } else {
+    flusher_->data = this;
+  }
   auto shortest = std::min(settings_.pingInterval, settings_.idleTimeout);
   uint64_t tick = std::clamp<uint64_t>(static_cast<uint64_t>(shortest.count()) / 4, 10, 1000);
   uv_timer_start(timer_, [](uv_timer_t* t) {
@@ -365,7 +431,7 @@ void H2Session::onTimer() {
 
 void H2Session::onTlsHandshake(const Status& st) {
   if (cb_.onHandshake) cb_.onHandshake(st);
-  if (st) flush();
+  if (st) scheduleFlush();
 }
 
 void H2Session::onTlsData(const uint8_t* data, size_t len) {
@@ -380,7 +446,30 @@ void H2Session::onTlsData(const uint8_t* data, size_t len) {
     close(Status::errorf("HTTP/2 from peer: {}", nghttp2_strerror(static_cast<int>(rc))));
     return;
   }
-  flush();
+  scheduleFlush();
+}
+
+// Output of the events of one loop turn (reads on many tunnels, CONNECTs, answers, window
+// updates) goes out together just before the loop polls again: one TLS record and one socket
+// write for all of them instead of one per event. A prepare handle runs before the loop
+// blocks, so nothing scheduled waits for a poll.
+void H2Session::scheduleFlush() {
+  if (closing_ || flushScheduled_) return;
+  if (flusher_ == nullptr) {
+    flush();
+    return;
+  }
+  if (uv_prepare_start(flusher_, [](uv_prepare_t* p) {
+        uv_prepare_stop(p);
+        auto* self = static_cast<H2Session*>(p->data);
+        if (self == nullptr) return;
+        self->flushScheduled_ = false;
+        self->flush();
+      }) != 0) {
+    flush();  // cannot defer: send now rather than hold output
+    return;
+  }
+  flushScheduled_ = true;
 }
 
 void H2Session::flush() {
@@ -602,8 +691,9 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
         if (it == self->pending_.end()) return 0;
         self->headerBytes_.erase(id);
         if (endStream) self->pendingEnd_[id] = true;
-        Headers h = it->second;
-        if (self->cb_.onRequest) self->cb_.onRequest(id, h);
+        // The entry stays as the stream's "awaiting an answer" mark; its headers move on.
+        Headers h = std::move(it->second);
+        if (self->cb_.onRequest) self->cb_.onRequest(id, std::move(h));
         return 0;
       }
       if (self->role_ == Role::kClient && f->headers.cat == NGHTTP2_HCAT_RESPONSE) {
@@ -612,7 +702,7 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
         if (st >= 100 && st < 200) return 0;  // informational: wait for the final one
         auto local = self->pendingLocal_.find(id);
         if (local == self->pendingLocal_.end()) return 0;
-        UniqueFd fd = std::move(local->second);
+        LocalSocket sock = std::move(local->second);
         self->pendingLocal_.erase(local);
         TunnelWatchPtr watch;
         if (auto w = self->pendingWatch_.find(id); w != self->pendingWatch_.end()) {
@@ -621,23 +711,14 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
         }
         if (st == 200 && !endStream) {
           auto tun = std::make_unique<Tunnel>(self, id);
-          auto* tcp = new uv_tcp_t{};
-          int rc = uv_tcp_init(self->loop_, tcp);
-          if (rc != 0) {
-            delete tcp;
-            tcp = nullptr;
-          } else {
-            rc = uv_tcp_open(tcp, fd.get());
-          }
-          if (rc != 0) {
-            if (tcp != nullptr) closeAndDelete(tcp, false);
+          Result<uv_tcp_t*> handle = sock.take(self->loop_);
+          if (!handle) {
+            endWatch(watch, true);
             nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
-            if (self->cb_.onStreamFailed) {
-              self->cb_.onStreamFailed(id, Status::errorf("local socket: {}", uv_strerror(rc)));
-            }
+            if (self->cb_.onStreamFailed) self->cb_.onStreamFailed(id, handle.status());
             return 0;
           }
-          fd.release();
+          uv_tcp_t* tcp = handle.value();
           Tunnel* t = tun.get();
           t->setWatch(std::move(watch));
           self->tunnels_[id] = std::move(tun);
@@ -648,7 +729,7 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
           if (self->cb_.onResponse) self->cb_.onResponse(id, 200);
           return 0;
         }
-        // Not a tunnel: end our side; the local socket closes with fd.
+        // Not a tunnel: end our side; the local socket closes (a handle with a reset).
         endWatch(watch, true);
         nghttp2_submit_rst_stream(h2, NGHTTP2_FLAG_NONE, id, NGHTTP2_CANCEL);
         if (self->cb_.onResponse) self->cb_.onResponse(id, st == 200 ? 502 : st);
@@ -721,7 +802,7 @@ int H2Session::onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorC
   return 0;
 }
 
-Result<int32_t> H2Session::submitConnect(const Headers& headers, UniqueFd local,
+Result<int32_t> H2Session::submitConnect(const Headers& headers, LocalSocket local,
                                          TunnelWatchPtr watch) {
   if (!acceptingStreams()) return Status::error("HBONE connection is closing");
   std::vector<nghttp2_nv> nva;
@@ -740,7 +821,7 @@ Result<int32_t> H2Session::submitConnect(const Headers& headers, UniqueFd local,
   pendingLocal_[id] = std::move(local);
   if (watch) pendingWatch_[id] = std::move(watch);
   idleSinceMs_ = 0;
-  flush();
+  scheduleFlush();
   return id;
 }
 
@@ -785,14 +866,14 @@ Status H2Session::respond(int32_t streamId, int status, uv_tcp_t* upstream,
     endWatch(watch, true);
     return Status::errorf("response: {}", nghttp2_strerror(rc));
   }
-  flush();
+  scheduleFlush();
   return Status::ok();
 }
 
 void H2Session::resetStream(int32_t streamId, uint32_t errorCode) {
   if (closing_) return;
   nghttp2_submit_rst_stream(h2_, NGHTTP2_FLAG_NONE, streamId, errorCode);
-  flush();
+  scheduleFlush();
 }
 
 void H2Session::cleanup(const Status& why) {

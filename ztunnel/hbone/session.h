@@ -51,6 +51,31 @@ size_t bufferBound(const H2Settings& s, size_t tunnels);
 
 class H2Session;
 
+// The local end of a client tunnel until the server answers: a socket descriptor, or a libuv
+// handle the caller already holds on this loop (then no dup, no second handle and no second
+// epoll registration per tunnel). Dropped without becoming a tunnel, a handle is closed with a
+// reset (RST) and freed, a descriptor just closed.
+class LocalSocket {
+ public:
+  LocalSocket() = default;
+  explicit LocalSocket(UniqueFd fd) : fd_(std::move(fd)) {}
+  // `handle`: allocated with new, initialised on the session's loop, connected, not reading.
+  explicit LocalSocket(uv_tcp_t* handle) : tcp_(handle) {}
+  LocalSocket(LocalSocket&& o) noexcept;
+  LocalSocket& operator=(LocalSocket&& o) noexcept;
+  LocalSocket(const LocalSocket&) = delete;
+  LocalSocket& operator=(const LocalSocket&) = delete;
+  ~LocalSocket() { reset(); }
+  bool valid() const { return tcp_ != nullptr || fd_.valid(); }
+  // Hands over the handle for the tunnel: the one given, or a new one opened on the descriptor.
+  Result<uv_tcp_t*> take(uv_loop_t* loop);
+  void reset();
+
+ private:
+  UniqueFd fd_;
+  uv_tcp_t* tcp_ = nullptr;
+};
+
 // What the owner of a proxied connection learns about one tunnel's TCP side (bytes each way,
 // its end) and how it cuts it. Shared between the session and the owner; loop thread only.
 struct TunnelWatch {
@@ -115,8 +140,8 @@ class H2Session {
  public:
   enum class Role { kClient, kServer };
   struct Callbacks {
-    // Server: a complete request header block on a new stream.
-    std::function<void(int32_t streamId, const Headers& headers)> onRequest;
+    // Server: a complete request header block on a new stream (the headers are the callee's).
+    std::function<void(int32_t streamId, Headers&& headers)> onRequest;
     // Client: the response to a CONNECT.
     std::function<void(int32_t streamId, int status)> onResponse;
     // Client: a stream ended before a response (reset, connection lost).
@@ -134,7 +159,7 @@ class H2Session {
   void close(const Status& why);
 
   // Client: opens a CONNECT stream; the returned id identifies it in callbacks.
-  Result<int32_t> submitConnect(const Headers& headers, UniqueFd local,
+  Result<int32_t> submitConnect(const Headers& headers, LocalSocket local,
                                 TunnelWatchPtr watch = nullptr);
   // Server: answer with status; for 200 the upstream socket is bridged. A watch that gets no
   // tunnel (not 200, or the stream is gone) is ended at once.
@@ -165,6 +190,8 @@ class H2Session {
   void onTlsHandshake(const Status& st);
   void onTlsData(const uint8_t* data, size_t len);
   void flush();
+  // flush() once, before the loop next polls (see session.cc).
+  void scheduleFlush();
   void onTimer();
   void touch();
   Tunnel* tunnel(int32_t id);
@@ -198,7 +225,7 @@ class H2Session {
   nghttp2_session* h2_ = nullptr;
   std::map<int32_t, std::unique_ptr<Tunnel>> tunnels_;
   std::map<int32_t, Headers> pending_;        // server: requests awaiting a decision
-  std::map<int32_t, UniqueFd> pendingLocal_;  // client: local sockets awaiting the 200
+  std::map<int32_t, LocalSocket> pendingLocal_;  // client: local sockets awaiting the 200
   std::map<int32_t, TunnelWatchPtr> pendingWatch_;  // client: their watches
   std::map<int32_t, int> responseStatus_;     // client: :status seen
   std::map<int32_t, bool> pendingEnd_;        // server: request already carried END_STREAM
@@ -206,6 +233,8 @@ class H2Session {
   void onTlsClosed(const Status& st);
   void cleanup(const Status& why);
   uv_timer_t* timer_ = nullptr;
+  uv_prepare_t* flusher_ = nullptr;  // runs a scheduled flush; active only while one is due
+  bool flushScheduled_ = false;
   std::vector<uint8_t> staged_;  // HTTP/2 output not yet encrypted (see flush())
   Status sendError_;             // why sendData failed (it can only return a code)
   bool closing_ = false;

@@ -210,6 +210,7 @@ class CipherBufferPool {
 struct TlsWriteReq {
   uv_write_t req;
   std::vector<char> data;
+  size_t bytes = 0;  // handed to uv_write: data minus what a uv_try_write already sent
 };
 
 int TlsStream::bioWrite(BIO* b, const char* data, int len) {
@@ -612,6 +613,21 @@ Status TlsStream::flushCiphertext() {
   // While a write is still in flight, small output waits for it (the write callback sends it):
   // it would only queue behind that write, and many small writes would each hold a buffer.
   if (queued_ > 0 && out_.size() < kDeferBelow && !closing_) return Status::ok();
+  // Nothing in flight: the socket first. What the kernel takes whole needs no write request,
+  // no completion callback on the next loop turn and no epoll change (libuv re-arms the
+  // watcher after every uv_write completion: one epoll_ctl per write).
+  size_t sent = 0;
+  if (queued_ == 0) {
+    uv_buf_t direct = uv_buf_init(out_.data(), static_cast<unsigned>(out_.size()));
+    int n = uv_try_write(reinterpret_cast<uv_stream_t*>(tcp_), &direct, 1);
+    if (n < 0 && n != UV_EAGAIN) return Status::errorf("write: {}", uv_strerror(n));
+    if (n > 0) sent = static_cast<size_t>(n);
+    if (sent == out_.size()) {
+      CipherBufferPool::local().give(std::move(out_));
+      out_ = std::vector<char>();
+      return Status::ok();
+    }
+  }
   TlsWriteReq* w = nullptr;
   if (!spareWrites_.empty()) {
     w = spareWrites_.back();
@@ -622,12 +638,13 @@ Status TlsStream::flushCiphertext() {
   // The records change hands without a copy; the next record takes a buffer from the pool.
   w->data = std::move(out_);
   out_ = std::vector<char>();
-  size_t n = w->data.size();
-  uv_buf_t b = uv_buf_init(w->data.data(), static_cast<unsigned>(n));
+  size_t n = w->data.size() - sent;
+  w->bytes = n;
+  uv_buf_t b = uv_buf_init(w->data.data() + sent, static_cast<unsigned>(n));
   int rc = uv_write(&w->req, reinterpret_cast<uv_stream_t*>(tcp_), &b, 1,
                     [](uv_write_t* req, int status) {
                       auto* wr = reinterpret_cast<TlsWriteReq*>(req);
-                      size_t sz = wr->data.size();
+                      size_t sz = wr->bytes;
                       CipherBufferPool::local().give(std::move(wr->data));
                       auto* self = static_cast<TlsStream*>(req->handle->data);
                       if (self == nullptr || self->spareWrites_.size() >= kSpareWrites) {

@@ -3,8 +3,11 @@
 // the data path's memory bound under a slow reader and large transfers in random-sized writes.
 #include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <cerrno>
 #include <iostream>
 #include <random>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -267,6 +270,62 @@ TEST_F(HboneTest, DeniedIs401) {
   auto [status, app] = open(request(up.port()), &err);
   EXPECT_EQ(status, 401) << err;
   EXPECT_EQ(server_->stats().denied401, 1u);
+}
+
+// The caller's own libuv handle of the local socket becomes the tunnel's socket as it is.
+TEST_F(HboneTest, LocalHandleBecomesTheTunnel) {
+  Listener up;
+  std::thread upstream = echoUpstream(up);
+  JoinUpstream guard(up, upstream);
+  auto [local, app] = tcpPair();
+  auto* handle = new uv_tcp_t{};
+  ASSERT_EQ(uv_tcp_init(&loop_, handle), 0);
+  ASSERT_EQ(uv_tcp_open(handle, local.release()), 0);
+  int status = -1;
+  Status err;
+  client_->open(request(up.port()), handle, [&](int st, const Status& e) {
+    status = st;
+    err = e;
+  });
+  ASSERT_TRUE(runUntil(&loop_, [&] { return status != -1; }));
+  ASSERT_EQ(status, 200) << err.message();
+  std::string back;
+  withThread([&, fd = app.get()] {
+    writeAll(fd, "through the caller's handle");
+    ::shutdown(fd, SHUT_WR);
+    back = readToEof(fd);
+  });
+  upstream.join();
+  EXPECT_EQ(back, "through the caller's handle");
+}
+
+// A handle whose stream is refused is reset (the app sees RST, not a clean FIN) and freed (ASan
+// reports a leak otherwise).
+TEST_F(HboneTest, LocalHandleOfARefusedStreamIsReset) {
+  deny_ = true;
+  Listener up;
+  auto [local, app] = tcpPair();
+  auto* handle = new uv_tcp_t{};
+  ASSERT_EQ(uv_tcp_init(&loop_, handle), 0);
+  ASSERT_EQ(uv_tcp_open(handle, local.release()), 0);
+  int status = -1;
+  client_->open(request(up.port()), handle, [&](int st, const Status&) { status = st; });
+  ASSERT_TRUE(runUntil(&loop_, [&] { return status != -1; }));
+  EXPECT_EQ(status, 401);
+  // The first receive after the reset reports it (later ones see a closed socket: 0).
+  ssize_t n = 0;
+  int err = 0;
+  bool seen = false;
+  ASSERT_TRUE(runUntil(&loop_, [&] {
+    if (seen) return true;
+    char c;
+    n = ::recv(app.get(), &c, 1, MSG_DONTWAIT);
+    err = n < 0 ? errno : 0;
+    seen = !(n < 0 && err == EAGAIN);
+    return seen;
+  }));
+  EXPECT_EQ(n, -1) << "the app's socket got a FIN or bytes, not a reset";
+  EXPECT_EQ(err, ECONNRESET);
 }
 
 TEST_F(HboneTest, UpstreamRefusedIs503) {
@@ -677,6 +736,28 @@ TEST(HboneTraceparent, Format) {
   EXPECT_EQ(t.substr(0, 3), "00-");
   EXPECT_EQ(t[35], '-');
   EXPECT_EQ(t.substr(52), "-00");
+}
+
+// The ids come from a per-thread generator seeded once: every one is lower-case hex, not the
+// invalid all-zero id, and no two of many are alike (trace id or span id).
+TEST(HboneTraceparent, IdsAreHexNonZeroAndDistinct) {
+  std::set<std::string> traces, spans;
+  for (int i = 0; i < 20000; ++i) {
+    std::string t = HboneClient::makeTraceparent();
+    ASSERT_EQ(t.size(), 55u);
+    std::string trace = t.substr(3, 32), span = t.substr(36, 16);
+    for (char ch : trace + span) ASSERT_TRUE(std::isxdigit(ch) && !std::isupper(ch)) << t;
+    EXPECT_NE(trace, std::string(32, '0'));
+    EXPECT_NE(span, std::string(16, '0'));
+    traces.insert(trace);
+    spans.insert(span);
+  }
+  EXPECT_EQ(traces.size(), 20000u);
+  EXPECT_EQ(spans.size(), 20000u);
+  // Another thread has its own generator, seeded on its own: its ids are not this thread's.
+  std::string other;
+  std::thread([&] { other = HboneClient::makeTraceparent(); }).join();
+  EXPECT_EQ(traces.count(other.substr(3, 32)), 0u);
 }
 
 }  // namespace
