@@ -2,19 +2,50 @@
 /* Local-hop acceleration: a send on one end of an app <-> ztunnel loopback connection in an
  * enrolled pod goes straight to the other end's receive queue, not through loopback TCP. */
 #include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_helpers.h>
 
 #include "lib/hop.h"
 
+/* Low bits of sk_user_data are flags (SK_USER_DATA_NOCOPY|BPF|PSOCK); the rest is the psock. */
+#define WEFT_SK_USER_DATA_PTRMASK (~7ul)
+
+/* Redirected bytes the socket that this message was just redirected to has not read yet (its
+ * psock's msg_tot_len, without this message), or 0 if it cannot be read. sk_msg programs cannot
+ * release a socket from a map lookup, so the peer comes from the kernel's struct sk_msg (the
+ * program's context) that bpf_msg_redirect_hash filled in. */
+static __always_inline __u32 weft_hop_redirect_target_unread(struct sk_msg_md *md)
+{
+	struct sk_msg *msg = (struct sk_msg *)md;
+	struct sk_psock *psock;
+	unsigned long data;
+	struct sock *peer;
+	__u32 unread = 0;
+
+	peer = BPF_CORE_READ(msg, sk_redir);
+	if (!peer)
+		return 0;
+	data = (unsigned long)BPF_CORE_READ(peer, sk_user_data);
+	psock = (struct sk_psock *)(data & WEFT_SK_USER_DATA_PTRMASK);
+	if (!psock)
+		return 0;
+	if (bpf_probe_read_kernel(&unread, sizeof(unread), &psock->msg_tot_len))
+		return 0;
+	return unread;
+}
+
 /* Attaches: sk_msg verdict on the weft_hop_socks map (every socket sockops put there).
  * Decides: redirect the message to the peer socket's ingress when the peer is in the map and
  * this socket never sent over TCP; otherwise send it over TCP as usual, and from then on always
- * over TCP (redirected bytes must never overtake TCP bytes still queued at the reader). Never
- * drops a message. */
+ * over TCP (redirected bytes must never overtake TCP bytes still queued at the reader). The same
+ * once the peer has more than WEFT_HOP_MAX_UNREAD redirected bytes unread: the kernel would queue
+ * without limit, TCP throttles (redirected bytes are older than TCP ones and read first, so the
+ * move keeps the order). Never drops a message. */
 SEC("sk_msg")
 int weft_hop_msg(struct sk_msg_md *msg)
 {
 	struct weft_hop_key peer;
+	__u32 unread;
 	__u32 *flags;
 	__u64 size = msg->size;
 
@@ -24,7 +55,7 @@ int weft_hop_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 	if (*flags & WEFT_HOP_SK_TCP) {
-		weft_hop_count(WEFT_HOP_STAT_NO_PEER, 1);
+		weft_hop_count(WEFT_HOP_STAT_TCP_MSGS, 1);
 		return SK_PASS;
 	}
 	if (!weft_hop_peer_key(msg, &peer))
@@ -32,10 +63,17 @@ int weft_hop_msg(struct sk_msg_md *msg)
 	if (bpf_msg_redirect_hash(msg, &weft_hop_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
 		weft_hop_count(WEFT_HOP_STAT_MSGS, 1);
 		weft_hop_count(WEFT_HOP_STAT_BYTES, size);
+		unread = weft_hop_redirect_target_unread(msg);
+		if (unread > WEFT_HOP_MAX_UNREAD) {
+			/* This message still goes (a redirect cannot be taken back), the next ones
+			 * over TCP. */
+			*flags |= WEFT_HOP_SK_TCP;
+			weft_hop_count(WEFT_HOP_STAT_PEER_FULL, 1);
+		}
 		return SK_PASS;
 	}
 	*flags |= WEFT_HOP_SK_TCP;
-	weft_hop_count(WEFT_HOP_STAT_NO_PEER, 1);
+	weft_hop_count(WEFT_HOP_STAT_TCP_MSGS, 1);
 	return SK_PASS;
 }
 

@@ -105,10 +105,12 @@ std::string renderStatus(const json& s) {
            h.contains("error")
                ? h.value("error", std::string())
                : fmt::format("{} sockets accelerated, {} messages / {} bytes redirected, {} sent "
-                             "over TCP (peer not in the map), {} map refusals, {} no storage",
+                             "over TCP (peer not in the map or full; {} moved for a full peer), "
+                             "{} map refusals, {} no storage",
                              cellOf(c, "sockets"), cellOf(c, "redirected_msgs"),
-                             cellOf(c, "redirected_bytes"), cellOf(c, "no_peer"),
-                             cellOf(c, "add_failed"), cellOf(c, "no_storage"))});
+                             cellOf(c, "redirected_bytes"), cellOf(c, "tcp_msgs"),
+                             cellOf(c, "peer_full"), cellOf(c, "add_failed"),
+                             cellOf(c, "no_storage"))});
   }
   t.add({"config", s.value("config_errors", 0) > 0 ? "errors" : "ok",
          fmt::format("{} manifest errors", cellOf(s, "config_errors"))});

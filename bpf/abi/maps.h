@@ -198,6 +198,14 @@ struct weft_hop_key {
 	struct weft_sockaddr remote;
 };
 
+/* The kernel queues redirected bytes on the peer without a receive-buffer limit (no
+ * backpressure), so the sk_msg program moves a sender to TCP for good once the peer has more than
+ * this many redirected bytes unread (its psock msg_tot_len); TCP's window then throttles it.
+ * About what loopback TCP lets a writer queue to a reader that does not read (~4 MiB). */
+#ifndef WEFT_HOP_MAX_UNREAD
+#define WEFT_HOP_MAX_UNREAD (4u << 20)
+#endif
+
 /* weft_sk_hop (SK_STORAGE, __u32 flags) on a hop socket. */
 #define WEFT_HOP_SK_TCP (1u << 0) /* sent a message over TCP: never redirect after that */
 
@@ -211,13 +219,16 @@ struct weft_hop_key {
 #define WEFT_HOP_STAT_ADD_FAILED 1    /* weft_hop_socks update refused (the hop stays TCP) */
 #define WEFT_HOP_STAT_MSGS 2          /* messages redirected to the peer */
 #define WEFT_HOP_STAT_BYTES 3         /* bytes in those messages */
-#define WEFT_HOP_STAT_NO_PEER 4       /* messages sent over TCP: the peer was not in the map */
+#define WEFT_HOP_STAT_TCP_MSGS 4      /* messages sent over TCP: the peer was not in the map, or
+					* was full (PEER_FULL), at this or an earlier message */
 #define WEFT_HOP_STAT_NO_STORAGE 5    /* socket storage refused: sent over TCP */
+#define WEFT_HOP_STAT_PEER_FULL 6     /* the peer had too much unread: a socket moved to TCP */
 #define WEFT_HOP_STATS 8
 #ifdef __cplusplus
 /* The counters' names, by index (the agent's status and weftctl's map dump). */
-inline constexpr const char* kWeftHopStatNames[] = {"sockets",  "add_failed", "redirected_msgs",
-						    "redirected_bytes", "no_peer", "no_storage"};
+inline constexpr const char* kWeftHopStatNames[] = {
+	"sockets", "add_failed", "redirected_msgs", "redirected_bytes", "tcp_msgs", "no_storage",
+	"peer_full"};
 #endif
 
 #ifdef __cplusplus
