@@ -11,7 +11,8 @@
 #define WEFT_SK_USER_DATA_PTRMASK (~7ul)
 
 /* Redirected bytes the socket that this message was just redirected to has not read yet (its
- * psock's msg_tot_len, without this message), or 0 if it cannot be read. sk_msg programs cannot
+ * psock's msg_tot_len, without this message), or 0 if it cannot be read (~0 if this kernel has
+ * no such field). sk_msg programs cannot
  * release a socket from a map lookup, so the peer comes from the kernel's struct sk_msg (the
  * program's context) that bpf_msg_redirect_hash filled in. */
 static __always_inline __u32 weft_hop_redirect_target_unread(struct sk_msg_md *md)
@@ -22,6 +23,10 @@ static __always_inline __u32 weft_hop_redirect_target_unread(struct sk_msg_md *m
 	struct sock *peer;
 	__u32 unread = 0;
 
+	/* A kernel without the field cannot bound the backlog: report it full, so every sender
+	 * moves to TCP after its first message (safe, not accelerated). */
+	if (!bpf_core_field_exists(struct sk_psock, msg_tot_len))
+		return ~0u;
 	peer = BPF_CORE_READ(msg, sk_redir);
 	if (!peer)
 		return 0;
