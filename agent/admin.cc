@@ -34,6 +34,16 @@ json status(const AdminSources& s) {
                   {"rejected_workloads", ns.rejected_workloads},
                   {"messages_sent", ns.messages_sent}};
   j["dataplane_adopted"] = s.dataplane_adopted ? s.dataplane_adopted() : false;
+  if (s.local_hop) {
+    auto hop = s.local_hop();
+    if (hop) {
+      json counters = json::object();
+      for (const auto& [name, value] : hop->counters) counters[name] = value;
+      j["local_hop"] = {{"enabled", hop->on}, {"counters", counters}};
+    } else {
+      j["local_hop"] = {{"error", hop.status().message()}};
+    }
+  }
   const ClusterModel& m = s.enrollment->model();
   size_t local = 0;
   for (const auto& [k, p] : m.pods) local += p.node_name == s.node_name ? 1 : 0;

@@ -5,6 +5,7 @@
 #include <functional>
 #include <string>
 
+#include "agent/bpf/dataplane.h"
 #include "agent/bpf/kernel_features.h"
 #include "agent/ca.h"
 #include "agent/enrollment.h"
@@ -25,6 +26,8 @@ struct AdminSources {
   std::string bpf_pin_dir;
   const KernelFeatures* kernel_features = nullptr;  // probed at start; null = not probed
   std::function<CaStats()> ca_stats;                // empty while the CA is not up
+  // Local-hop acceleration: the switch and its BPF counters (/status "local_hop").
+  std::function<Result<LocalHopStatus>()> local_hop;
 };
 
 // Routes one request. Pure over the sources: the HTTP server calls it, tests call it directly.

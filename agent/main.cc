@@ -80,6 +80,9 @@ struct Flags {
   std::string ca_chain;
   uint64_t cert_ttl_s = 24 * 3600;
   uint64_t ca_reload_interval_ms = 2000;
+  // Local-hop acceleration (sk_msg redirect of the app <-> ztunnel hops in each pod); off by
+  // default: measured no faster and it removes the hop's backpressure (docs/ARCHITECTURE.md).
+  std::string local_hop_accel = "off";
 };
 
 // Answers a ztunnel's CertificateRequest: parse the identity, allow only identities of enrolled
@@ -135,6 +138,7 @@ int run(const Flags& flags) {
   DataplaneOptions dp_opts;
   dp_opts.pin_dir = pin_dir;
   dp_opts.cgroup_root = cgroup_root.value();
+  dp_opts.local_hop_accel = flags.local_hop_accel == "on";
   auto dataplane = Dataplane::open(dp_opts);
   if (!dataplane) {
     spdlog::error("dataplane: {}", dataplane.status().message());
@@ -283,6 +287,8 @@ int run(const Flags& flags) {
       sources.node_stats = [&] { return node_server->stats(); };
       bool adopted = dataplane.value()->info().adopted;
       sources.dataplane_adopted = [adopted] { return adopted; };
+      Dataplane* dp = dataplane.value().get();
+      sources.local_hop = [dp] { return dp->localHop(); };
       sources.cni_requests = [&] { return cni_server->requests(); };
       sources.bpf_pin_dir = pin_dir;
       sources.kernel_features = &kernel_features;
@@ -401,6 +407,10 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", flags.log_level, "trace|debug|info|warn|error")
       ->capture_default_str();
   app.add_flag("--log-json", flags.log_json, "JSON log lines");
+  app.add_option("--local-hop-accel", flags.local_hop_accel,
+                 "on|off: app <-> ztunnel hops inside pods skip loopback TCP (sk_msg redirect)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_flag("--cleanup", flags.cleanup,
                "detach and unpin everything of this instance, then exit");
   CLI11_PARSE(app, argc, argv);

@@ -5,6 +5,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "lib/fast.h"
+#include "lib/hop.h"
 #include "lib/orig_dst.h"
 
 /* Attaches: sockops at the cgroup root.
@@ -13,7 +14,8 @@
  * callbacks; on its move to TCP_CLOSE, delete that entry. A fast-path socket (weft_sk_fast, set
  * by cgroup/connect): on TCP_CONNECT_CB key its 4-tuple in weft_fast_conn, on ACTIVE_ESTABLISHED
  * send FAST_OPEN, on TCP_CLOSE send FAST_CLOSE with its bytes and delete the key. Other sockets:
- * nothing. */
+ * nothing. Local-hop acceleration (lib/hop.h): on ACTIVE_ESTABLISHED and PASSIVE_ESTABLISHED, an
+ * end of an app <-> ztunnel loopback connection in an enrolled pod goes into weft_hop_socks. */
 SEC("sockops")
 int weft_sockops(struct bpf_sock_ops *skops)
 {
@@ -24,6 +26,10 @@ int weft_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		weft_orig_dst_publish(skops);
 		weft_fast_established(skops);
+		weft_hop_established(skops, false);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		weft_hop_established(skops, true);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE) {

@@ -408,6 +408,30 @@ int mapDump(Context& ctx, const std::vector<std::string>& args) {
         e = {{"counter", index < std::size(kWeftFastStatNames) ? json(kWeftFastStatNames[index])
                                                                : json(index)},
              {"value", sum}};
+      } else if (name == WEFT_MAP_HOP_STATS && percpu && info->value_size == 8) {
+        uint32_t index;
+        memcpy(&index, k.data(), 4);
+        uint64_t sum = 0;
+        for (int c = 0; c < ncpu; ++c) {
+          uint64_t v;
+          memcpy(&v, value.data() + static_cast<size_t>(c) * slot, 8);
+          sum += v;
+        }
+        e = {{"counter", index < std::size(kWeftHopStatNames) ? json(kWeftHopStatNames[index])
+                                                              : json(index)},
+             {"value", sum}};
+      } else if (name == WEFT_MAP_HOP_SOCKS && check(sizeof(weft_hop_key), 8)) {
+        // A hop socket by its own view of the connection; the value is its socket cookie.
+        weft_hop_key key;
+        uint64_t cookie;
+        memcpy(&key, k.data(), sizeof(key));
+        memcpy(&cookie, value.data(), 8);
+        auto it = pods.by_cookie.find(key.netns_cookie);
+        e = {{"pod", it == pods.by_cookie.end() ? json() : json(it->second)},
+             {"netns_cookie", key.netns_cookie},
+             {"local", SocketAddress::fromAbi(key.local).toString()},
+             {"remote", SocketAddress::fromAbi(key.remote).toString()},
+             {"socket_cookie", cookie}};
       } else if (name == WEFT_MAP_FAST_VERDICT &&
                  check(sizeof(weft_fast_key), sizeof(weft_fast_verdict))) {
         weft_fast_key key;
@@ -458,7 +482,8 @@ int mapDump(Context& ctx, const std::vector<std::string>& args) {
   if (!entries.empty()) {
     // Columns in a reading order: who (pod), then the key, then what it maps to.
     std::vector<std::string> header;
-    for (const char* k : {"pod", "pod_ip", "netns_cookie", "socket_cookie", "client",
+    for (const char* k : {"pod", "pod_ip", "netns_cookie", "socket_cookie", "local", "remote",
+                          "client",
                           "original_destination", "destination_pod", "resolver",
                           "listener_socket_cookie", "counter", "source_ip", "flags",
                           "workload_id", "key", "value"})

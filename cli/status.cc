@@ -94,6 +94,24 @@ std::string renderStatus(const json& s) {
                        cellOf(kernel, "no_storage"), cellOf(kernel, "no_conn_entry"),
                        cellOf(f, "cache_failures"), cellOf(kernel, "events_lost"))});
   }
+  if (s.contains("local_hop") && s["local_hop"].is_object()) {
+    // App <-> ztunnel hops inside pods, sk_msg-redirected instead of loopback TCP.
+    const json& h = s["local_hop"];
+    const json& c = h.value("counters", json::object());
+    std::string state = h.contains("error")     ? "error"
+                        : h.value("enabled", false) ? "on"
+                                                    : "off";
+    t.add({"local hop", state,
+           h.contains("error")
+               ? h.value("error", std::string())
+               : fmt::format("{} sockets accelerated, {} messages / {} bytes redirected, {} sent "
+                             "over TCP (peer not in the map or full; {} moved for a full peer), "
+                             "{} map refusals, {} no storage",
+                             cellOf(c, "sockets"), cellOf(c, "redirected_msgs"),
+                             cellOf(c, "redirected_bytes"), cellOf(c, "tcp_msgs"),
+                             cellOf(c, "peer_full"), cellOf(c, "add_failed"),
+                             cellOf(c, "no_storage"))});
+  }
   t.add({"config", s.value("config_errors", 0) > 0 ? "errors" : "ok",
          fmt::format("{} manifest errors", cellOf(s, "config_errors"))});
   return t.render();
@@ -131,6 +149,7 @@ int runStatus(Context& ctx, const std::vector<std::string>& args) {
        certificateHealth(zd.value("certificates", json::array()), ::time(nullptr))},
       {"config_errors", as.value("config_errors", 0)},
       {"fast_path", zd.contains("fast_path") ? zd["fast_path"] : json(nullptr)},
+      {"local_hop", as.contains("local_hop") ? as["local_hop"] : json(nullptr)},
   };
   if (ctx.json()) {
     ctx.printJson(out);

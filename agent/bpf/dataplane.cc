@@ -29,6 +29,7 @@
 #include "common/netns.h"
 #include "dns_redirect.skel.h"
 #include "inbound_lookup.skel.h"
+#include "local_hop.skel.h"
 #include "orig_dst.skel.h"
 #include "redirect_connect.skel.h"
 #include "sockops.skel.h"
@@ -41,7 +42,9 @@ constexpr const char* kMapNames[] = {WEFT_MAP_ENROLLED,       WEFT_MAP_SK_ORIG_D
                                      WEFT_MAP_INBOUND_BYPASS, WEFT_MAP_EVENTS,
                                      WEFT_MAP_DNS_DST,        WEFT_MAP_FAST_VERDICT,
                                      WEFT_MAP_FAST_CONN,      WEFT_MAP_SK_FAST,
-                                     WEFT_MAP_FAST_STATS};
+                                     WEFT_MAP_FAST_STATS,     WEFT_MAP_HOP_SOCKS,
+                                     WEFT_MAP_SK_HOP,         WEFT_MAP_HOP_CONFIG,
+                                     WEFT_MAP_HOP_STATS};
 // Programs attached at the cgroup root, each with a pinned link of the same name.
 constexpr const char* kCgroupProgs[] = {WEFT_PROG_CONNECT4,   WEFT_PROG_CONNECT6, WEFT_PROG_SOCKOPS,
                                         WEFT_PROG_GETSOCKOPT, WEFT_PROG_BIND4,    WEFT_PROG_BIND6,
@@ -55,7 +58,7 @@ constexpr size_t kKernelNameLen = 15;
 // without root. netns_fd is not touched.
 class MemoryDataplane final : public Dataplane {
  public:
-  MemoryDataplane() { info_.programs = {"memory"}; }
+  explicit MemoryDataplane(bool local_hop) : local_hop_(local_hop) { info_.programs = {"memory"}; }
 
   const DataplaneInfo& info() const override { return info_; }
 
@@ -86,6 +89,19 @@ class MemoryDataplane final : public Dataplane {
     return Status::ok();
   }
 
+  Status setLocalHopAccel(bool on) override {
+    if (destroyed_) return Status::error("dataplane destroyed");
+    local_hop_ = on;
+    return Status::ok();
+  }
+
+  Result<LocalHopStatus> localHop() const override {
+    LocalHopStatus st;
+    st.on = local_hop_;
+    for (const char* name : kWeftHopStatNames) st.counters.emplace_back(name, 0);
+    return st;
+  }
+
   Status destroy() override {
     enrolled_.clear();
     bypass_.clear();
@@ -97,6 +113,7 @@ class MemoryDataplane final : public Dataplane {
   DataplaneInfo info_;
   std::map<uint64_t, uint64_t> enrolled_;
   std::set<IpAddr> bypass_;
+  bool local_hop_ = false;
   bool destroyed_ = false;
 };
 
@@ -456,6 +473,8 @@ class KernelDataplane final : public Dataplane {
     enrolled_fd_.reset();
     bypass_fd_.reset();
     sk_lookup_fd_.reset();
+    hop_config_fd_.reset();
+    hop_stats_fd_.reset();
     destroyed_ = true;
     if (st) spdlog::info("dataplane: detached everything and removed {}", options_.pin_dir);
     return st;
@@ -494,6 +513,7 @@ class KernelDataplane final : public Dataplane {
     }
     std::vector<const char*> progs(std::begin(kCgroupProgs), std::end(kCgroupProgs));
     progs.push_back(WEFT_PROG_SK_LOOKUP);
+    progs.push_back(WEFT_PROG_HOP_MSG);
     std::map<std::string, uint32_t> prog_ids;
     for (const char* name : progs) {
       UniqueFd fd(bpf_obj_get(progPin(name).c_str()));
@@ -523,6 +543,20 @@ class KernelDataplane final : public Dataplane {
                            options_.cgroup_root);
         return false;
       }
+    }
+    // The sk_msg program is attached to its map, not to a cgroup: it is there as long as the
+    // pinned map is.
+    UniqueFd hop_map(bpf_obj_get(mapPin(WEFT_MAP_HOP_SOCKS).c_str()));
+    uint32_t ids[8] = {0};
+    LIBBPF_OPTS(bpf_prog_query_opts, query);
+    query.prog_ids = ids;
+    query.prog_cnt = 8;
+    if (!hop_map.valid() ||
+        bpf_prog_query_opts(hop_map.get(), BPF_SK_MSG_VERDICT, &query) != 0 ||
+        query.prog_cnt != 1 || ids[0] != prog_ids[WEFT_PROG_HOP_MSG]) {
+      *why = fmt::format("program {} is not attached to map {}", WEFT_PROG_HOP_MSG,
+                         mapPin(WEFT_MAP_HOP_SOCKS));
+      return false;
     }
     return true;
   }
@@ -554,6 +588,7 @@ class KernelDataplane final : public Dataplane {
     if (st) st = openSkeleton<bind_guard>("bind_guard", &opts, nullptr, &objects);
     if (st) st = openSkeleton<inbound_lookup>("inbound_lookup", &opts, nullptr, &objects);
     if (st) st = openSkeleton<dns_redirect>("dns_redirect", &opts, nullptr, &objects);
+    if (st) st = openSkeleton<local_hop>("local_hop", &opts, nullptr, &objects);
     if (!st) return st;
 
     // The first load creates and pins the shared maps; the others reuse them by name.
@@ -574,6 +609,10 @@ class KernelDataplane final : public Dataplane {
           return libbpfError("pin program " + progPin(name.c_str()), err);
         info_.programs.push_back(name);
         if (bpf_program__type(prog) == BPF_PROG_TYPE_SK_LOOKUP) continue;  // per netns
+        if (bpf_program__type(prog) == BPF_PROG_TYPE_SK_MSG) {
+          if (auto a = attachToHopMap(prog); !a) return a;
+          continue;
+        }
         bpf_link* link = bpf_program__attach_cgroup(prog, cgroup.get());
         if (!link)
           return libbpfError(fmt::format("attach {} to cgroup {}", name, options_.cgroup_root),
@@ -588,6 +627,17 @@ class KernelDataplane final : public Dataplane {
     std::string abi = sub(WEFT_PIN_ABI);
     if (::symlink(WEFT_BPF_ABI_VERSION, abi.c_str()) != 0)
       return Status::errorf("write ABI mark {}: {}", abi, errnoText(errno));
+    return Status::ok();
+  }
+
+  // The sk_msg program runs on the sockets of weft_hop_socks: attached to that (pinned) map.
+  Status attachToHopMap(bpf_program* prog) {
+    std::string pin = mapPin(WEFT_MAP_HOP_SOCKS);
+    UniqueFd map(bpf_obj_get(pin.c_str()));
+    if (!map.valid()) return Status::errorf("open {}: {}", pin, errnoText(errno));
+    if (bpf_prog_attach(bpf_program__fd(prog), map.get(), BPF_SK_MSG_VERDICT, 0) != 0)
+      return Status::errorf("attach {} to map {}: {}", bpf_program__name(prog), pin,
+                            errnoText(errno));
     return Status::ok();
   }
 
@@ -613,9 +663,53 @@ class KernelDataplane final : public Dataplane {
     if (info_.programs.empty()) {
       info_.programs.assign(std::begin(kCgroupProgs), std::end(kCgroupProgs));
       info_.programs.push_back(WEFT_PROG_SK_LOOKUP);
+      info_.programs.push_back(WEFT_PROG_HOP_MSG);
     }
+    fd = bpf_obj_get(mapPin(WEFT_MAP_HOP_CONFIG).c_str());
+    if (fd < 0) return Status::errorf("open {}: {}", mapPin(WEFT_MAP_HOP_CONFIG), errnoText(errno));
+    hop_config_fd_.reset(fd);
+    fd = bpf_obj_get(mapPin(WEFT_MAP_HOP_STATS).c_str());
+    if (fd < 0) return Status::errorf("open {}: {}", mapPin(WEFT_MAP_HOP_STATS), errnoText(errno));
+    hop_stats_fd_.reset(fd);
+    return setLocalHopAccel(options_.local_hop_accel);
+  }
+
+ public:
+  Status setLocalHopAccel(bool on) override {
+    if (destroyed_) return Status::error("dataplane destroyed");
+    uint32_t key = 0;
+    uint32_t hops = on ? (WEFT_HOP_OUTBOUND | WEFT_HOP_INBOUND) : 0;
+    if (bpf_map_update_elem(hop_config_fd_.get(), &key, &hops, BPF_ANY) != 0)
+      return Status::errorf("map {} update: {}", WEFT_MAP_HOP_CONFIG, errnoText(errno));
+    spdlog::info("dataplane: local-hop acceleration {}", on ? "on" : "off");
     return Status::ok();
   }
+
+  Result<LocalHopStatus> localHop() const override {
+    if (destroyed_) return Status::error("dataplane destroyed");
+    LocalHopStatus out;
+    uint32_t key = 0;
+    uint32_t hops = 0;
+    if (bpf_map_lookup_elem(hop_config_fd_.get(), &key, &hops) != 0)
+      return Status::errorf("map {} lookup: {}", WEFT_MAP_HOP_CONFIG, errnoText(errno));
+    out.on = hops != 0;
+    int ncpu = libbpf_num_possible_cpus();
+    if (ncpu <= 0) return libbpfError("number of possible CPUs", ncpu);
+    std::vector<uint64_t> per(static_cast<size_t>(ncpu));
+    uint32_t index = 0;
+    for (const char* name : kWeftHopStatNames) {
+      if (bpf_map_lookup_elem(hop_stats_fd_.get(), &index, per.data()) != 0)
+        return Status::errorf("map {} lookup {}: {}", WEFT_MAP_HOP_STATS, index,
+                              errnoText(errno));
+      uint64_t sum = 0;
+      for (uint64_t v : per) sum += v;
+      out.counters.emplace_back(name, sum);
+      ++index;
+    }
+    return out;
+  }
+
+ private:
 
   // An agent that died between creating a pod's sk_lookup link and its weft_enrolled entry (or
   // between deleting them on unenroll) left a link that nothing lists: steering without
@@ -658,6 +752,8 @@ class KernelDataplane final : public Dataplane {
   UniqueFd enrolled_fd_;
   UniqueFd bypass_fd_;
   UniqueFd sk_lookup_fd_;
+  UniqueFd hop_config_fd_;
+  UniqueFd hop_stats_fd_;
   uint32_t sk_lookup_id_ = 0;
   bool destroyed_ = false;
 };
@@ -679,7 +775,7 @@ Status Dataplane::cleanup(const DataplaneOptions& options) {
 }
 
 Result<std::unique_ptr<Dataplane>> Dataplane::open(const DataplaneOptions& options) {
-  if (options.testing) return std::unique_ptr<Dataplane>(new MemoryDataplane());
+  if (options.testing) return std::unique_ptr<Dataplane>(new MemoryDataplane(options.local_hop_accel));
   auto dp = std::make_unique<KernelDataplane>(options);
   if (auto st = dp->open(); !st) return st.context("dataplane");
   return std::unique_ptr<Dataplane>(std::move(dp));

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/address.h"
@@ -18,9 +19,20 @@ struct DataplaneOptions {
   // The bpffs mount point to mount when pin_dir is under it and it is not a bpffs yet (the
   // conventional /sys/fs/bpf). A pin_dir elsewhere must already be on a bpffs.
   std::string bpffs_mount = "/sys/fs/bpf";
+  // Local-hop acceleration (bpf/lib/hop.h): the app <-> ztunnel loopback hops inside enrolled
+  // pods skip the loopback TCP stack (sk_msg redirect). Written to weft_hop_config on open, also
+  // when adopting pins; affects connections established from then on.
+  bool local_hop_accel = false;
   // Testing mode: no kernel objects at all; enroll/unenroll only update in-memory state, so the
   // agent's C++ logic runs in unit tests without root.
   bool testing = false;
+};
+
+// Local-hop acceleration: the switch as the map holds it and the counters (kWeftHopStatNames
+// order, summed over CPUs).
+struct LocalHopStatus {
+  bool on = false;
+  std::vector<std::pair<std::string, uint64_t>> counters;
 };
 
 struct DataplaneInfo {
@@ -54,6 +66,11 @@ class Dataplane {
 
   // Sources that inbound steering never touches (the node's addresses: kubelet probes).
   virtual Status setInboundBypass(const std::vector<IpAddr>& sources) = 0;
+
+  // Switches local-hop acceleration for connections established from now on (existing ones
+  // keep what they have until they close).
+  virtual Status setLocalHopAccel(bool on) = 0;
+  virtual Result<LocalHopStatus> localHop() const = 0;
 
   // Detaches everything and removes every pin under pin_dir (node teardown).
   virtual Status destroy() = 0;

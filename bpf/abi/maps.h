@@ -22,12 +22,19 @@
 #define WEFT_MAP_FAST_CONN "weft_fast_conn"
 #define WEFT_MAP_SK_FAST "weft_sk_fast"
 #define WEFT_MAP_FAST_STATS "weft_fast_stats"
+/* Local-hop acceleration (see the structs below): the sockets of the app <-> ztunnel hops inside
+ * a pod's netns, their per-socket state, the switch, and the counters. */
+#define WEFT_MAP_HOP_SOCKS "weft_hop_socks"
+#define WEFT_MAP_SK_HOP "weft_sk_hop"
+#define WEFT_MAP_HOP_CONFIG "weft_hop_config"
+#define WEFT_MAP_HOP_STATS "weft_hop_stats"
 
 /* Version of the pinned set (programs + maps). Bump on any change of a map's shape or a program's
  * behaviour that an adopting agent must not mix with an older pinned set.
  * 2: DNS capture. 3: cgroup/sock_release deletes a closing UDP socket's weft_dns_dst entry.
- * 4: the same-node fast path (weft_fast_* maps, FAST_* events). */
-#define WEFT_BPF_ABI_VERSION "weft-bpf-abi-4"
+ * 4: the same-node fast path (weft_fast_* maps, FAST_* events).
+ * 5: local-hop acceleration (weft_hop_* maps, weft_sk_hop, the sk_msg program weft_hop_msg). */
+#define WEFT_BPF_ABI_VERSION "weft-bpf-abi-5"
 
 #ifndef WEFT_MAX_ENROLLED
 #define WEFT_MAX_ENROLLED 65536
@@ -49,6 +56,9 @@
 #endif
 #ifndef WEFT_MAX_FAST_CONN
 #define WEFT_MAX_FAST_CONN 65536
+#endif
+#ifndef WEFT_MAX_HOP_SOCKS
+#define WEFT_MAX_HOP_SOCKS 65536
 #endif
 #define WEFT_EVENTS_RING_BYTES (256 * 1024)
 
@@ -169,7 +179,60 @@ struct weft_fast_event {
 	__u32 reserved;
 };
 
+/* Local-hop acceleration. Inside an enrolled pod's netns two hops are loopback TCP between the
+ * app and the ztunnel: the app's connection to 15001 (outbound) and the ztunnel's connection from
+ * 127.0.0.6 to the app (inbound). sockops puts both ends of such a connection into
+ * weft_hop_socks when each is established; the sk_msg program weft_hop_msg, attached to that
+ * map, hands every sendmsg straight to the peer socket's receive queue
+ * (bpf_msg_redirect_hash(BPF_F_INGRESS)) instead of through the loopback TCP stack. A socket
+ * that ever sent over TCP (its peer was not in the map yet) keeps sending over TCP, so that the
+ * reader never sees redirected bytes ahead of TCP bytes. The kernel removes a socket from the
+ * map when it closes. */
+
+/* weft_hop_socks (SOCKHASH): a hop socket by its own view of the connection. The peer's key is
+ * the same netns with local and remote swapped; the netns cookie keeps two pods' identical
+ * loopback 4-tuples apart. Value: the socket (user space reads its socket cookie, __u64). */
+struct weft_hop_key {
+	__u64 netns_cookie;
+	struct weft_sockaddr local;  /* v4-mapped stored as IPv4 (lib/addr.h) */
+	struct weft_sockaddr remote;
+};
+
+/* The kernel queues redirected bytes on the peer without a receive-buffer limit (no
+ * backpressure), so the sk_msg program moves a sender to TCP for good once the peer has more than
+ * this many redirected bytes unread (its psock msg_tot_len); TCP's window then throttles it.
+ * About what loopback TCP lets a writer queue to a reader that does not read (~4 MiB). */
+#ifndef WEFT_HOP_MAX_UNREAD
+#define WEFT_HOP_MAX_UNREAD (4u << 20)
+#endif
+
+/* weft_sk_hop (SK_STORAGE, __u32 flags) on a hop socket. */
+#define WEFT_HOP_SK_TCP (1u << 0) /* sent a message over TCP: never redirect after that */
+
+/* weft_hop_config (ARRAY, one __u32 at key 0): WEFT_HOP_* hops to accelerate; 0 = off. Read by
+ * sockops when a connection is established: switching it changes new connections only. */
+#define WEFT_HOP_OUTBOUND (1u << 0) /* app -> ztunnel 15001 */
+#define WEFT_HOP_INBOUND (1u << 1)  /* ztunnel from 127.0.0.6 -> app */
+
+/* weft_hop_stats (PERCPU_ARRAY of __u64), summed over CPUs by readers. */
+#define WEFT_HOP_STAT_SOCKETS 0       /* hop sockets put into weft_hop_socks */
+#define WEFT_HOP_STAT_ADD_FAILED 1    /* weft_hop_socks update refused (the hop stays TCP) */
+#define WEFT_HOP_STAT_MSGS 2          /* messages redirected to the peer */
+#define WEFT_HOP_STAT_BYTES 3         /* bytes in those messages */
+#define WEFT_HOP_STAT_TCP_MSGS 4      /* messages sent over TCP: the peer was not in the map, or
+					* was full (PEER_FULL), at this or an earlier message */
+#define WEFT_HOP_STAT_NO_STORAGE 5    /* socket storage refused: sent over TCP */
+#define WEFT_HOP_STAT_PEER_FULL 6     /* the peer had too much unread: a socket moved to TCP */
+#define WEFT_HOP_STATS 8
 #ifdef __cplusplus
+/* The counters' names, by index (the agent's status and weftctl's map dump). */
+inline constexpr const char* kWeftHopStatNames[] = {
+	"sockets", "add_failed", "redirected_msgs", "redirected_bytes", "tcp_msgs", "no_storage",
+	"peer_full"};
+#endif
+
+#ifdef __cplusplus
+static_assert(sizeof(struct weft_hop_key) == 48, "weft_hop_key is ABI");
 static_assert(sizeof(struct weft_fast_key) == 32, "weft_fast_key is ABI");
 static_assert(sizeof(struct weft_fast_verdict) == 16, "weft_fast_verdict is ABI");
 static_assert(sizeof(struct weft_fast_conn_key) == 40, "weft_fast_conn_key is ABI");

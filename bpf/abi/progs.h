@@ -14,6 +14,8 @@
 #define WEFT_PROG_RECVMSG4 "weft_recvmsg4"
 #define WEFT_PROG_RECVMSG6 "weft_recvmsg6"
 #define WEFT_PROG_SOCK_RELEASE "weft_sock_release"
+/* sk_msg, attached to the weft_hop_socks map (not to a cgroup): local-hop acceleration. */
+#define WEFT_PROG_HOP_MSG "weft_hop_msg"
 
 /* Every Weft program name starts with this (weftctl and tests find them by it). */
 #define WEFT_PROG_PREFIX "weft_"

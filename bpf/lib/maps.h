@@ -109,3 +109,39 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } weft_fast_stats SEC(".maps");
+
+/* weft_hop_socks: both ends of the app <-> ztunnel loopback hops in enrolled pods (lib/hop.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, WEFT_MAX_HOP_SOCKS);
+	__type(key, struct weft_hop_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_hop_socks SEC(".maps");
+
+/* weft_sk_hop: a hop socket's flags (WEFT_HOP_SK_*), created when it enters weft_hop_socks. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_sk_hop SEC(".maps");
+
+/* weft_hop_config: key 0 -> WEFT_HOP_* (which hops to accelerate), written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_hop_config SEC(".maps");
+
+/* weft_hop_stats: local-hop acceleration's counters (WEFT_HOP_STAT_*). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEFT_HOP_STATS);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} weft_hop_stats SEC(".maps");

@@ -67,7 +67,7 @@ TEST_F(LifecycleTest, FreshLoadPinsEverything) {
   ASSERT_TRUE(dp.isOk()) << dp.status().message();
   dp_ = std::move(dp.value());
   EXPECT_FALSE(dp_->info().adopted);
-  EXPECT_EQ(dp_->info().programs.size(), 12u);
+  EXPECT_EQ(dp_->info().programs.size(), 13u);
   for (const char* m : {WEFT_MAP_ENROLLED, WEFT_MAP_SK_ORIG_DST, WEFT_MAP_ORIG_DST,
                         WEFT_MAP_INBOUND_LISTENERS, WEFT_MAP_INBOUND_BYPASS, WEFT_MAP_EVENTS})
     EXPECT_TRUE(pinned(pin_dir_ + "/maps/" + m)) << m;
@@ -111,7 +111,7 @@ TEST_F(LifecycleTest, ReopenAdoptsWithoutLoadingASecondCopy) {
   ASSERT_TRUE(second.isOk()) << second.status().message();
   dp_ = std::move(second.value());
   EXPECT_TRUE(dp_->info().adopted);
-  EXPECT_EQ(dp_->info().programs.size(), 12u);
+  EXPECT_EQ(dp_->info().programs.size(), 13u);
   EXPECT_EQ(countWeftPrograms(), loaded_before);
   EXPECT_EQ(attachedIds(cgroup_dir_), ids_before);
   EXPECT_EQ(dp_->enrolled(), std::vector<uint64_t>{pod_cookie_});
@@ -205,7 +205,7 @@ TEST_F(LifecycleTest, CleanupWithoutOpeningDetachesWhatWasPinned) {
   EXPECT_FALSE(pinned(pin_dir_));
   EXPECT_TRUE(attachedIds(cgroup_dir_).empty());
   EXPECT_TRUE(cgroupProgIds(cgroup_dir_, BPF_CGROUP_INET4_CONNECT).empty());
-  EXPECT_EQ(countWeftPrograms(), loaded - 12);  // nothing holds them any more
+  EXPECT_EQ(countWeftPrograms(), loaded - 13);  // nothing holds them any more
   auto app = run(pod_fd_.get(), true, [](int out) { return child::fetch(out, "10.250.0.1:9"); });
   EXPECT_EQ(app.get("connect_err"), strerror(ECONNREFUSED)) << app.raw;
   // Nothing there: fine.

@@ -131,6 +131,12 @@ bool SimCluster::up(int nodes, const std::vector<ManifestFile>& files, std::stri
   argv[argv.size() - 3] = dir_;
   argv[argv.size() - 1] = buildDir();
   argv.insert(argv.end(), extraArgs.begin(), extraArgs.end());
+  // WEFT_E2E_AGENT_ARGS: space-separated weft-agent arguments for every sim of the run (e.g.
+  // "--local-hop-accel=on"), to run the suites against a non-default dataplane setting.
+  if (const char* extra = std::getenv("WEFT_E2E_AGENT_ARGS")) {
+    std::istringstream words(extra);
+    for (std::string w; words >> w;) argv.push_back("--agent-arg=" + w);
+  }
   RunOptions o;
   o.timeout = std::chrono::seconds(180);
   auto r = run(argv, o);

@@ -9,6 +9,7 @@
 
 #include "agent/admin.h"
 #include "agent/bpf/kernel_features.h"
+#include "bpf/abi/maps.h"
 #include "common/log.h"
 #include "test_util.h"
 
@@ -111,6 +112,20 @@ TEST_F(AgentAdminTest, StatusHasKernelFeaturesEnrolledPodsAndCertificateHealth) 
   ca.last_reload_error = "ca-cert.pem: not a certificate";
   s = json::parse(call("GET", "/status").body);
   EXPECT_EQ(s["certificates"]["health"], "ca_reload_failing");
+}
+
+TEST_F(AgentAdminTest, StatusShowsLocalHopSwitchAndCounters) {
+  EXPECT_FALSE(json::parse(call("GET", "/status").body).contains("local_hop"));
+  Dataplane* dp = dataplane_.get();
+  sources_.local_hop = [dp] { return dp->localHop(); };
+  json s = json::parse(call("GET", "/status").body);
+  EXPECT_EQ(s["local_hop"]["enabled"], false);
+  EXPECT_EQ(s["local_hop"]["counters"]["redirected_bytes"], 0);
+  EXPECT_EQ(s["local_hop"]["counters"].size(), std::size(kWeftHopStatNames));
+  ASSERT_TRUE(dp->setLocalHopAccel(true).isOk());
+  EXPECT_EQ(json::parse(call("GET", "/status").body)["local_hop"]["enabled"], true);
+  sources_.local_hop = [] { return Result<LocalHopStatus>(Status::error("map gone")); };
+  EXPECT_EQ(json::parse(call("GET", "/status").body)["local_hop"]["error"], "map gone");
 }
 
 // On the machine's own kernel (root: the probes load programs): everything Weft needs is there

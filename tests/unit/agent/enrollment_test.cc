@@ -99,6 +99,8 @@ class RecordingDataplane : public Dataplane {
   Status setInboundBypass(const std::vector<IpAddr>& s) override {
     return inner_->setInboundBypass(s);
   }
+  Status setLocalHopAccel(bool on) override { return inner_->setLocalHopAccel(on); }
+  Result<LocalHopStatus> localHop() const override { return inner_->localHop(); }
   Status destroy() override { return inner_->destroy(); }
 
  private:
