@@ -123,7 +123,6 @@ nlohmann::json Ztunnel::configDump() {
                      {"hbone_pool_connections", w.mtls.pool_connections},
                      {"hbone_client_handshakes", w.mtls.client_handshakes},
                      {"hbone_server_handshakes", w.mtls.server.handshakes},
-                     {"endpoint_load", w.endpoint_load},
                      {"stats", w.stats.toJson()}});
   }
   return {{"node_config", node},

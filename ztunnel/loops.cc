@@ -203,6 +203,7 @@ Status LoopWorker::start() {
     if (st) {
       proxy_ = std::make_unique<Proxy>(&loop_);
       proxy_->setLoopIndex(options_.index, options_.count);
+      proxy_->setSharedBalancer(options_.balancer);
       LoopMailboxPtr main = sinks_.main;
       auto log = sinks_.access_log;
       proxy_->setAccessLogForwarder([main, log](AccessLogRecord r) {
@@ -363,7 +364,6 @@ std::optional<LoopSnapshot> LoopWorker::snapshot() {
     s.tcp_failures = proxy_->tcpMetrics().failures();
     if (mesh_tls_) s.mtls = mesh_tls_->counters();
     s.connections = proxy_->connectionsJson();
-    s.endpoint_load = proxy_->balancer().toJson();
     s.active_connections = proxy_->activeConnections();
     s.certificate_waits = certs_ ? certs_->pendingWaits() : 0;
     return s;

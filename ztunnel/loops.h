@@ -104,7 +104,6 @@ struct LoopSnapshot {
   std::map<TcpLabels, uint64_t> tcp_failures;
   MeshTlsCounters mtls;
   nlohmann::json connections = nlohmann::json::array();
-  nlohmann::json endpoint_load;
   size_t active_connections = 0;
   size_t certificate_waits = 0;
 };
@@ -117,6 +116,7 @@ struct LoopWorkerOptions {
   ListenerPorts ports;  // the DNS proxies stay on the main loop: dns is ignored
   std::chrono::milliseconds cert_wait{5000};
   uint64_t drain_timeout_ms = 5000;
+  Balancer* balancer = nullptr;  // the main loop's, shareBetweenThreads()'d; null = its own
 };
 
 // What a worker sends to the main loop (through the main loop's mailbox, bounded).

@@ -62,8 +62,11 @@ class Proxy {
   void setAccessLogForwarder(std::function<void(AccessLogRecord)> f) {
     access_log_forwarder_ = std::move(f);
   }
-  Balancer& balancer() { return balancer_; }
-  const Balancer& balancer() const { return balancer_; }
+  Balancer& balancer() { return shared_balancer_ ? *shared_balancer_ : balancer_; }
+  const Balancer& balancer() const { return shared_balancer_ ? *shared_balancer_ : balancer_; }
+  // A worker loop balances with the main loop's Balancer (shared between threads), so round
+  // robin and ejection are node-wide as with one loop. Must outlive this Proxy's connections.
+  void setSharedBalancer(Balancer* b) { shared_balancer_ = b; }
   ZtunnelStats& stats() { return stats_; }
   const ZtunnelStats& stats() const { return stats_; }
   TcpMetrics& tcpMetrics() { return tcp_metrics_; }
@@ -122,6 +125,7 @@ class Proxy {
   unsigned loop_index_ = 0;
   unsigned loop_count_ = 1;
   Balancer balancer_;
+  Balancer* shared_balancer_ = nullptr;
   ZtunnelStats stats_;
   TcpMetrics tcp_metrics_;
   VerdictLog verdicts_;

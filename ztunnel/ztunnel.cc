@@ -53,6 +53,10 @@ Status Ztunnel::startLoops() {
   if (options_.loops > kMaxLoops)
     return Status::errorf("--loops {}: at most {}", options_.loops, kMaxLoops);
   proxy_.setLoopIndex(0, options_.loops);
+  // One balancer for the node: round robin stays exact and ejections count every loop's
+  // failures. Its calls serialise on a mutex held only inside them (connection setup and end
+  // of service connections; never the bytes).
+  proxy_.balancer().shareBetweenThreads();
   auto inbox = LoopMailbox::create(loop_);
   if (!inbox) return inbox.status();
   main_inbox_ = std::move(inbox.value());
@@ -74,6 +78,7 @@ Status Ztunnel::startLoops() {
     wo.ports = options_.ports;
     wo.cert_wait = std::chrono::milliseconds(options_.cert_wait_ms);
     wo.drain_timeout_ms = options_.drain_timeout_ms;
+    wo.balancer = &proxy_.balancer();
     auto w = std::make_unique<LoopWorker>(wo, sinks);
     Status st = w->start();
     if (!st) return st;
