@@ -1110,6 +1110,25 @@ TEST_F(MeshE2E, MultiLoopZtunnelServesMeshedTrafficOnEveryLoop) {
   EXPECT_EQ(out_sum, static_cast<uint64_t>(kConns));
   EXPECT_EQ(in_sum, static_cast<uint64_t>(kConns));
   EXPECT_GE(loops_used, 2) << "node1's outbound connections all landed on one loop";
+
+  // Plaintext inbound (a caller outside the mesh): sk_lookup assigns the main loop's 15006
+  // socket, and the kernel's reuseport selection spreads the connections over its group.
+  constexpr int kPlain = 40;
+  std::vector<uint64_t> pin0 = perLoop("node2", "inbound_accepted_total");
+  auto p = echo(kPlainClient, target(kMeshServerIp, kHashPort), kPlain, 4096, 4, 8);
+  EXPECT_ECHO_OK(p, kPlain);
+  std::vector<uint64_t> pin1 = perLoop("node2", "inbound_accepted_total");
+  ASSERT_EQ(pin1.size(), pin0.size());
+  uint64_t plain_sum = 0;
+  int plain_loops = 0;
+  for (size_t i = 0; i < pin1.size(); ++i) {
+    plain_sum += pin1[i] - pin0[i];
+    if (pin1[i] > pin0[i]) plain_loops++;
+    std::printf("node2 loop %zu accepted %llu plaintext inbound\n", i,
+                static_cast<unsigned long long>(pin1[i] - pin0[i]));
+  }
+  EXPECT_EQ(plain_sum, static_cast<uint64_t>(kPlain));
+  EXPECT_GE(plain_loops, 2) << "sk_lookup's assigned socket was not spread over its group";
 }
 
 }  // namespace
