@@ -71,7 +71,7 @@ nlohmann::json serviceJson(const ServiceInfo& s) {
 
 }  // namespace
 
-nlohmann::json Ztunnel::configDump() const {
+nlohmann::json Ztunnel::configDump() {
   nlohmann::json workloads = nlohmann::json::array(), services = nlohmann::json::array(),
                  policies = nlohmann::json::array();
   if (const ClusterStatePtr& st = proxy_.state()) {
@@ -111,7 +111,22 @@ nlohmann::json Ztunnel::configDump() const {
                               {"last_error", v.last_error}});
     }
   }
+  // Per loop: what it served and holds (loop 0 = the main loop, also the DNS proxies').
+  nlohmann::json loops = nlohmann::json::array();
+  loops.push_back({{"loop", 0},
+                   {"active_connections", proxy_.activeConnections()},
+                   {"stats", proxy_.stats().toJson()}});
+  for (LoopSnapshot& w : workerSnapshots()) {
+    loops.push_back({{"loop", w.loop},
+                     {"active_connections", w.active_connections},
+                     {"connections_waiting_for_certificate", w.certificate_waits},
+                     {"hbone_pool_connections", w.mtls.pool_connections},
+                     {"hbone_client_handshakes", w.mtls.client_handshakes},
+                     {"hbone_server_handshakes", w.mtls.server.handshakes},
+                     {"stats", w.stats.toJson()}});
+  }
   return {{"node_config", node},
+          {"loops", loops},
           {"access_log", accessLogJson()},
           {"certificates", certificates},
           {"mtls", mesh_tls_ ? mesh_tls_->toJson() : nlohmann::json(nullptr)},
@@ -185,13 +200,12 @@ HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
   if (req.path == "/config_dump") return json(200, configDump());
   if (req.path == "/connections") {
     nlohmann::json all = proxy_.connectionsJson();
+    for (LoopSnapshot& w : workerSnapshots())
+      for (auto& c : w.connections) all.push_back(std::move(c));
     for (auto& c : fast_path_->connectionsJson()) all.push_back(std::move(c));
     return json(200, all);
   }
-  if (req.path == "/stats") {
-    refreshGauges();
-    return json(200, proxy_.stats().toJson());
-  }
+  if (req.path == "/stats") return json(200, mergedStats(workerSnapshots()).toJson());
   if (req.path == "/verdicts") {
     // ?since=SEQ (events after it) &limit=N (the newest N of those)
     uint64_t since = 0;
@@ -224,11 +238,27 @@ HttpResponse Ztunnel::handleMetrics(const HttpRequest& req) {
   if (req.method != "GET") return error(405, "GET only");
   if (req.path != "/metrics" && req.path != "/stats/prometheus")
     return error(404, "metrics are at /metrics");
-  refreshGauges();
+  // Every loop's counters summed (the workers' copied out on their own threads).
+  std::vector<LoopSnapshot> workers = workerSnapshots();
+  std::map<TcpLabels, TcpCounters> tcp = proxy_.tcpSeries();
+  std::map<TcpLabels, uint64_t> failures = proxy_.tcpMetrics().failures();
+  MeshTlsCounters mtls = mesh_tls_ ? mesh_tls_->counters() : MeshTlsCounters{};
+  for (const LoopSnapshot& w : workers) {
+    for (const auto& [l, c] : w.tcp) {
+      TcpCounters& t = tcp[l];
+      t.opened += c.opened;
+      t.closed += c.closed;
+      t.sent_bytes += c.sent_bytes;
+      t.received_bytes += c.received_bytes;
+    }
+    for (const auto& [l, n] : w.tcp_failures) failures[l] += n;
+    mtls += w.mtls;
+  }
   return HttpResponse{200, "text/plain; version=0.0.4",
-                      proxy_.renderTcpMetrics() + proxy_.stats().renderPrometheus() +
+                      TcpMetrics::renderPrometheus(tcp, failures) +
+                          mergedStats(workers).renderPrometheus() +
                           proxy_.verdicts().renderPrometheus() +
-                          (mesh_tls_ ? mesh_tls_->renderRefusals() : std::string()) +
+                          (mesh_tls_ ? MeshTls::renderRefusals(mtls) : std::string()) +
                           renderWeftMetrics()};
 }
 

@@ -8,6 +8,14 @@
 
 namespace weft::ztunnel {
 
+namespace {
+// Holds the balancer's mutex when it is shared between loops (see Shared::locking).
+std::unique_lock<std::recursive_mutex> guard(const EndpointLease::Shared& s) {
+  return s.locking ? std::unique_lock<std::recursive_mutex>(s.mu)
+                   : std::unique_lock<std::recursive_mutex>();
+}
+}  // namespace
+
 int64_t monotonicNowNs() {
   timespec ts{};
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -22,12 +30,17 @@ EndpointLease::EndpointLease(std::shared_ptr<const Shared> shared,
 }
 
 EndpointLease::~EndpointLease() {
+  auto lk = guard(*shared_);
   if (load_->outstanding > 0) load_->outstanding--;
 }
 
-void EndpointLease::begin() { started_ = shared_->clock(); }
+void EndpointLease::begin() {
+  auto lk = guard(*shared_);
+  started_ = shared_->clock();
+}
 
 void EndpointLease::succeeded() {
+  auto lk = guard(*shared_);
   if (reported_) return;
   reported_ = true;
   int64_t now = shared_->clock();
@@ -53,6 +66,7 @@ void EndpointLease::succeeded() {
 }
 
 bool EndpointLease::failed() {
+  auto lk = guard(*shared_);
   if (reported_) return false;
   reported_ = true;
   int64_t now = shared_->clock();
@@ -73,8 +87,7 @@ bool EndpointLease::failed() {
 }
 
 Balancer::Balancer(BalancerOptions options, BalancerClock clock)
-    : shared_(std::make_shared<const EndpointLease::Shared>(
-          EndpointLease::Shared{options, std::move(clock)})),
+    : shared_(std::make_shared<const EndpointLease::Shared>(options, std::move(clock))),
       rng_(options.seed != 0 ? options.seed : std::random_device{}()) {}
 
 std::shared_ptr<EndpointLoad>& Balancer::loadFor(const SocketAddress& endpoint) {
@@ -95,6 +108,7 @@ double Balancer::decayedLatency(const EndpointLoad& l, int64_t now) const {
 
 Balancer::Pick Balancer::pick(const std::string& service_key, LoadBalancing algorithm,
                               const std::vector<SocketAddress>& endpoints) {
+  auto lk = guard(*shared_);
   Pick p;
   if (endpoints.empty()) return p;  // callers refuse before asking; keep index 0 harmless
   int64_t t = now();
@@ -147,27 +161,32 @@ Balancer::Pick Balancer::pick(const std::string& service_key, LoadBalancing algo
 }
 
 Balancer Balancer::detachedCopy() const {
+  auto lk = guard(*shared_);
   Balancer b(*this);
   for (auto& [addr, load] : b.loads_) load = std::make_shared<EndpointLoad>(*load);
   return b;
 }
 
 EndpointLeasePtr Balancer::lease(const SocketAddress& endpoint) {
+  auto lk = guard(*shared_);
   return std::make_unique<EndpointLease>(shared_, loadFor(endpoint));
 }
 
 const EndpointLoad* Balancer::load(const SocketAddress& endpoint) const {
+  auto lk = guard(*shared_);
   auto it = loads_.find(endpoint);
   return it == loads_.end() ? nullptr : it->second.get();
 }
 
 std::optional<double> Balancer::latencyNs(const SocketAddress& endpoint) const {
+  auto lk = guard(*shared_);
   const EndpointLoad* l = load(endpoint);
   if (l == nullptr || !l->sampled) return std::nullopt;
   return decayedLatency(*l, now());
 }
 
 double Balancer::cost(const SocketAddress& endpoint, double neutral_ns) const {
+  auto lk = guard(*shared_);
   const EndpointLoad* l = load(endpoint);
   if (l == nullptr) return neutral_ns;
   double latency = l->sampled ? decayedLatency(*l, now()) : neutral_ns;
@@ -175,6 +194,7 @@ double Balancer::cost(const SocketAddress& endpoint, double neutral_ns) const {
 }
 
 bool Balancer::ejected(const SocketAddress& endpoint) const {
+  auto lk = guard(*shared_);
   const EndpointLoad* l = load(endpoint);
   return l != nullptr && l->ejected_until > now();
 }
@@ -190,6 +210,7 @@ void Balancer::forgetIdle(int64_t t) {
 }
 
 nlohmann::json Balancer::toJson() const {
+  auto lk = guard(*shared_);
   int64_t t = now();
   nlohmann::json out = nlohmann::json::array();
   for (const auto& [addr, l] : loads_) {
@@ -207,6 +228,15 @@ nlohmann::json Balancer::toJson() const {
     out.push_back(std::move(e));
   }
   return out;
+}
+
+}  // namespace weft::ztunnel
+
+namespace weft::ztunnel {
+
+void Balancer::shareBetweenThreads() {
+  if (shared_->locking) return;
+  shared_ = std::make_shared<const EndpointLease::Shared>(shared_->options, shared_->clock, true);
 }
 
 }  // namespace weft::ztunnel

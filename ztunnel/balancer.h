@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <optional>
 #include <random>
@@ -62,8 +63,14 @@ struct EndpointLoad {
 class EndpointLease {
  public:
   struct Shared {
+    Shared(BalancerOptions o, BalancerClock c, bool l = false)
+        : options(o), clock(std::move(c)), locking(l) {}
     BalancerOptions options;
     BalancerClock clock;
+    // A multi-loop ztunnel shares one Balancer between its loops: every call into it and into
+    // its leases then holds `mu` (recursive: pick() asks cost()). Never held across I/O.
+    bool locking = false;
+    mutable std::recursive_mutex mu;
   };
   EndpointLease(std::shared_ptr<const Shared> shared, std::shared_ptr<EndpointLoad> load);
   ~EndpointLease();
@@ -113,6 +120,9 @@ class Balancer {
 
   // Per endpoint: latency estimate, outstanding, failures, ejection state (/config_dump).
   nlohmann::json toJson() const;
+  // From now on calls may come from several threads (the loops of a multi-loop ztunnel): they
+  // serialise on a mutex. Call before any lease exists.
+  void shareBetweenThreads();
   // A copy that shares nothing with this one: what-if decisions (GET /trace) pick from it
   // without moving this balancer's cursors or counters.
   Balancer detachedCopy() const;

@@ -101,6 +101,10 @@ void FastPath::clearMap(bool force) {
 
 void FastPath::consider(const WorkloadInfo& src, const Route& route,
                         const SocketAddress& destination) {
+  if (forwarder_) {
+    forwarder_(src, route, destination);
+    return;
+  }
   if (!enabled_ || !verdicts_.valid()) return;
   if (route.kind != RouteKind::kDirectWorkload || !route.destination_workload) return;
   const WorkloadInfo& dst = *route.destination_workload;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
@@ -44,6 +45,11 @@ class FastPath {
   // to an enrolled pod on this node and the destination's policy allows it (as the HBONE path
   // would decide it, with `src`'s identity), later connections of that pair go fast.
   void consider(const WorkloadInfo& src, const Route& route, const SocketAddress& destination);
+  // A worker loop's FastPath only forwards consider() to the main loop's (ztunnel/loops.h):
+  // the verdict cache, its map and the kernel's events stay on one loop.
+  using ConsiderForwarder =
+      std::function<void(const WorkloadInfo&, const Route&, const SocketAddress&)>;
+  void setForwarder(ConsiderForwarder f) { forwarder_ = std::move(f); }
 
   // A FAST_OPEN / FAST_CLOSE record from the ring.
   void onEvent(const weft_fast_event& e);
@@ -84,6 +90,7 @@ class FastPath {
   std::map<LiveKey, Live> live_;
   uint64_t cache_failures_logged_ = 0;
   bool map_dirty_ = false;  // a verdict was written since the last clear
+  ConsiderForwarder forwarder_;
 };
 
 }  // namespace weft::ztunnel

@@ -329,6 +329,7 @@ void IdentityManager::onWaitTimeout(WaitId id) {
 }
 
 void IdentityManager::resolveWaiters(const Identity& identity, const CertificatePtr& cert) {
+  if (cert_observer_) cert_observer_(identity, cert);
   std::vector<WaitCallback> due;
   for (auto it = waiters_.begin(); it != waiters_.end();) {
     if (it->second.identity == identity) {

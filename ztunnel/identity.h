@@ -63,13 +63,27 @@ struct IdentityManagerOptions {
   std::function<tls::TimePoint()> now = [] { return std::chrono::system_clock::now(); };
 };
 
-class IdentityManager {
+// What the TLS side needs of certificates: the identity manager on the main loop, or a worker
+// loop's CertificateMirror (ztunnel/loops.h) of it.
+class CertificateSource {
+ public:
+  using WaitCallback = std::function<void(CertificatePtr)>;  // nullptr: timed out / forgotten
+  using WaitId = uint64_t;
+  virtual ~CertificateSource() = default;
+  virtual CertificatePtr current(const Identity& identity) const = 0;
+  virtual WaitId waitFor(const Identity& identity, WaitCallback cb,
+                         std::chrono::milliseconds timeout) = 0;
+  virtual void cancelWait(WaitId id) = 0;
+  virtual size_t pendingWaits() const = 0;
+};
+
+class IdentityManager : public CertificateSource {
  public:
   // Sends one CertificateRequest to the agent; false if it could not be sent (not connected),
   // which counts as a failed attempt and is retried with backoff.
   using SendFn = std::function<bool(const node::v1::CertificateRequest&)>;
-  using WaitCallback = std::function<void(CertificatePtr)>;  // nullptr: timed out / forgotten
-  using WaitId = uint64_t;
+  using WaitCallback = CertificateSource::WaitCallback;
+  using WaitId = CertificateSource::WaitId;
 
   IdentityManager(uv_loop_t* loop, SendFn send, IdentityManagerOptions options = {});
   ~IdentityManager();
@@ -93,16 +107,22 @@ class IdentityManager {
 
   // --- For the TLS side ---
   // The certificate to present for `identity` now: a non-expired one, or nullptr.
-  CertificatePtr current(const Identity& identity) const;
+  CertificatePtr current(const Identity& identity) const override;
   // Calls `cb` with the certificate once one exists (at once, synchronously, if it does now), or
   // with nullptr after `timeout` or when the identity is forgotten. Cancel with cancelWait (e.g.
   // the connection closed first); after cb ran the id is dead.
-  WaitId waitFor(const Identity& identity, WaitCallback cb, std::chrono::milliseconds timeout);
-  void cancelWait(WaitId id);
+  WaitId waitFor(const Identity& identity, WaitCallback cb,
+                 std::chrono::milliseconds timeout) override;
+  void cancelWait(WaitId id) override;
+  // Told of every new certificate of an identity, and of a forgotten one (nullptr): how worker
+  // loops' mirrors follow (ztunnel/loops.h).
+  void setCertificateObserver(std::function<void(const Identity&, CertificatePtr)> observer) {
+    cert_observer_ = std::move(observer);
+  }
 
   // --- Introspection ---
   std::vector<IdentityView> view() const;
-  size_t pendingWaits() const { return waiters_.size(); }
+  size_t pendingWaits() const override { return waiters_.size(); }
   uint64_t waitsTimedOut() const { return waits_timed_out_; }
 
   // Re-evaluates every identity against now(): sends due requests, times out lost ones, and
@@ -155,6 +175,7 @@ class IdentityManager {
   UvHandle<uv_timer_t> timer_;
   uint64_t waits_timed_out_ = 0;
   bool in_tick_ = false;
+  std::function<void(const Identity&, CertificatePtr)> cert_observer_;
 };
 
 }  // namespace weft::ztunnel

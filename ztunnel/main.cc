@@ -35,7 +35,7 @@ std::optional<weft::SocketAddress> parseAddr(const std::string& flag, const std:
 // under a connection-per-request load), and a periodic malloc_trim that gives what stays free
 // back to the kernel. The thread pool serves only the access log's one write in flight.
 void tuneMemory() {
-  mallopt(M_ARENA_MAX, 1);                  // the loop thread does (almost) all allocation
+  mallopt(M_ARENA_MAX, 1);                  // per loop thread; main() sets it from --loops
   mallopt(M_MMAP_THRESHOLD, 1 << 20);       // relay/TLS/DNS buffers come from the heap
   mallopt(M_TRIM_THRESHOLD, 4 << 20);       // free() never trims under load; the timer does
   setenv("UV_THREADPOOL_SIZE", "1", 0);     // each pool thread's stack is resident
@@ -77,10 +77,18 @@ int main(int argc, char** argv) {
                  "same-node connections app to app in the kernel once policy allowed them: on|off")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
+  unsigned loops = weft::ztunnel::defaultLoopCount();
+  app.add_option("--loops", loops,
+                 "event loops serving connections, each a thread with its own listeners "
+                 "(default: the CPUs this process may run on)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, weft::ztunnel::kMaxLoops));
   app.set_version_flag("--version", WEFT_VERSION);
   CLI11_PARSE(app, argc, argv);
 
   weft::initLogging("ztunnel", log_level, log_json);
+  // One malloc arena per loop thread: a shared one would be a lock every connection takes.
+  mallopt(M_ARENA_MAX, static_cast<int>(loops));
   // Writes to a reset peer must come back as EPIPE errors, not kill the process.
   signal(SIGPIPE, SIG_IGN);
   // Every proxied connection holds two descriptors (more with DNS and HBONE): the usual soft
@@ -106,6 +114,7 @@ int main(int argc, char** argv) {
   opts.cert_wait_ms = static_cast<uint64_t>(cert_wait * 1000);
   opts.access_log.sink = access_log;
   opts.fast_path = fast_path == "on";
+  opts.loops = loops;
   opts.access_log.format = *weft::ztunnel::parseAccessLogFormat(access_log_format);
 
   uv_loop_t* loop = uv_default_loop();

@@ -41,7 +41,7 @@ Result<hbone::Credentials> credentialsOf(const Certificate& cert) {
 
 }  // namespace
 
-MeshTls::MeshTls(Proxy& proxy, IdentityManager& identities, LocalPodLookup lookup,
+MeshTls::MeshTls(Proxy& proxy, CertificateSource& identities, LocalPodLookup lookup,
                  MeshTlsOptions options)
     : proxy_(proxy),
       identities_(identities),
@@ -127,8 +127,8 @@ void MeshTls::outbound(ProxyConnection* c, const LocalPodPtr& src, const Route& 
     return;
   }
   proxy_.stats().cert_waits_total++;
-  IdentityManager::WaitId wid = identities_.waitFor(*src_id, go, options_.cert_wait);
-  IdentityManager* ids = &identities_;
+  CertificateSource::WaitId wid = identities_.waitFor(*src_id, go, options_.cert_wait);
+  CertificateSource* ids = &identities_;
   c->setPendingCancel([ids, wid] { ids->cancelWait(wid); });
 }
 
@@ -168,7 +168,7 @@ void MeshTls::acceptInbound(uv_stream_t* listener, const LocalPodPtr& pod) {
     return;
   }
   proxy_.stats().cert_waits_total++;
-  auto wid = std::make_shared<IdentityManager::WaitId>(0);
+  auto wid = std::make_shared<CertificateSource::WaitId>(0);
   *wid = identities_.waitFor(
       *id,
       [this, identity = *id, wid](CertificatePtr cert) {
@@ -304,8 +304,36 @@ hbone::ServerStats MeshTls::serverStats() const {
   return sum;
 }
 
-std::string MeshTls::renderRefusals() const {
-  hbone::ServerStats s = serverStats();
+MeshTlsCounters& MeshTlsCounters::operator+=(const MeshTlsCounters& o) {
+  client_handshakes += o.client_handshakes;
+  client_handshake_failures += o.client_handshake_failures;
+  pool_connections += o.pool_connections;
+  server.handshakes += o.server.handshakes;
+  server.handshakeFailures += o.server.handshakeFailures;
+  server.streams += o.server.streams;
+  server.ok200 += o.server.ok200;
+  server.bad400 += o.server.bad400;
+  server.denied401 += o.server.denied401;
+  server.failed503 += o.server.failed503;
+  for (size_t i = 0; i < hbone::kTlsRefusalCount; ++i) {
+    client_refused[i] += o.client_refused[i];
+    server.refused[i] += o.server.refused[i];
+  }
+  return *this;
+}
+
+MeshTlsCounters MeshTls::counters() const {
+  MeshTlsCounters c;
+  c.client_handshakes = client_.handshakes();
+  c.client_handshake_failures = client_.handshakeFailures();
+  c.pool_connections = client_.connections();
+  for (size_t i = 0; i < hbone::kTlsRefusalCount; ++i)
+    c.client_refused[i] = client_.refusals(static_cast<hbone::TlsRefusal>(i));
+  c.server = serverStats();
+  return c;
+}
+
+std::string MeshTls::renderRefusals(const MeshTlsCounters& c) {
   std::string out =
       "# HELP weft_ztunnel_tls_refused_total HBONE TLS handshakes refused, by side and reason\n"
       "# TYPE weft_ztunnel_tls_refused_total counter\n";
@@ -313,9 +341,9 @@ std::string MeshTls::renderRefusals() const {
     auto r = static_cast<hbone::TlsRefusal>(i);
     if (r == hbone::TlsRefusal::kNone) continue;
     out += fmt::format("weft_ztunnel_tls_refused_total{{side=\"server\",reason=\"{}\"}} {}\n",
-                       hbone::tlsRefusalName(r), s.refused[i]);
+                       hbone::tlsRefusalName(r), c.server.refused[i]);
     out += fmt::format("weft_ztunnel_tls_refused_total{{side=\"client\",reason=\"{}\"}} {}\n",
-                       hbone::tlsRefusalName(r), client_.refusals(r));
+                       hbone::tlsRefusalName(r), c.client_refused[i]);
   }
   return out;
 }

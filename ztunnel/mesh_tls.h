@@ -30,12 +30,22 @@ struct MeshTlsOptions {
   hbone::H2Settings settings;
 };
 
+// The counters of one loop's mTLS side; a multi-loop ztunnel sums them over its loops.
+struct MeshTlsCounters {
+  uint64_t client_handshakes = 0;
+  uint64_t client_handshake_failures = 0;
+  uint64_t pool_connections = 0;
+  hbone::TlsRefusalCounts client_refused{};
+  hbone::ServerStats server;
+  MeshTlsCounters& operator+=(const MeshTlsCounters& o);
+};
+
 class MeshTls {
  public:
   // Finds the local pod that owns an IP (the HBONE server's CONNECT targets).
   using LocalPodLookup = std::function<LocalPodPtr(const IpAddr&)>;
 
-  MeshTls(Proxy& proxy, IdentityManager& identities, LocalPodLookup lookup,
+  MeshTls(Proxy& proxy, CertificateSource& identities, LocalPodLookup lookup,
           MeshTlsOptions options = {});
   ~MeshTls();
   MeshTls(const MeshTls&) = delete;
@@ -58,7 +68,9 @@ class MeshTls {
   size_t pendingInbound() const { return pending_inbound_.size(); }
   nlohmann::json toJson() const;
   // weft_ztunnel_tls_refused_total{side, reason} in Prometheus text.
-  std::string renderRefusals() const;
+  std::string renderRefusals() const { return renderRefusals(counters()); }
+  static std::string renderRefusals(const MeshTlsCounters& c);
+  MeshTlsCounters counters() const;
 
  private:
   struct CachedCtx {
@@ -71,14 +83,14 @@ class MeshTls {
   void serveInbound(const Identity& id, UniqueFd fd, const CertificatePtr& cert);
 
   Proxy& proxy_;
-  IdentityManager& identities_;
+  CertificateSource& identities_;
   LocalPodLookup lookup_;
   MeshTlsOptions options_;
   std::string trust_domain_ = "cluster.local";
   hbone::HboneClient client_;
   std::map<std::pair<std::string, int>, CachedCtx> contexts_;  // (identity, role) -> newest
   std::map<std::string, std::unique_ptr<hbone::HboneServer>> servers_;  // by identity
-  std::map<IdentityManager::WaitId, UniqueFd> pending_inbound_;  // accepted, awaiting a cert
+  std::map<CertificateSource::WaitId, UniqueFd> pending_inbound_;  // accepted, awaiting a cert
 };
 
 }  // namespace weft::ztunnel

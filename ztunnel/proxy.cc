@@ -89,12 +89,13 @@ nlohmann::json Proxy::connectionsJson() const {
         {"bytes_received", c->bytesReceived()},
         {"bytes_sent", c->bytesSent()},
         {"age_ms", now - c->startedMs()},
+        {"loop", loop_index_},
     });
   }
   return out;
 }
 
-std::string Proxy::renderTcpMetrics() const {
+std::map<TcpLabels, TcpCounters> Proxy::tcpSeries() const {
   std::map<TcpLabels, TcpCounters> series = tcp_metrics_.series();
   for (const ProxyConnection* c : connections_) {
     if (!c->counted()) continue;
@@ -102,7 +103,11 @@ std::string Proxy::renderTcpMetrics() const {
     s.sent_bytes += c->bytesSent();
     s.received_bytes += c->bytesReceived();
   }
-  return TcpMetrics::renderPrometheus(series, tcp_metrics_.failures());
+  return series;
+}
+
+std::string Proxy::renderTcpMetrics() const {
+  return TcpMetrics::renderPrometheus(tcpSeries(), tcp_metrics_.failures());
 }
 
 void Proxy::connectionEnded(const ProxyConnection& c) {
@@ -112,19 +117,21 @@ void Proxy::connectionEnded(const ProxyConnection& c) {
     l.response_flags = c.failure_flag.empty() ? "CONNECT" : c.failure_flag;
     tcp_metrics_.failed(l);
   }
-  if (access_log_ == nullptr) return;
+  if (access_log_ == nullptr && !access_log_forwarder_) return;
   AccessLogRecord r = c.accessLogRecord();
   if (failed && r.error.empty()) r.error = "connection not established";
   if (failed) r.response_flags = c.failure_flag.empty() ? "CONNECT" : c.failure_flag;
-  access_log_->write(r);
+  if (access_log_ != nullptr) access_log_->write(r);
+  else access_log_forwarder_(std::move(r));
 }
 
 void Proxy::inboundStreamRefused(const TcpLabels& labels, AccessLogRecord record) {
   tcp_metrics_.failed(labels);
-  if (access_log_ == nullptr) return;
+  if (access_log_ == nullptr && !access_log_forwarder_) return;
   record.connection_id = nextConnectionId();
   record.response_flags = labels.response_flags;
-  access_log_->write(record);
+  if (access_log_ != nullptr) access_log_->write(record);
+  else access_log_forwarder_(std::move(record));
 }
 
 }  // namespace weft::ztunnel

@@ -1,5 +1,5 @@
 // The proxy of one event loop: the cluster snapshot it reads, its load balancer (round-robin
-// cursors, endpoint latencies and ejections), counters, TCP metrics and live connections. A later multi-loop ztunnel has one per loop.
+// cursors, endpoint latencies and ejections), counters, TCP metrics and live connections. A multi-loop ztunnel has one per loop (ztunnel/loops.h).
 #pragma once
 
 #include <uv.h>
@@ -49,9 +49,24 @@ class Proxy {
   // Where connections log when they end (null: no access log).
   AccessLog* accessLog() const { return access_log_; }
   void setAccessLog(AccessLog* log) { access_log_ = log; }
-  uint64_t nextConnectionId() { return ++last_connection_id_; }
-  Balancer& balancer() { return balancer_; }
-  const Balancer& balancer() const { return balancer_; }
+  // Connection ids are unique over all loops: loop i of n hands out i+1, i+1+n, i+1+2n, ...
+  // (with one loop: 1, 2, 3, ...).
+  uint64_t nextConnectionId() { return last_connection_id_++ * loop_count_ + loop_index_ + 1; }
+  void setLoopIndex(unsigned index, unsigned count) {
+    loop_index_ = index;
+    loop_count_ = count == 0 ? 1 : count;
+  }
+  unsigned loopIndex() const { return loop_index_; }
+  // A worker loop has no access log of its own: its lines go to the main loop's through this
+  // (a bounded cross-thread queue; ztunnel/loops.h). Used only when accessLog() is null.
+  void setAccessLogForwarder(std::function<void(AccessLogRecord)> f) {
+    access_log_forwarder_ = std::move(f);
+  }
+  Balancer& balancer() { return shared_balancer_ ? *shared_balancer_ : balancer_; }
+  const Balancer& balancer() const { return shared_balancer_ ? *shared_balancer_ : balancer_; }
+  // A worker loop balances with the main loop's Balancer (shared between threads), so round
+  // robin and ejection are node-wide as with one loop. Must outlive this Proxy's connections.
+  void setSharedBalancer(Balancer* b) { shared_balancer_ = b; }
   ZtunnelStats& stats() { return stats_; }
   const ZtunnelStats& stats() const { return stats_; }
   TcpMetrics& tcpMetrics() { return tcp_metrics_; }
@@ -79,6 +94,8 @@ class Proxy {
   nlohmann::json connectionsJson() const;
   // Istio TCP metrics: closed totals plus what the live connections moved so far.
   std::string renderTcpMetrics() const;
+  // The same as a map, for merging the loops of a multi-loop ztunnel.
+  std::map<TcpLabels, TcpCounters> tcpSeries() const;
 
   // Test seam: where a connection was going, instead of SO_ORIGINAL_DST (outbound) or the
   // steered local address (inbound) — lets tests run the data path without the BPF programs.
@@ -103,8 +120,12 @@ class Proxy {
   std::string cluster_domain_ = "cluster.local";
   std::string trust_domain_ = "cluster.local";
   AccessLog* access_log_ = nullptr;
+  std::function<void(AccessLogRecord)> access_log_forwarder_;
   uint64_t last_connection_id_ = 0;
+  unsigned loop_index_ = 0;
+  unsigned loop_count_ = 1;
   Balancer balancer_;
+  Balancer* shared_balancer_ = nullptr;
   ZtunnelStats stats_;
   TcpMetrics tcp_metrics_;
   VerdictLog verdicts_;

@@ -71,7 +71,8 @@ namespace weft::ztunnel {
   X(hbone_pool_connections, "Pooled outbound HBONE connections")         \
   X(enrolled_pods, "Enrolled pods on this node the ztunnel serves (workloads with listeners)") \
   X(fast_path_enabled, "1 while same-node verdicts are cached for the in-kernel fast path")   \
-  X(fast_path_active_connections, "Fast-path connections open now")
+  X(fast_path_active_connections, "Fast-path connections open now")                        \
+  X(loops, "Event loops serving connections (the main loop and its workers)")
 
 struct ZtunnelStats {
 #define WEFT_DECLARE_STAT(name, help) uint64_t name = 0;

@@ -1,7 +1,10 @@
 // The ztunnel's agent message handling, readiness and drain.
 #include "ztunnel/ztunnel.h"
 
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
+
+#include <cstring>
 
 #include "common/netns.h"
 #include "weft/version.h"
@@ -45,7 +48,86 @@ Ztunnel::~Ztunnel() {
   access_log_.reset();  // writes what is pending
 }
 
+Status Ztunnel::startLoops() {
+  if (options_.loops <= 1 || !workers_.empty()) return Status::ok();
+  if (options_.loops > kMaxLoops)
+    return Status::errorf("--loops {}: at most {}", options_.loops, kMaxLoops);
+  proxy_.setLoopIndex(0, options_.loops);
+  // One balancer for the node: round robin stays exact and ejections count every loop's
+  // failures. Its calls serialise on a mutex held only inside them (connection setup and end
+  // of service connections; never the bytes).
+  proxy_.balancer().shareBetweenThreads();
+  auto inbox = LoopMailbox::create(loop_);
+  if (!inbox) return inbox.status();
+  main_inbox_ = std::move(inbox.value());
+  main_inbox_->unref();  // only a drain waiting for the workers keeps the loop alive for it
+  LoopWorkerSinks sinks;
+  sinks.main = main_inbox_;
+  sinks.access_log = [this](const AccessLogRecord& r) {
+    if (access_log_) access_log_->write(r);
+  };
+  // Recorded again on the main loop's log: /verdicts, the verdict metrics and /events see
+  // every loop's verdicts in one sequence.
+  sinks.verdict = [this](const VerdictEvent& e) { proxy_.verdicts().record(e); };
+  sinks.fast_path = [this](const WorkloadInfo& src, const Route& route,
+                           const SocketAddress& to) { fast_path_->consider(src, route, to); };
+  for (unsigned i = 1; i < options_.loops; ++i) {
+    LoopWorkerOptions wo;
+    wo.index = i;
+    wo.count = options_.loops;
+    wo.ports = options_.ports;
+    wo.cert_wait = std::chrono::milliseconds(options_.cert_wait_ms);
+    wo.drain_timeout_ms = options_.drain_timeout_ms;
+    wo.balancer = &proxy_.balancer();
+    auto w = std::make_unique<LoopWorker>(wo, sinks);
+    Status st = w->start();
+    if (!st) return st;
+    workers_.push_back(std::move(w));
+  }
+  if (identities_) {
+    identities_->setCertificateObserver([this](const Identity& id, CertificatePtr cert) {
+      for (auto& w : workers_) w->setCertificate(id, cert);
+    });
+  }
+  spdlog::info("{} event loops: the main loop and {} workers", options_.loops, workers_.size());
+  return Status::ok();
+}
+
+Status Ztunnel::setDestinationHookForTest(Proxy::DestinationHook hook) {
+  proxy_.setDestinationHookForTest(hook);
+  for (auto& w : workers_) {
+    Status st = w->setDestinationHookForTest(hook);
+    if (!st) return st;
+  }
+  return Status::ok();
+}
+
+std::vector<LoopSnapshot> Ztunnel::workerSnapshots() {
+  std::vector<LoopSnapshot> out;
+  for (auto& w : workers_) {
+    auto s = w->snapshot();
+    if (s) out.push_back(std::move(*s));
+    else spdlog::warn("loop {}: no snapshot within {} ms", w->index(),
+                      LoopWorker::kSyncTimeout.count());
+  }
+  return out;
+}
+
+void Ztunnel::loopDrained() {
+  if (drain_pending_ == 0 || --drain_pending_ != 0) return;
+  drain_timer_.close();
+  if (main_inbox_) main_inbox_->unref();
+  spdlog::info("drained");
+  if (drain_done_) {
+    auto cb = std::move(drain_done_);
+    drain_done_ = nullptr;
+    cb();
+  }
+}
+
 Status Ztunnel::start() {
+  Status loops = startLoops();
+  if (!loops) return loops;
   auto serve = [this](const std::optional<SocketAddress>& addr, HttpAdminServerPtr* out,
                       HttpResponse (Ztunnel::*fn)(const HttpRequest&), const char* what) {
     if (!addr) return Status::ok();
@@ -79,20 +161,20 @@ void Ztunnel::drain(std::function<void()> done) {
   if (draining_) return;
   draining_ = true;
   drain_done_ = std::move(done);
-  spdlog::info("draining: closing listeners, {} connections open, waiting up to {} ms",
-               proxy_.activeConnections(), options_.drain_timeout_ms);
+  spdlog::info("draining: closing listeners, {} connections open on the main loop, waiting up "
+               "to {} ms on each of {} loops",
+               proxy_.activeConnections(), options_.drain_timeout_ms, loopCount());
   if (agent_) agent_->stop();
+  // Every loop stops accepting and drains on its own; done when all of them are.
+  drain_pending_ = 1 + workers_.size();
+  if (main_inbox_) main_inbox_->ref();  // the workers' "drained" posts must be heard
+  for (auto& w : workers_) w->drain([this] { loopDrained(); });
   workloads_.closeAllListeners();
   int rc = drain_timer_.init(uv_timer_init(loop_, drain_timer_.get()));
   drain_timer_.get()->data = this;
   auto finish = [this] {
     drain_timer_.close();
-    spdlog::info("drained");
-    if (drain_done_) {
-      auto cb = std::move(drain_done_);
-      drain_done_ = nullptr;
-      cb();
-    }
+    loopDrained();
   };
   if (proxy_.activeConnections() == 0) {
     finish();
@@ -114,6 +196,15 @@ void Ztunnel::drain(std::function<void()> done) {
 }
 
 void Ztunnel::shutdown() {
+  // Worker loops first: their connections end and their threads are joined, so nothing posts
+  // to the main loop any more.
+  for (auto& w : workers_) w->stop();
+  workers_.clear();
+  if (main_inbox_) {
+    main_inbox_->close();
+    main_inbox_.reset();
+  }
+  if (identities_) identities_->setCertificateObserver(nullptr);
   agent_.reset();
   // Connections first (certificate waits are cancelled, tunnels reset), then the HBONE side
   // (its sessions end the tunnels still open), then the certificates.
@@ -152,6 +243,12 @@ Status Ztunnel::onNodeConfig(const node::v1::NodeConfig& config) {
     mesh_tls_->setTrustDomain(config.trust_domain().empty() ? "cluster.local"
                                                             : config.trust_domain());
   }
+  for (auto& w : workers_) {
+    Status st = w->setDomains(config.cluster_domain(), config.trust_domain().empty()
+                                                           ? "cluster.local"
+                                                           : config.trust_domain());
+    if (!st) return st;
+  }
   if (events_) {
     // Monitor events are best effort: without the ring the stream still carries verdicts.
     Status ev = events_->setPinDir(config.bpf_pin_dir());
@@ -166,6 +263,13 @@ Status Ztunnel::onNodeConfig(const node::v1::NodeConfig& config) {
 Status Ztunnel::onClusterUpdate(const node::v1::ClusterUpdate& update) {
   auto next = ClusterState::apply(proxy_.state().get(), update);
   if (!next) return next.status();
+  // Every loop gets the same immutable snapshot; the main loop's last, so a worker that did not
+  // answer in time leaves the update reported failed (it is queued there and applies when that
+  // loop runs again: there is nothing to undo).
+  for (auto& w : workers_) {
+    Status st = w->setState(next.value());
+    if (!st) return st;
+  }
   proxy_.setState(std::move(next.value()));
   fast_path_->invalidate("cluster update");
   return Status::ok();
@@ -179,10 +283,34 @@ Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns
   auto cookie = netnsCookie(netns.get());
   if (cookie)
     pods_by_cookie_[cookie.value()] = {info->uid, info->namespace_ + "/" + info->name};
+  // Each worker loop opens its own listeners in the pod's netns (one SO_REUSEPORT group per
+  // address with the main loop's); the pod is added on every loop or on none.
+  bool held = workloads_.contains(info->uid);
+  std::vector<UniqueFd> netns_dups;
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    netns_dups.emplace_back(::fcntl(netns.get(), F_DUPFD_CLOEXEC, 0));
+    if (netns.valid() && !netns_dups.back().valid()) {
+      proxy_.stats().workload_listener_failures_total++;
+      return Status::errorf("workload {}/{}: dup of its netns fd: {}", info->namespace_,
+                            info->name, strerror(errno));
+    }
+  }
   Status st = workloads_.add(*info, std::move(netns));
   if (!st) {
     proxy_.stats().workload_listener_failures_total++;
     return st;
+  }
+  for (size_t i = 0; i < workers_.size() && !held; ++i) {
+    st = workers_[i]->addPod(*info, std::move(netns_dups[i]));
+    if (!st) {
+      for (size_t j = 0; j <= i; ++j) {
+        Status rm = workers_[j]->removePod(info->uid);
+        if (!rm) spdlog::warn("{}", rm.message());
+      }
+      workloads_.remove(info->uid);
+      proxy_.stats().workload_listener_failures_total++;
+      return st.context("workload " + info->namespace_ + "/" + info->name);
+    }
   }
   if (cookie) fast_path_->addPod(info->uid, cookie.value());
   // Fetch its certificate ahead of its first connection.
@@ -205,6 +333,10 @@ Status Ztunnel::onDelWorkload(const std::string& uid) {
   std::erase_if(pods_by_cookie_, [&](const auto& kv) { return kv.second.first == uid; });
   fast_path_->removePod(uid);
   if (identities_) identities_->removeWorkload(uid);
+  for (auto& w : workers_) {
+    Status st = w->removePod(uid);
+    if (!st) spdlog::warn("{}", st.message());
+  }
   return workloads_.remove(uid);
 }
 
@@ -214,6 +346,10 @@ Status Ztunnel::onCertificateResponse(const node::v1::CertificateResponse& respo
 }
 
 Status Ztunnel::onSnapshotSent() {
+  for (auto& w : workers_) {
+    Status st = w->retainOnly(snapshot_uids_);
+    if (!st) spdlog::warn("{}", st.message());
+  }
   workloads_.retainOnly(snapshot_uids_);
   if (identities_) identities_->retainOnly(snapshot_uids_);
   if (!ready_) spdlog::info("snapshot applied: {} local workloads; ready", workloads_.size());
@@ -246,6 +382,22 @@ void Ztunnel::refreshGauges() {
     s.hbone_server_handshake_failures_total = ss.handshakeFailures;
     s.hbone_pool_connections = mesh_tls_->client().connections();
   }
+}
+
+ZtunnelStats Ztunnel::mergedStats(const std::vector<LoopSnapshot>& workers) {
+  refreshGauges();
+  ZtunnelStats s = proxy_.stats();
+  s.loops = loopCount();
+  for (const LoopSnapshot& w : workers) {
+    addCounters(s, w.stats);
+    s.active_connections += w.active_connections;
+    s.hbone_client_handshakes_total += w.mtls.client_handshakes;
+    s.hbone_client_handshake_failures_total += w.mtls.client_handshake_failures;
+    s.hbone_server_handshakes_total += w.mtls.server.handshakes;
+    s.hbone_server_handshake_failures_total += w.mtls.server.handshakeFailures;
+    s.hbone_pool_connections += w.mtls.pool_connections;
+  }
+  return s;
 }
 
 std::string Ztunnel::renderWeftMetrics() {

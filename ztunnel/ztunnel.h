@@ -1,5 +1,6 @@
 // The ztunnel process: the agent connection, local workloads, the proxy, the admin, metrics
-// and readiness endpoints, and the drain on shutdown — all on one libuv loop.
+// and readiness endpoints, and the drain on shutdown on the main loop; with --loops N > 1 the
+// pods' connections are also served by N-1 worker loops (ztunnel/loops.h).
 #pragma once
 
 #include <uv.h>
@@ -18,6 +19,7 @@
 #include "ztunnel/events.h"
 #include "ztunnel/fast_path.h"
 #include "ztunnel/identity.h"
+#include "ztunnel/loops.h"
 #include "ztunnel/mesh_tls.h"
 #include "ztunnel/proxy.h"
 #include "ztunnel/workloads.h"
@@ -34,6 +36,9 @@ struct ZtunnelOptions {
   AccessLogOptions access_log;   // sink "off" = none
   ListenerPorts ports;
   bool fast_path = true;  // same-node verdicts cached for the in-kernel fast path
+  // Event loops serving connections: the main loop plus loops-1 worker threads, each with its
+  // own SO_REUSEPORT listeners per pod (1 = everything on the main loop).
+  unsigned loops = 1;
 };
 
 class Ztunnel : public AgentHandler {
@@ -41,8 +46,15 @@ class Ztunnel : public AgentHandler {
   Ztunnel(uv_loop_t* loop, ZtunnelOptions options);
   ~Ztunnel() override;
 
-  // Starts the HTTP endpoints and the agent connection.
+  // Starts the worker loops (startLoops), the HTTP endpoints and the agent connection.
   Status start();
+  // Starts the worker loops alone (tests that drive the agent handlers directly); idempotent.
+  Status startLoops();
+  unsigned loopCount() const { return 1 + static_cast<unsigned>(workers_.size()); }
+  // Sets the test seam on every loop's Proxy (the hook then runs on their threads too).
+  Status setDestinationHookForTest(Proxy::DestinationHook hook);
+  // Every worker loop's snapshot (the main loop's own state is read directly).
+  std::vector<LoopSnapshot> workerSnapshots();
   // Stops accepting (closes every listener, drops the agent connection), lets open connections
   // finish for up to the drain timeout, cuts the rest, then calls `done`.
   void drain(std::function<void()> done);
@@ -77,7 +89,11 @@ class Ztunnel : public AgentHandler {
 
  private:
   void refreshGauges();
-  nlohmann::json configDump() const;
+  // The main loop's counters plus every worker loop's (gauges summed where they are per loop).
+  ZtunnelStats mergedStats(const std::vector<LoopSnapshot>& workers);
+  // A worker loop finished draining (or the main loop did).
+  void loopDrained();
+  nlohmann::json configDump();  // asks every worker loop for its snapshot
   // Weft's metric families beyond the counter list: BPF map fill, certificates, DNS
   // outcomes, build info.
   std::string renderWeftMetrics();
@@ -107,6 +123,11 @@ class Ztunnel : public AgentHandler {
   std::unique_ptr<AgentClient> agent_;  // last: destroyed first, while the rest still exists
   AccessLogPtr access_log_;  // proxy_ points at it; reset explicitly in the destructor
   uint64_t bpf_map_read_errors_ = 0;
+  // Multi-loop: the main loop's mailbox (workers post access-log lines, verdicts and fast-path
+  // candidates to it) and the workers; none with one loop.
+  LoopMailboxPtr main_inbox_;
+  std::vector<std::unique_ptr<LoopWorker>> workers_;
+  size_t drain_pending_ = 0;
 };
 
 }  // namespace weft::ztunnel

@@ -1,0 +1,377 @@
+// As root, in a throwaway netns: a ztunnel with several event loops spreads a pod's outbound
+// connections over its loops' SO_REUSEPORT listeners, relays every byte, and its merged
+// /metrics, /stats, /connections and access log equal the per-loop sums exactly; the drain
+// closes every loop's listeners and cuts what stays open on any loop.
+#include <dirent.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <regex>
+#include <set>
+#include <thread>
+
+#include "common/netns.h"
+#include "ztunnel/ztunnel.h"
+
+namespace weft::ztunnel {
+namespace {
+
+constexpr const char* kPodV4 = "10.251.0.5";
+
+int sh(const std::string& cmd) { return system((cmd + " >/dev/null 2>&1").c_str()); }
+
+// A named netns with lo up carrying the pod's address; removed on destruction (and leftovers
+// of crashed runs, whose pid is gone, on the next construction).
+class LoopsNetns {
+ public:
+  LoopsNetns() {
+    const std::string prefix = "weft-zt-loops-";
+    if (DIR* d = opendir("/run/netns")) {
+      while (dirent* e = readdir(d)) {
+        std::string n = e->d_name;
+        if (n.rfind(prefix, 0) != 0) continue;
+        pid_t pid = static_cast<pid_t>(atoi(n.c_str() + prefix.size()));
+        if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) sh("ip netns del " + n);
+      }
+      closedir(d);
+    }
+    name_ = prefix + std::to_string(getpid());
+    sh("ip netns del " + name_);
+    ok_ = sh("ip netns add " + name_) == 0 && sh("ip -n " + name_ + " link set lo up") == 0 &&
+          sh("ip -n " + name_ + " addr add " + kPodV4 + "/32 dev lo") == 0;
+    if (ok_) {
+      auto fd = openNetns("/run/netns/" + name_);
+      ok_ = fd.isOk();
+      if (ok_) fd_ = std::move(fd.value());
+    }
+  }
+  ~LoopsNetns() {
+    fd_.reset();
+    sh("ip netns del " + name_);
+  }
+  bool ok() const { return ok_; }
+  int fd() const { return fd_.get(); }
+  UniqueFd dupFd() const { return UniqueFd(fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0)); }
+
+ private:
+  std::string name_;
+  UniqueFd fd_;
+  bool ok_ = false;
+};
+
+int connectIn(int netns, const std::string& addr) {
+  auto a = SocketAddress::parse(addr);
+  auto s = socketIn(netns, a->family(), SOCK_STREAM);
+  if (!s) return -1;
+  sockaddr_storage ss;
+  socklen_t len = a->toSockaddr(&ss);
+  if (connect(s->get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) return -errno;
+  return s->release();
+}
+
+std::string readToEof(int fd, int* err = nullptr) {
+  std::string out;
+  char buf[16384];
+  for (int i = 0; i < 100; i++) {
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, 100) <= 0) continue;
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) {
+      if (n < 0 && err) *err = errno;
+      break;
+    }
+    out.append(buf, static_cast<size_t>(n));
+  }
+  return out;
+}
+
+bool sendAll(int fd, const std::string& data) {
+  size_t off = 0;
+  while (off < data.size()) {
+    ssize_t n = send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL);
+    if (n <= 0) return false;
+    off += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// The app in the pod: accepts up to `max` connections (each on its own thread), answers each
+// with every byte it read, after the client's EOF; `hold` = read nothing, answer never.
+class EchoServer {
+ public:
+  EchoServer(int netns, const std::string& addr, int max, bool hold = false) : hold_(hold) {
+    auto a = SocketAddress::parse(addr);
+    auto s = socketIn(netns, a->family(), SOCK_STREAM);
+    int one = 1;
+    setsockopt(s->get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_storage ss;
+    socklen_t len = a->toSockaddr(&ss);
+    EXPECT_EQ(bind(s->get(), reinterpret_cast<sockaddr*>(&ss), len), 0) << addr;
+    EXPECT_EQ(listen(s->get(), 256), 0);
+    fd_ = std::move(s.value());
+    acceptor_ = std::thread([this, max] {
+      for (int i = 0; i < max && !stop_; ) {
+        pollfd p{fd_.get(), POLLIN, 0};
+        if (poll(&p, 1, 100) != 1) continue;
+        int c = accept(fd_.get(), nullptr, nullptr);
+        if (c < 0) continue;
+        ++i;
+        std::lock_guard<std::mutex> lk(mu_);
+        conns_.push_back(c);
+        if (!hold_) workers_.emplace_back([c] {
+          std::string req = readToEof(c);
+          sendAll(c, req);
+          close(c);
+        });
+      }
+    });
+  }
+  ~EchoServer() {
+    stop_ = true;
+    acceptor_.join();
+    for (auto& t : workers_) t.join();
+    if (hold_)
+      for (int c : conns_) close(c);
+  }
+
+ private:
+  bool hold_;
+  UniqueFd fd_;
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::vector<int> conns_;
+  std::vector<std::thread> workers_;
+};
+
+node::v1::Workload podProto() {
+  node::v1::Workload w;
+  w.set_uid("u1");
+  w.set_name("app");
+  w.set_namespace_("default");
+  w.add_ips(kPodV4);
+  return w;
+}
+
+// The value of the one series of `family` whose labels contain `match`, or -1.
+long long metric(const std::string& text, const std::string& family, const std::string& match) {
+  std::istringstream in(text);
+  std::string line;
+  long long found = -1;
+  while (std::getline(in, line)) {
+    if (line.rfind(family + "{", 0) != 0 && line.rfind(family + " ", 0) != 0) continue;
+    if (line.find(match) == std::string::npos) continue;
+    if (found >= 0) return -2;  // not one series
+    found = std::stoll(line.substr(line.rfind(' ') + 1));
+  }
+  return found;
+}
+
+class LoopsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (geteuid() != 0) GTEST_SKIP() << "needs root: creates a network namespace";
+    netns_ = std::make_unique<LoopsNetns>();
+    ASSERT_TRUE(netns_->ok()) << "could not create a test netns";
+    ASSERT_EQ(uv_loop_init(&loop_), 0);
+    loop_ok_ = true;
+    log_path_ = std::filesystem::temp_directory_path() /
+                ("weft-loops-test-" + std::to_string(getpid()) + ".log");
+    std::filesystem::remove(log_path_);
+  }
+  void make(unsigned loops, uint64_t drain_ms = 5000) {
+    ZtunnelOptions o;
+    o.agent_socket = "/nonexistent/weft-test.sock";  // no agent: we call the handler directly
+    o.loops = loops;
+    o.drain_timeout_ms = drain_ms;
+    o.access_log.sink = log_path_.string();
+    o.access_log.format = AccessLogFormat::kJson;
+    zt_ = std::make_unique<Ztunnel>(&loop_, o);
+    Status st = zt_->start();
+    ASSERT_TRUE(st) << st.message();
+    ASSERT_EQ(zt_->loopCount(), loops);
+    ASSERT_TRUE(zt_->onNodeConfig({}));
+    node::v1::ClusterUpdate cu;
+    cu.set_full(true);
+    *cu.add_upsert_workloads() = podProto();
+    ASSERT_TRUE(zt_->onClusterUpdate(cu));
+    st = zt_->onAddWorkload(podProto(), netns_->dupFd());
+    ASSERT_TRUE(st) << st.message();
+    ASSERT_TRUE(zt_->setDestinationHookForTest([](int, bool) -> Result<SocketAddress> {
+      return *SocketAddress::parse(std::string(kPodV4) + ":7070");
+    }));
+  }
+  // Runs the main loop while `client` runs on a thread.
+  void runWithClient(const std::function<void()>& client) {
+    auto* stop = new uv_async_t;
+    ASSERT_EQ(uv_async_init(&loop_, stop, [](uv_async_t* a) { uv_stop(a->loop); }), 0);
+    std::thread t([&] {
+      client();
+      uv_async_send(stop);
+    });
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    t.join();
+    uv_close(reinterpret_cast<uv_handle_t*>(stop),
+             [](uv_handle_t* h) { delete reinterpret_cast<uv_async_t*>(h); });
+  }
+  nlohmann::json admin(const std::string& path) {
+    return nlohmann::json::parse(zt_->handleAdmin({"GET", path, "", ""}).body);
+  }
+  // Runs the main loop (bounded) until no loop has a connection open.
+  bool waitIdle() {
+    for (int i = 0; i < 100; ++i) {
+      if (admin("/stats")["active_connections"] == 0) return true;
+      runWithClient([] { std::this_thread::sleep_for(std::chrono::milliseconds(50)); });
+    }
+    return false;
+  }
+  void TearDown() override {
+    if (zt_) {
+      zt_->shutdown();
+      uv_run(&loop_, UV_RUN_DEFAULT);
+      zt_.reset();
+    }
+    if (loop_ok_) {
+      uv_run(&loop_, UV_RUN_DEFAULT);
+      EXPECT_EQ(uv_loop_close(&loop_), 0);
+    }
+    netns_.reset();
+    std::filesystem::remove(log_path_);
+  }
+  uv_loop_t loop_;
+  bool loop_ok_ = false;
+  std::unique_ptr<LoopsNetns> netns_;
+  std::unique_ptr<Ztunnel> zt_;
+  std::filesystem::path log_path_;
+};
+
+TEST_F(LoopsTest, ConnectionsSpreadOverLoopsAndMetricsAreExactSums) {
+  constexpr int kConns = 64;
+  make(3);
+  EchoServer app(netns_->fd(), std::string(kPodV4) + ":7070", kConns);
+  int nfd = netns_->fd();
+  std::atomic<int> intact{0};
+  uint64_t bytes = 0;
+  for (int i = 0; i < kConns; ++i) bytes += 1000 + 997 * static_cast<uint64_t>(i);
+  // Eight clients at a time, each connection its own payload size and content.
+  runWithClient([&] {
+    std::vector<std::thread> ts;
+    for (int t = 0; t < 8; ++t) {
+      ts.emplace_back([&, t] {
+        for (int i = t; i < kConns; i += 8) {
+          std::string payload(1000 + 997 * static_cast<size_t>(i), static_cast<char>('a' + i % 26));
+          int fd = connectIn(nfd, "127.0.0.1:15001");
+          if (fd < 0) continue;
+          if (sendAll(fd, payload) && shutdown(fd, SHUT_WR) == 0 && readToEof(fd) == payload)
+            intact++;
+          close(fd);
+        }
+      });
+    }
+    for (auto& th : ts) th.join();
+  });
+  EXPECT_EQ(intact.load(), kConns) << "every byte, both ways, on every connection";
+  ASSERT_TRUE(waitIdle());
+
+  // Per loop: who accepted what. More than one loop took connections, and they add up.
+  nlohmann::json dump = admin("/config_dump");
+  ASSERT_EQ(dump["loops"].size(), 3u);
+  uint64_t sum = 0;
+  int loops_used = 0;
+  for (const auto& l : dump["loops"]) {
+    uint64_t n = l["stats"]["outbound_accepted_total"].get<uint64_t>();
+    sum += n;
+    if (n > 0) loops_used++;
+  }
+  EXPECT_EQ(sum, static_cast<uint64_t>(kConns));
+  EXPECT_GE(loops_used, 2) << dump["loops"].dump();
+
+  nlohmann::json stats = admin("/stats");
+  EXPECT_EQ(stats["outbound_accepted_total"], kConns);
+  EXPECT_EQ(stats["loops"], 3);
+  EXPECT_EQ(stats["active_connections"], 0);
+  EXPECT_EQ(admin("/connections").size(), 0u);
+
+  std::string m = zt_->handleMetrics({"GET", "/metrics", "", ""}).body;
+  const std::string src = "reporter=\"source\"";
+  EXPECT_EQ(metric(m, "istio_tcp_connections_opened_total", src), kConns) << m;
+  EXPECT_EQ(metric(m, "istio_tcp_connections_closed_total", src), kConns);
+  EXPECT_EQ(metric(m, "istio_tcp_received_bytes_total", src), static_cast<long long>(bytes));
+  EXPECT_EQ(metric(m, "istio_tcp_sent_bytes_total", src), static_cast<long long>(bytes));
+  EXPECT_EQ(metric(m, "weft_ztunnel_outbound_accepted_total", ""), kConns);
+  EXPECT_EQ(metric(m, "weft_ztunnel_loops", ""), 3);
+
+  // The access log (on the main loop) got one line per connection from every loop, with ids
+  // unique across loops.
+  zt_->shutdown();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  zt_.reset();  // writes what is pending
+  std::ifstream in(log_path_);
+  std::string line;
+  std::set<uint64_t> ids;
+  int lines = 0;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    lines++;
+    ids.insert(j["conn_id"].get<uint64_t>());
+  }
+  EXPECT_EQ(lines, kConns);
+  EXPECT_EQ(ids.size(), static_cast<size_t>(kConns));
+}
+
+TEST_F(LoopsTest, DrainClosesEveryLoopsListenersAndCutsWhatStaysOpen) {
+  make(2, 500);
+  EchoServer app(netns_->fd(), std::string(kPodV4) + ":7070", 64, /*hold=*/true);
+  int nfd = netns_->fd();
+  std::vector<int> clients;
+  // Open held connections until both loops have one (the kernel's reuseport hash decides;
+  // bounded).
+  std::set<unsigned> loops_seen;
+  for (int i = 0; i < 32 && loops_seen.size() < 2; ++i) {
+    runWithClient([&] {
+      clients.push_back(connectIn(nfd, "127.0.0.1:15001"));
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    });
+    loops_seen.clear();
+    for (const auto& c : admin("/connections")) loops_seen.insert(c["loop"].get<unsigned>());
+  }
+  ASSERT_EQ(loops_seen.size(), 2u);
+  size_t open = admin("/connections").size();
+  ASSERT_EQ(open, clients.size());
+  bool drained = false;
+  zt_->drain([&] {
+    drained = true;
+    uv_stop(&loop_);
+  });
+  int refused = 0;
+  std::thread probe([&] { refused = connectIn(nfd, "127.0.0.1:15001"); });
+  probe.join();
+  EXPECT_EQ(refused, -ECONNREFUSED) << "a listener of some loop is still open";
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  EXPECT_TRUE(drained);
+  EXPECT_EQ(admin("/stats")["drain_aborted_connections_total"], open);
+  EXPECT_EQ(admin("/stats")["active_connections"], 0);
+  for (int c : clients) {
+    int err = 0;
+    readToEof(c, &err);
+    EXPECT_EQ(err, ECONNRESET);
+    close(c);
+  }
+}
+
+TEST_F(LoopsTest, OneLoopHasNoWorkers) {
+  make(1);
+  EXPECT_EQ(admin("/config_dump")["loops"].size(), 1u);
+  EXPECT_EQ(admin("/stats")["loops"], 1);
+}
+
+}  // namespace
+}  // namespace weft::ztunnel
