@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <openssl/sha.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -27,13 +28,26 @@
 #include "common/netns.h"
 
 namespace weft::bpftest {
-namespace {
 
 int64_t nowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
+
+std::string sha256Hex(const std::string& data) {
+  unsigned char md[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), md);
+  static const char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned char b : md) {
+    hex += kHex[b >> 4];
+    hex += kHex[b & 15];
+  }
+  return hex;
+}
+
+namespace {
 
 // Detaches pinned links and removes a pin tree (cleanup after a failed test).
 void removePinTree(const std::string& path, int depth = 0) {

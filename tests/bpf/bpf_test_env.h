@@ -27,6 +27,12 @@ inline constexpr const char* kPeerV6 = "fd00:250::1";
 // SO_ORIGINAL_DST (at SOL_IP and SOL_IPV6), answered by the cgroup/getsockopt program.
 inline constexpr int kSoOriginalDst = 80;
 
+// Milliseconds of the monotonic clock.
+int64_t nowMs();
+
+// SHA-256 of `data` as 64 lowercase hex digits.
+std::string sha256Hex(const std::string& data);
+
 // The cgroup v2 mount point, from /proc/mounts ("" if none).
 std::string cgroup2Mount();
 

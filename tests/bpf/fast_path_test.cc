@@ -22,14 +22,6 @@
 namespace weft::bpftest {
 namespace {
 
-std::string sha256Hex(const std::string& data) {
-  unsigned char md[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), md);
-  std::string hex;
-  for (unsigned char b : md) hex += fmt::format("{:02x}", b);
-  return hex;
-}
-
 // Reads to EOF (no size cap, unlike child::readAll), giving up after `timeout_ms` of silence.
 std::string readToEof(int fd, int timeout_ms) {
   std::string out;

@@ -28,20 +28,6 @@
 namespace weft::bpftest {
 namespace {
 
-int64_t nowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-std::string sha256Hex(const std::string& data) {
-  unsigned char md[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const unsigned char*>(data.data()), data.size(), md);
-  std::string hex;
-  for (unsigned char b : md) hex += fmt::format("{:02x}", b);
-  return hex;
-}
-
 std::string randomBytes(std::mt19937_64& rng, size_t n) {
   std::string s(n, '\0');
   for (size_t i = 0; i < n; i += 8) {
