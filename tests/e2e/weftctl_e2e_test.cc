@@ -228,8 +228,9 @@ TEST_F(WeftctlE2E, EveryVerbInTableAndJsonForm) {
       {"node1", {"bpf", "prog", "show"},
        [](const Json& j, const std::string& w) {
          ASSERT_TRUE(j.is_array()) << w;
-         EXPECT_EQ(j.size(), 12u) << w;  // the ABI's twelve programs
+         EXPECT_EQ(j.size(), 13u) << w;  // the ABI's thirteen programs (bpf/abi/progs.h)
          ASSERT_NE(findBy(j, "name", "weft_connect4"), nullptr) << w;
+         ASSERT_NE(findBy(j, "name", "weft_hop_msg"), nullptr) << w;
          hasFields(j[0], {"id", "type", "tag"}, w);
        }},
       {"node1", {"bpf", "link", "show"},
