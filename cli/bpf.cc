@@ -91,6 +91,22 @@ json decodeInboundListener(const weft_ip& k, uint64_t socket_cookie, const PodNa
 
 json decodeBypass(const weft_ip& k) { return {{"source_ip", ipJson(k)}}; }
 
+// A per-CPU counter array entry (the fast path's and the local hop's stats): the key is the
+// counter's index in `names`, the value one 8-byte count per possible CPU, `slot` bytes apart.
+template <size_t N>
+json perCpuCounter(const std::vector<uint8_t>& key, const std::vector<uint8_t>& value, int ncpu,
+                   size_t slot, const char* const (&names)[N]) {
+  uint32_t index;
+  memcpy(&index, key.data(), 4);
+  uint64_t sum = 0;
+  for (int c = 0; c < ncpu; ++c) {
+    uint64_t v;
+    memcpy(&v, value.data() + static_cast<size_t>(c) * slot, 8);
+    sum += v;
+  }
+  return {{"counter", index < N ? json(names[index]) : json(index)}, {"value", sum}};
+}
+
 // ---- the pinned objects ----
 
 namespace {
@@ -397,29 +413,9 @@ int mapDump(Context& ctx, const std::vector<std::string>& args) {
         memcpy(&cookie, value.data(), 8);
         e = decodeInboundListener(key, cookie, pods);
       } else if (name == WEFT_MAP_FAST_STATS && percpu && info->value_size == 8) {
-        uint32_t index;
-        memcpy(&index, k.data(), 4);
-        uint64_t sum = 0;
-        for (int c = 0; c < ncpu; ++c) {
-          uint64_t v;
-          memcpy(&v, value.data() + static_cast<size_t>(c) * slot, 8);
-          sum += v;
-        }
-        e = {{"counter", index < std::size(kWeftFastStatNames) ? json(kWeftFastStatNames[index])
-                                                               : json(index)},
-             {"value", sum}};
+        e = perCpuCounter(k, value, ncpu, slot, kWeftFastStatNames);
       } else if (name == WEFT_MAP_HOP_STATS && percpu && info->value_size == 8) {
-        uint32_t index;
-        memcpy(&index, k.data(), 4);
-        uint64_t sum = 0;
-        for (int c = 0; c < ncpu; ++c) {
-          uint64_t v;
-          memcpy(&v, value.data() + static_cast<size_t>(c) * slot, 8);
-          sum += v;
-        }
-        e = {{"counter", index < std::size(kWeftHopStatNames) ? json(kWeftHopStatNames[index])
-                                                              : json(index)},
-             {"value", sum}};
+        e = perCpuCounter(k, value, ncpu, slot, kWeftHopStatNames);
       } else if (name == WEFT_MAP_HOP_SOCKS && check(sizeof(weft_hop_key), 8)) {
         // A hop socket by its own view of the connection; the value is its socket cookie.
         weft_hop_key key;
