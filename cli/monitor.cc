@@ -44,7 +44,7 @@ std::string renderEvent(const json& e) {
     const json& d = e.value("destination", json::object());
     std::string by = e.contains("policy") && e["policy"].is_string()
                          ? fmt::format("{} rule {}", e["policy"].get<std::string>(), cell(e["rule"]))
-                         : "default";
+                         : e.value("decided_by", std::string("default"));
     std::string extra;
     if (e.contains("audit") && !e["audit"].empty()) extra += " audit " + cell(e["audit"]);
     if (e.contains("dry_run") && e["dry_run"].is_object())

@@ -26,17 +26,6 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
       setSourceLabels(c->labels, *src);
   }
 
-  // STRICT peer authentication: only HBONE (mTLS) may reach this pod. The cluster state has the
-  // live mode; the pod's own copy is what the agent said when it was added.
-  WorkloadInfoPtr live = proxy.state() ? proxy.state()->workloadByUid(dst.uid) : nullptr;
-  if (live ? live->strict_mtls : dst.strict_mtls) {
-    proxy.stats().plaintext_refused_total++;
-    spdlog::info("inbound plaintext from {} to {}/{} refused: STRICT mTLS", c->source.toString(),
-                 dst.namespace_, dst.name);
-    c->refuseWith("DENY", "plaintext refused: STRICT peer authentication");
-    return;
-  }
-
   // sk_lookup preserves the local address: it is where the caller wanted to go.
   std::optional<SocketAddress> local = localAddress(fd);
   bool hooked = false;
@@ -65,11 +54,17 @@ void handleInbound(Proxy& proxy, uv_stream_t* listener, const LocalPodPtr& pod) 
     }
   }
   // Authorization: a plaintext caller is unauthenticated (no principal, no namespace); a
-  // denied connection is reset.
+  // denied connection is reset. STRICT peer authentication (the live mode from the cluster
+  // state, else what the agent said when the pod was added) refuses every plaintext caller.
   InboundPeer peer;
   peer.path = "plaintext";
   peer.source = c->source;
   Verdict verdict = authorizeInbound(proxy, dst, peer, *local);
+  if (!verdict.allowed && verdict.reason == VerdictReason::kStrictMtls) {
+    proxy.stats().plaintext_refused_total++;
+    c->refuseWith("DENY", "plaintext refused: STRICT peer authentication");
+    return;
+  }
   if (!verdict.allowed) {
     c->refuseWith("DENY", std::string("denied by authorization policy: ") +
                               verdictReasonName(verdict.reason) +

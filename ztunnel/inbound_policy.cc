@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <string_view>
 
 namespace weft::ztunnel {
 
@@ -59,8 +60,15 @@ Verdict authorizeInbound(Proxy& proxy, const WorkloadInfo& dst, const InboundPee
 
   ConnectionAttributes attrs = inboundAttributes(w, peer, destination);
 
-  static const std::vector<AuthorizationPolicyPtr> kNone;
-  Verdict v = evaluate(state ? state->authorizationPolicies() : kNone, attrs);
+  Verdict v;
+  if (std::string_view(peer.path) == "plaintext" && w.strict_mtls) {
+    // STRICT peer authentication: only HBONE (mTLS) may reach this pod; no policy is asked.
+    v.allowed = false;
+    v.reason = VerdictReason::kStrictMtls;
+  } else {
+    static const std::vector<AuthorizationPolicyPtr> kNone;
+    v = evaluate(state ? state->authorizationPolicies() : kNone, attrs);
+  }
 
   VerdictEvent e;
   e.path = peer.path;

@@ -24,8 +24,9 @@ ConnectionAttributes inboundAttributes(const WorkloadInfo& w, const InboundPeer&
                                        const SocketAddress& destination);
 
 // Decides and records (VerdictLog) the connection from `peer` to `destination` of local
-// workload `dst`; the caller refuses it when !allowed. Dry-run and AUDIT policies only show in
-// the recorded event.
+// workload `dst`; the caller refuses it when !allowed. Plaintext to a pod under STRICT peer
+// authentication (the live cluster state's mode) is denied with reason kStrictMtls before any
+// policy. Dry-run and AUDIT policies only show in the recorded event.
 Verdict authorizeInbound(Proxy& proxy, const WorkloadInfo& dst, const InboundPeer& peer,
                          const SocketAddress& destination);
 

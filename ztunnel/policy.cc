@@ -25,6 +25,7 @@ const char* verdictReasonName(VerdictReason r) {
     case VerdictReason::kDenyMatched: return "deny_matched";
     case VerdictReason::kAllowMatched: return "allow_matched";
     case VerdictReason::kNoAllowMatched: return "no_allow_matched";
+    case VerdictReason::kStrictMtls: return "strict_mtls";
   }
   return "no_allow_policy";
 }

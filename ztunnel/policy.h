@@ -116,6 +116,7 @@ enum class VerdictReason {
   kDenyMatched,     // denied by a matching DENY policy
   kAllowMatched,    // allowed by a matching ALLOW policy
   kNoAllowMatched,  // denied: ALLOW policies apply, none matched
+  kStrictMtls,      // denied before any policy: plaintext to a pod under STRICT peer authn
 };
 const char* verdictReasonName(VerdictReason r);
 

@@ -216,9 +216,11 @@ Result<json> traceConnection(const TraceContext& ctx, const TraceQuery& query) {
                {"node", dst_workload->node},
                {"peer_authentication", dst_workload->strict_mtls ? "STRICT" : "PERMISSIVE"}};
     if (!hbone && dst_workload->strict_mtls) {
-      verdict = {{"result", "deny"}, {"reason", "strict_mtls"}, {"policy", nullptr},
-                 {"rule", nullptr}, {"decided_by", "PeerAuthentication STRICT"},
-                 {"audit", json::array()}, {"dry_run", nullptr}};
+      PolicyOutcome strict;  // as authorizeInbound() decides it: before any policy
+      strict.allowed = false;
+      strict.reason = VerdictReason::kStrictMtls;
+      verdict = outcomeJson(strict);
+      verdict["dry_run"] = nullptr;
     } else {
       // As authorizeInbound() builds them: the peer is the source pod (HBONE dials from its
       // netns; plaintext comes from it), forwarded = the same pod.

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <ctime>
+#include <string_view>
 
 namespace weft::ztunnel {
 
@@ -14,6 +15,7 @@ const char* actionPolicyLabel(const PolicyOutcome& o) {
     case VerdictReason::kDenyMatched: return "DENY";
     case VerdictReason::kAllowMatched:
     case VerdictReason::kNoAllowMatched: return "ALLOW";  // the ALLOW policies decided
+    case VerdictReason::kStrictMtls: return "PeerAuthentication";
   }
   return "none";
 }
@@ -57,13 +59,15 @@ nlohmann::json outcomeJson(const PolicyOutcome& o) {
   nlohmann::json audit = nlohmann::json::array();
   for (const PolicyHit& h : o.audit) audit.push_back(hitJson(h));
   bool decided = !o.decided_by.policy.empty();
+  const char* undecided =
+      o.reason == VerdictReason::kStrictMtls ? "PeerAuthentication STRICT" : "default";
   return {{"result", o.allowed ? "allow" : "deny"},
           {"reason", verdictReasonName(o.reason)},
           {"policy", decided ? nlohmann::json(o.decided_by.policy) : nlohmann::json(nullptr)},
           {"rule", decided ? nlohmann::json(o.decided_by.rule) : nlohmann::json(nullptr)},
           {"decided_by", decided ? nlohmann::json(o.decided_by.policy + " rule " +
                                                   std::to_string(o.decided_by.rule))
-                                 : nlohmann::json("default")},
+                                 : nlohmann::json(undecided)},
           {"audit", audit}};
 }
 
@@ -99,15 +103,17 @@ nlohmann::json VerdictLog::toJson(uint64_t since, size_t limit) const {
 std::string VerdictLog::renderPrometheus() const {
   std::string out =
       "# HELP weft_ztunnel_policy_verdicts_total Inbound authorization decisions, by result and "
-      "the kind of policy that decided (none = no ALLOW policy applies)\n"
+      "the kind of policy that decided (none = no ALLOW policy applies; PeerAuthentication = "
+      "plaintext refused under STRICT mTLS)\n"
       "# TYPE weft_ztunnel_policy_verdicts_total counter\n";
   for (const char* result : {"allow", "deny"}) {
-    for (const char* action : {"none", "ALLOW", "DENY"}) {
+    for (const char* action : {"none", "ALLOW", "DENY", "PeerAuthentication"}) {
       auto it = counts_.find({result, action});
       uint64_t n = it == counts_.end() ? 0 : it->second;
       // Only the combinations that can happen, so dashboards see zeros, not gaps.
-      bool possible = std::string(result) == "allow" ? std::string(action) != "DENY"
-                                                     : std::string(action) != "none";
+      std::string_view a = action;
+      bool possible = std::string_view(result) == "allow" ? a == "none" || a == "ALLOW"
+                                                          : a != "none";
       if (!possible) continue;
       out += fmt::format(
           "weft_ztunnel_policy_verdicts_total{{result=\"{}\",action_policy=\"{}\"}} {}\n", result,

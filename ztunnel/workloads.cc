@@ -133,8 +133,10 @@ Status LocalWorkloads::add(const WorkloadInfo& info, UniqueFd netns) {
       e.registered.push_back(ip);
     }
   }
-  spdlog::info("{} ({}): listening in its netns, {} IPs steered", what, info.uid,
-               e.registered.size());
+  // Every loop listens for every pod; the one that steers (the main loop) says so at info.
+  spdlog::log(map_ ? spdlog::level::info : spdlog::level::debug,
+              "{} ({}): listening in its netns, {} IPs steered", what, info.uid,
+              e.registered.size());
   for (const IpAddr& ip : info.ips) pod_by_ip_.emplace(ip, pod);
   pods_.emplace(info.uid, std::move(e));
   return Status::ok();

@@ -367,6 +367,7 @@ void Ztunnel::refreshGauges() {
     s.access_log_dropped_total = a.dropped;
     s.access_log_write_errors_total = a.write_errors;
   }
+  if (main_inbox_) s.loop_reports_dropped_total = main_inbox_->dropped();
   s.active_connections = proxy_.activeConnections() + fast_path_->activeConnections();
   s.fast_path_enabled = fast_path_->available() && fast_path_->enabled() ? 1 : 0;
   s.fast_path_active_connections = fast_path_->activeConnections();

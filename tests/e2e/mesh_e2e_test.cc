@@ -998,6 +998,15 @@ TEST_F(MeshE2E, MultiLoopZtunnelServesMeshedTrafficOnEveryLoop) {
   }
   EXPECT_EQ(plain_sum, static_cast<uint64_t>(kPlain));
   EXPECT_GE(plain_loops, 2) << "sk_lookup's assigned socket was not spread over its group";
+
+  // The workers' access-log lines and verdicts reached the main loop: none was dropped at its
+  // mailbox, and the counter that would say so is exported.
+  for (const char* node : {"node1", "node2"}) {
+    auto text = cluster_->metrics(node);
+    ASSERT_TRUE(text) << node << " metrics";
+    EXPECT_NE(text->find("\nweft_ztunnel_loop_reports_dropped_total 0\n"), std::string::npos)
+        << node;
+  }
 }
 
 }  // namespace

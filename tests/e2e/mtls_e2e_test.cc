@@ -57,6 +57,7 @@ constexpr const char* kTlsRefused = "weft_ztunnel_tls_refused_total";
 constexpr const char* kCertWaits = "weft_ztunnel_cert_waits_total";
 constexpr const char* kCertWaitTimeouts = "weft_ztunnel_cert_wait_timeouts_total";
 constexpr const char* kPlaintextRefused = "weft_ztunnel_plaintext_refused_total";
+constexpr const char* kPolicyVerdicts = "weft_ztunnel_policy_verdicts_total";
 
 std::string readWhole(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -824,6 +825,12 @@ TEST_F(MtlsE2E, StrictPeerAuthenticationRefusesPlaintextOnly) {
   ASSERT_EQ(plain0.value("ok", -1), 1) << "plaintext before STRICT: " << plain0.dump();
 
   double refused0 = metric("node2", kPlaintextRefused);
+  const std::map<std::string, std::string> kStrictDenied = {
+      {"result", "deny"}, {"action_policy", "PeerAuthentication"}};
+  double strictVerdicts0 = metric("node2", kPolicyVerdicts, kStrictDenied);
+  auto seq0 = ztunnelAdmin("node2", "/verdicts?limit=1");
+  ASSERT_TRUE(seq0) << "node2 /verdicts";
+  uint64_t since = seq0->value("last_seq", uint64_t{0});
   std::string err;
   ASSERT_TRUE(cluster_->writeLiveManifest(
       file,
@@ -853,6 +860,24 @@ TEST_F(MtlsE2E, StrictPeerAuthenticationRefusesPlaintextOnly) {
   // Exactly the three refused attempts (the loop stopped at its first refusal).
   double refusedNow = metric("node2", kPlaintextRefused);
   EXPECT_EQ(refusedNow, refused0 + 3) << "plaintext_refused_total";
+  // Each refusal is a verdict like a policy's: in /verdicts (and so in weftctl monitor) with
+  // the reason, and counted under action_policy="PeerAuthentication".
+  EXPECT_EQ(metric("node2", kPolicyVerdicts, kStrictDenied), strictVerdicts0 + 3);
+  auto events = ztunnelAdmin("node2", fmt::format("/verdicts?since={}", since));
+  ASSERT_TRUE(events) << "node2 /verdicts";
+  int strictEvents = 0;
+  for (const Json& e : events->value("verdicts", Json::array())) {
+    if (e.value("reason", "") != "strict_mtls") continue;
+    ++strictEvents;
+    EXPECT_EQ(e.value("result", ""), "deny") << e.dump();
+    EXPECT_EQ(e.value("path", ""), "plaintext") << e.dump();
+    EXPECT_EQ(e.value("decided_by", ""), "PeerAuthentication STRICT") << e.dump();
+    EXPECT_TRUE(e["policy"].is_null()) << e.dump();
+    EXPECT_EQ(e["destination"].value("ip", ""), kMeshServerIp) << e.dump();
+    EXPECT_EQ(e["destination"].value("port", 0), kHashPort) << e.dump();
+    EXPECT_TRUE(e["source"]["principal"].is_null()) << e.dump();
+  }
+  EXPECT_EQ(strictEvents, 3) << events->dump();
 
   double mtls0 = metric("node1", kOpened,
                         {{"reporter", "source"}, {"connection_security_policy", "mutual_tls"}});
