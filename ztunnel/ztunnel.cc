@@ -366,6 +366,8 @@ void Ztunnel::refreshGauges() {
     s.access_log_lines_total = a.lines;
     s.access_log_dropped_total = a.dropped;
     s.access_log_write_errors_total = a.write_errors;
+    s.access_log_reopens_total = a.reopens;
+    s.access_log_reopen_errors_total = a.reopen_errors;
   }
   s.active_connections = proxy_.activeConnections() + fast_path_->activeConnections();
   s.fast_path_enabled = fast_path_->available() && fast_path_->enabled() ? 1 : 0;
@@ -427,7 +429,9 @@ nlohmann::json Ztunnel::accessLogJson() const {
           {"format", accessLogFormatName(access_log_->format())},
           {"lines", a.lines},
           {"dropped", a.dropped},
-          {"write_errors", a.write_errors}};
+          {"write_errors", a.write_errors},
+          {"reopens", a.reopens},
+          {"reopen_errors", a.reopen_errors}};
 }
 
 }  // namespace weft::ztunnel
