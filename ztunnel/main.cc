@@ -157,6 +157,9 @@ int main(int argc, char** argv) {
         s->term.close();
         s->intr.close();
         s->hup.close();
+        // libuv restored SIGHUP's default (terminate): a late one (logrotate racing the
+        // shutdown) must not kill the process before the access log's last lines are out.
+        signal(SIGHUP, SIG_IGN);
         s->trim.close();
         s->zt->shutdown();  // the loop ends once every handle closed
       });
