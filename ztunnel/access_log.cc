@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -119,9 +120,11 @@ std::string formatAccessLog(const AccessLogRecord& r, AccessLogFormat format) {
   return out;
 }
 
-// The writer. Lines go into `pending`; one uv_fs_write of a batch is in flight at a time (the
-// thread pool does the blocking write). It outlives the AccessLog when a write is in flight at
-// destruction and deletes itself once that write returns.
+// The writer. Lines go into `pending`; one batch is in flight at a time, written by a
+// uv_queue_work job on the thread pool (blocking writes; a file sink is first checked for
+// rotation and reopened there, so the batch goes to the new file whole). While `busy`, the job
+// owns fd, inflight and inflight_off; the loop touches only the rest. The Impl outlives the
+// AccessLog when a job is in flight at destruction and deletes itself once that job returns.
 struct AccessLog::Impl {
   uv_loop_t* loop = nullptr;
   uint64_t flush_delay_ms = 0;
@@ -133,16 +136,24 @@ struct AccessLog::Impl {
   bool own_fd = false;
   AccessLogFormat format = AccessLogFormat::kText;
   size_t max_buffered = 0;
+  uint64_t reopen_check_ms = 0;
+  uint64_t last_check_ms = 0;    // uv_now() of the last rotation check
+  bool reopen_requested = false;  // reopen(): the next job reopens unconditionally
+  bool reopen_failing = false;    // the error was logged; logged again only after a success
 
   std::string pending;
   uint64_t pending_lines = 0;
   std::string inflight;
   size_t inflight_off = 0;
   uint64_t inflight_lines = 0;
-  uv_fs_t req{};
+  uv_work_t work{};
   bool busy = false;
   bool orphaned = false;  // the AccessLog is gone
   AccessLogStats stats;
+  // The job's orders and results (handed over by uv_queue_work's before/after ordering).
+  bool job_check = false, job_force = false;
+  bool job_reopened = false;
+  int job_reopen_errno = 0, job_write_errno = 0;
 
   void push(std::string line) {
     // A full buffer that is only waiting for the gathering delay goes out now instead.
@@ -156,7 +167,7 @@ struct AccessLog::Impl {
     }
     pending += line;
     pending_lines++;
-    if (busy) return;  // onWritten takes what gathered meanwhile
+    if (busy) return;  // onDone takes what gathered meanwhile
     if (timer == nullptr || pending.size() >= flush_bytes) return kick();
     if (!timer_armed) {
       timer_armed = uv_timer_start(timer, onTimer, flush_delay_ms, 0) == 0;
@@ -177,12 +188,26 @@ struct AccessLog::Impl {
     timer_armed = false;
   }
 
+  bool checkDue() const {
+    return own_fd && reopen_check_ms > 0 && uv_now(loop) - last_check_ms >= reopen_check_ms;
+  }
+
+  void requestReopen() {
+    if (!own_fd) return;
+    reopen_requested = true;
+    kick();  // at once when idle (a job with no lines); else right after the job in flight
+  }
+
   void kick() {
-    if (busy || pending.empty()) return;
+    if (busy || (pending.empty() && !reopen_requested)) return;
     if (timer_armed) {
       uv_timer_stop(timer);
       timer_armed = false;
     }
+    job_force = reopen_requested;
+    reopen_requested = false;
+    job_check = checkDue();
+    if (job_check || job_force) last_check_ms = uv_now(loop);
     inflight.swap(pending);
     pending.clear();
     inflight_lines = pending_lines;
@@ -193,50 +218,113 @@ struct AccessLog::Impl {
 
   void submit() {
     busy = true;
-    req.data = this;
-    uv_buf_t b = uv_buf_init(inflight.data() + inflight_off,
-                             static_cast<unsigned>(inflight.size() - inflight_off));
-    int rc = uv_fs_write(loop, &req, fd, &b, 1, -1, onWritten);
+    work.data = this;
+    int rc = uv_queue_work(loop, &work, doWork, onDone);
     if (rc < 0) {
-      uv_fs_req_cleanup(&req);
-      failed(rc);
       busy = false;
+      reopen_requested = reopen_requested || job_force;
+      failed(uv_strerror(rc));
     }
   }
 
-  void failed(int64_t err) {
+  // The path no longer naming the open file (or `force`): open it again (O_APPEND|O_CREAT as at
+  // start), then close the old one. On failure the old fd stays. Blocking: the thread pool's
+  // (or finish()'s, on the way out).
+  void rotate(bool force) {
+    job_reopened = false;
+    job_reopen_errno = 0;
+    if (!force) {
+      struct stat at {}, open_st {};
+      if (::stat(sink.c_str(), &at) == 0 && ::fstat(fd, &open_st) == 0 &&
+          at.st_dev == open_st.st_dev && at.st_ino == open_st.st_ino)
+        return;  // still ours (also after copytruncate: same inode, O_APPEND writes at 0)
+    }
+    int nfd = ::open(sink.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+    if (nfd < 0) {
+      job_reopen_errno = errno;
+      return;
+    }
+    ::close(fd);
+    fd = nfd;
+    job_reopened = true;
+  }
+
+  // Thread pool: the rotation check, then the whole batch (short writes continued).
+  static void doWork(uv_work_t* w) {
+    auto* self = static_cast<Impl*>(w->data);
+    if (self->job_check || self->job_force) self->rotate(self->job_force);
+    self->job_write_errno = 0;
+    while (self->inflight_off < self->inflight.size()) {
+      ssize_t n = ::write(self->fd, self->inflight.data() + self->inflight_off,
+                          self->inflight.size() - self->inflight_off);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        self->job_write_errno = n < 0 ? errno : EIO;
+        break;
+      }
+      self->inflight_off += static_cast<size_t>(n);
+    }
+  }
+
+  // Loop: count and log what the rotation check did.
+  void noteReopen() {
+    if (job_reopened) {
+      stats.reopens++;
+      if (reopen_failing)
+        spdlog::info("access log {}: reopened ({} failed attempts so far)", sink,
+                     stats.reopen_errors);
+      else
+        spdlog::info("access log {}: reopened", sink);
+      reopen_failing = false;
+    } else if (job_reopen_errno != 0) {
+      stats.reopen_errors++;
+      if (!reopen_failing) {
+        spdlog::error(
+            "access log {}: cannot reopen: {}; still writing to the file opened before{}", sink,
+            errnoText(job_reopen_errno),
+            reopen_check_ms > 0 ? fmt::format(", retrying every {} ms", reopen_check_ms) : "");
+      }
+      reopen_failing = true;
+    }
+    job_reopened = false;
+    job_reopen_errno = 0;
+  }
+
+  void failed(const std::string& why) {
     stats.write_errors++;
     stats.dropped += inflight_lines;
     if (stats.write_errors == 1 || stats.write_errors % 100 == 0)
       spdlog::warn("access log {}: write failed: {} ({} failures, {} lines dropped so far)",
-                   sink, uv_strerror(static_cast<int>(err)), stats.write_errors, stats.dropped);
+                   sink, why, stats.write_errors, stats.dropped);
     inflight.clear();
     inflight_lines = 0;
   }
 
-  static void onWritten(uv_fs_t* r) {
-    auto* self = static_cast<Impl*>(r->data);
-    ssize_t n = r->result;
-    uv_fs_req_cleanup(r);
-    if (n < 0) {
-      self->failed(n);
-    } else if (self->inflight_off + static_cast<size_t>(n) < self->inflight.size()) {
-      self->inflight_off += static_cast<size_t>(n);  // a short write: the rest goes next
-      if (n > 0 && !self->orphaned) return self->submit();
-      if (n == 0) self->failed(UV_EIO);
+  static void onDone(uv_work_t* w, int status) {
+    auto* self = static_cast<Impl*>(w->data);
+    self->busy = false;
+    self->noteReopen();
+    if (status < 0) {
+      self->failed(uv_strerror(status));  // cancelled: the job never ran
+    } else if (self->job_write_errno != 0) {
+      self->failed(errnoText(self->job_write_errno));
     } else {
       self->stats.lines += self->inflight_lines;
       self->inflight.clear();
       self->inflight_lines = 0;
     }
-    self->busy = false;
     if (self->orphaned) return self->finish();
     self->kick();
   }
 
-  // Last words: what is left goes out with plain blocking writes (bounded: stop at the first
-  // error), then the file is closed and this deleted.
+  // Last words: a due rotation check (or a requested reopen), then what is left goes out with
+  // plain blocking writes (bounded: stop at the first error), then the file is closed and this
+  // deleted.
   void finish() {
+    if (own_fd && fd >= 0 && (reopen_requested || checkDue())) {
+      rotate(reopen_requested);
+      noteReopen();
+    }
     std::string rest = inflight.substr(std::min(inflight_off, inflight.size())) + pending;
     size_t off = 0;
     while (off < rest.size()) {
@@ -262,6 +350,8 @@ Result<std::unique_ptr<AccessLog>> AccessLog::open(uv_loop_t* loop, const Access
   impl->max_buffered = o.max_buffered;
   impl->flush_delay_ms = o.flush_delay_ms;
   impl->flush_bytes = o.flush_bytes;
+  impl->reopen_check_ms = o.reopen_check_ms;
+  impl->last_check_ms = uv_now(loop);
   if (o.sink == "stderr") {
     impl->fd = STDERR_FILENO;
   } else {
@@ -293,6 +383,7 @@ void AccessLog::write(const AccessLogRecord& r) { impl_->push(formatAccessLog(r,
 AccessLogFormat AccessLog::format() const { return impl_->format; }
 void AccessLog::setFormat(AccessLogFormat f) { impl_->format = f; }
 const std::string& AccessLog::sink() const { return impl_->sink; }
+void AccessLog::reopen() { impl_->requestReopen(); }
 AccessLogStats AccessLog::stats() const { return impl_->stats; }
 
 }  // namespace weft::ztunnel

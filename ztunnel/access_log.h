@@ -1,6 +1,7 @@
 // Access logs: one line per proxied connection when it ends (Istio's fields), as text or JSON,
 // written to stderr or a file without blocking the loop (a bounded buffer, one write in flight
-// on libuv's thread pool; lines that do not fit are dropped and counted).
+// on libuv's thread pool; lines that do not fit are dropped and counted). A file sink follows
+// log rotation: reopened when the path no longer names the file written to, or on reopen().
 #pragma once
 
 #include <uv.h>
@@ -52,12 +53,18 @@ struct AccessLogOptions {
   // connection. 0 = write as soon as the sink is idle.
   uint64_t flush_delay_ms = 50;
   size_t flush_bytes = 64 << 10;
+  // A file sink: at most this often, before a batch is written (on the thread pool), the path
+  // is stat()ed and reopened when it no longer names the open file (renamed away by logrotate,
+  // deleted, replaced). 0 = only on reopen().
+  uint64_t reopen_check_ms = 1000;
 };
 
 struct AccessLogStats {
   uint64_t lines = 0;         // handed to the sink and written
   uint64_t dropped = 0;       // did not fit in the buffer, or lost in a failed write
   uint64_t write_errors = 0;
+  uint64_t reopens = 0;        // the file reopened (rotated away, or reopen())
+  uint64_t reopen_errors = 0;  // reopen attempts that failed (the old file kept)
 };
 
 class AccessLog {
@@ -74,6 +81,9 @@ class AccessLog {
   AccessLogFormat format() const;
   void setFormat(AccessLogFormat f);
   const std::string& sink() const;
+  // Reopen the file at the path now (SIGHUP): off the loop, before the next batch, which goes
+  // to the new file; a no-op for stderr. A failure is counted and logged; the old file stays.
+  void reopen();
   AccessLogStats stats() const;
 
   struct Impl;

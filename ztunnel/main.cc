@@ -1,4 +1,5 @@
-// weft-ztunnel: command line, logging, signals, and the event loop.
+// weft-ztunnel: command line, logging, signals (SIGTERM/SIGINT drain, SIGHUP reopens the access
+// log), and the event loop.
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 #include <uv.h>
@@ -46,6 +47,9 @@ constexpr uint64_t kTrimIntervalMs = 10'000;
 int main(int argc, char** argv) {
   tuneMemory();
   CLI::App app{"weft-ztunnel: the node's shared mesh proxy"};
+  app.footer("Signals: SIGTERM/SIGINT drain open connections (--drain-timeout) and exit; SIGHUP "
+             "reopens the --access-log file (after log rotation; a renamed or deleted file is "
+             "also noticed within a second when the next lines are written).");
   std::string agent_socket, admin = "127.0.0.1:15000", metrics = "0.0.0.0:15020",
                             readiness = "0.0.0.0:15021", log_level = "info";
   bool log_json = false;
@@ -67,7 +71,8 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   app.add_flag("--log-json", log_json, "log JSON lines");
   app.add_option("--access-log", access_log,
-                 "one line per connection when it ends: off, stderr or a file (appended)")
+                 "one line per connection when it ends: off, stderr or a file (appended; "
+                 "reopened when rotated away and on SIGHUP)")
       ->capture_default_str();
   app.add_option("--access-log-format", access_log_format, "text|json")
       ->capture_default_str()
@@ -131,7 +136,7 @@ int main(int argc, char** argv) {
     spdlog::info("weft-ztunnel {} started; agent socket {}", WEFT_VERSION, agent_socket);
 
     struct Signals {
-      weft::UvHandle<uv_signal_t> term, intr;
+      weft::UvHandle<uv_signal_t> term, intr, hup;
       weft::UvHandle<uv_timer_t> trim;
       weft::ztunnel::Ztunnel* zt;
     } sig;
@@ -151,16 +156,28 @@ int main(int argc, char** argv) {
       s->zt->drain([s] {
         s->term.close();
         s->intr.close();
+        s->hup.close();
+        // libuv restored SIGHUP's default (terminate): a late one (logrotate racing the
+        // shutdown) must not kill the process before the access log's last lines are out.
+        signal(SIGHUP, SIG_IGN);
         s->trim.close();
         s->zt->shutdown();  // the loop ends once every handle closed
       });
     };
-    for (auto* h : {&sig.term, &sig.intr}) {
+    // SIGHUP: reopen the access log at once (logrotate's postrotate, like nginx's reopen).
+    auto on_hup = [](uv_signal_t* h, int) {
+      auto* s = static_cast<Signals*>(h->data);
+      weft::ztunnel::AccessLog* log = s->zt->accessLog();
+      spdlog::info("SIGHUP: reopening the access log {}", log ? log->sink() : "(off)");
+      if (log) log->reopen();
+    };
+    for (auto* h : {&sig.term, &sig.intr, &sig.hup}) {
       if (h->init(uv_signal_init(loop, h->get())) != 0) return 1;
       h->get()->data = &sig;
     }
     if (uv_signal_start(sig.term.get(), on_signal, SIGTERM) != 0 ||
-        uv_signal_start(sig.intr.get(), on_signal, SIGINT) != 0) {
+        uv_signal_start(sig.intr.get(), on_signal, SIGINT) != 0 ||
+        uv_signal_start(sig.hup.get(), on_hup, SIGHUP) != 0) {
       spdlog::error("cannot install signal handlers");
       return 1;
     }

@@ -55,6 +55,8 @@ namespace weft::ztunnel {
   X(access_log_lines_total, "Access-log lines written to the sink")                         \
   X(access_log_dropped_total, "Access-log lines dropped: the sink was stuck or failing")    \
   X(access_log_write_errors_total, "Access-log writes that failed")                          \
+  X(access_log_reopens_total, "Access-log file reopened (rotated away, or SIGHUP)")         \
+  X(access_log_reopen_errors_total, "Access-log reopen attempts that failed (old file kept)") \
   X(loop_reports_dropped_total, "Worker-loop reports (access-log lines, verdicts, fast-path " \
                                  "candidates) dropped: the main loop's mailbox was full")     \
   X(fast_path_verdicts_cached_total, "Allowed same-node verdicts written for the fast path")  \

@@ -366,6 +366,8 @@ void Ztunnel::refreshGauges() {
     s.access_log_lines_total = a.lines;
     s.access_log_dropped_total = a.dropped;
     s.access_log_write_errors_total = a.write_errors;
+    s.access_log_reopens_total = a.reopens;
+    s.access_log_reopen_errors_total = a.reopen_errors;
   }
   if (main_inbox_) s.loop_reports_dropped_total = main_inbox_->dropped();
   s.active_connections = proxy_.activeConnections() + fast_path_->activeConnections();
@@ -428,7 +430,9 @@ nlohmann::json Ztunnel::accessLogJson() const {
           {"format", accessLogFormatName(access_log_->format())},
           {"lines", a.lines},
           {"dropped", a.dropped},
-          {"write_errors", a.write_errors}};
+          {"write_errors", a.write_errors},
+          {"reopens", a.reopens},
+          {"reopen_errors", a.reopen_errors}};
 }
 
 }  // namespace weft::ztunnel

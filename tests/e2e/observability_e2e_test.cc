@@ -3,7 +3,9 @@
 // and N*S / N*R on both reporters and write exactly N access-log lines per side (text, then
 // JSON); a denied connection is logged with its error and counted as failed; no key material in
 // any admin output; log levels change at run time on agent and ztunnel; the agent's /status
-// lists kernel features and certificate health; /connections shows a live connection.
+// lists kernel features and certificate health; /connections shows a live connection; the
+// access log renamed away and SIGHUP to the ztunnel: the next line is in a new file at the path.
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -634,6 +636,50 @@ TEST_F(ObservabilityE2E, ConnectionsShowsALiveConnection) {
   EXPECT_EQ(in.value("destination_identity", ""), kServerIdentity);
   EXPECT_EQ(in.value("bytes_received", 0), 20);
   socat.closeStdin();
+}
+
+// logrotate's `create` + `postrotate kill -HUP`: node1's access log renamed away, SIGHUP to
+// node1's weft-ztunnel (its pid from the sim status) reopens the path at once (the new file
+// exists before any line), the next connection's line lands there and none in the renamed file.
+TEST_F(ObservabilityE2E, AccessLogReopensOnSighupAfterRotation) {
+  std::string path = accessLog("node1");
+  ASSERT_FALSE(path.empty());
+  int pid = 0;
+  for (auto& n : status_["nodes"])
+    if (n.value("name", "") == "node1" && n["ztunnel"]["pid"].is_number_integer())
+      pid = n["ztunnel"]["pid"];
+  ASSERT_GT(pid, 1) << status_.dump();
+  Json before = Json::parse(ztunnelGet("node1", "/access_log"), nullptr, false);
+  ASSERT_TRUE(before.contains("reopens")) << before.dump();
+  uint64_t reopens = before["reopens"];
+  std::string rotated = path + ".rotated";
+  ASSERT_EQ(::rename(path.c_str(), rotated.c_str()), 0) << path;
+  ASSERT_EQ(::kill(pid, SIGHUP), 0);
+  EXPECT_TRUE(eventually([&] { return fs::exists(path); }, 10s))
+      << "no new file at " << path << " after SIGHUP";
+  std::streamoff old_size = sizeOf(rotated);
+
+  Json j = echo(fmt::format("{}:80", kServiceVip), 1, 100, 11);
+  ASSERT_EQ(j.value("ok", -1), 1) << j.dump();
+  std::vector<std::string> lines;
+  eventually(
+      [&] {
+        lines = linesOf(readFrom(path, 0));
+        return !lines.empty();
+      },
+      10s);
+  ASSERT_EQ(lines.size(), 1u) << readFrom(path, 0);
+  auto f = lines[0].front() == '{' ? jsonFields(lines[0]) : textFields(lines[0]);
+  EXPECT_EQ(f["direction"], "outbound") << lines[0];
+  EXPECT_EQ(f["dst.hbone_addr"], fmt::format("{}:8080", kServerIp)) << lines[0];
+  EXPECT_EQ(f["bytes_sent"], "100") << lines[0];
+  EXPECT_EQ(sizeOf(rotated), old_size) << "a line went to the renamed file";
+  Json after = Json::parse(ztunnelGet("node1", "/access_log"), nullptr, false);
+  EXPECT_EQ(after.value("reopens", uint64_t{0}), reopens + 1) << after.dump();
+  EXPECT_EQ(after.value("reopen_errors", uint64_t{1}), 0u) << after.dump();
+  EXPECT_EQ(metric("node1", "weft_ztunnel_access_log_reopens_total", {}),
+            static_cast<double>(reopens + 1));
+  fs::remove(rotated);
 }
 
 }  // namespace

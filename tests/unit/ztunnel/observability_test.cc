@@ -1,14 +1,18 @@
 // Prometheus rendering (escaping, HELP/TYPE, no duplicate series, the ztunnel's whole /metrics
 // checked line by line), the access-log formatter (text and JSON, every field) and its writer
-// (file, a failing sink, a stuck sink).
+// (file, a failing sink, a stuck sink, log rotation: rename, delete, copytruncate, a directory
+// gone, SIGHUP).
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
 
 #include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -299,7 +303,8 @@ TEST(ZtunnelMetrics, WholeScrapeHasNoDuplicatesAndEveryFamilyIsTyped) {
           "weft_ztunnel_hbone_pool_connections", "weft_ztunnel_policy_verdicts_total",
           "weft_ztunnel_dns_query_outcomes_total", "weft_ztunnel_certificate_expiry_seconds",
           "weft_bpf_map_entries", "weft_bpf_map_max_entries", "istio_build",
-          "weft_ztunnel_access_log_dropped_total"}) {
+          "weft_ztunnel_access_log_dropped_total", "weft_ztunnel_access_log_reopens_total",
+          "weft_ztunnel_access_log_reopen_errors_total"}) {
       EXPECT_NE(r.body.find(std::string("# TYPE ") + fam + " "), std::string::npos) << fam;
     }
     zt.shutdown();
@@ -540,6 +545,241 @@ TEST_F(AccessLogWriterTest, StuckSinkDropsInsteadOfBlocking) {
   reader.join();
   close(p[0]);
   close(p[1]);
+}
+
+// --- Log rotation. The writer checks the path every reopen_check_ms (1 ms here, so the tests do
+// not wait for the default second) before a batch; lines are counted by connection id.
+
+// The connection ids of the text lines in `text`, in order; *bad counts lines that are not a
+// whole access-log line (no conn_id, or no final '\n').
+std::vector<uint64_t> idsIn(const std::string& text, int* bad) {
+  std::vector<uint64_t> ids;
+  size_t at = 0;
+  while (at < text.size()) {
+    size_t nl = text.find('\n', at);
+    std::string line = text.substr(at, nl == std::string::npos ? std::string::npos : nl - at);
+    size_t k = line.find("\tconn_id=");
+    size_t end = k == std::string::npos ? k : line.find(' ', k);
+    if (nl == std::string::npos || k == std::string::npos || end == std::string::npos ||
+        line.rfind("\tinfo\taccess\tconnection complete", k) == std::string::npos) {
+      ++*bad;
+    } else {
+      ids.push_back(std::stoull(line.substr(k + 9, end - k - 9)));
+    }
+    if (nl == std::string::npos) break;
+    at = nl + 1;
+  }
+  return ids;
+}
+
+std::string fileText(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Everything in an open file (one kept open to follow an inode that was renamed or deleted).
+std::string fdText(int fd) {
+  std::string out;
+  char buf[65536];
+  for (off_t off = 0;;) {
+    ssize_t n = pread(fd, buf, sizeof(buf), off);
+    if (n <= 0) break;
+    out.append(buf, static_cast<size_t>(n));
+    off += n;
+  }
+  return out;
+}
+
+class AccessLogRotationTest : public AccessLogWriterTest {
+ protected:
+  void SetUp() override {
+    AccessLogWriterTest::SetUp();
+    char tmpl[] = "/tmp/weft-alog-rot-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    path_ = dir_ + "/a.log";
+  }
+  void TearDown() override {
+    log_.reset();
+    AccessLogWriterTest::TearDown();
+    std::filesystem::remove_all(dir_);
+  }
+  void openLog(uint64_t check_ms) {
+    AccessLogOptions o{path_, AccessLogFormat::kText, 1 << 20};
+    o.flush_delay_ms = 0;
+    o.reopen_check_ms = check_ms;
+    auto log = AccessLog::open(&loop_, o);
+    ASSERT_TRUE(log) << log.status().message();
+    log_ = std::move(*log);
+  }
+  // Lines next_id_..next_id_+n-1, written out before returning.
+  void writeLines(int n) {
+    for (int i = 0; i < n; ++i) {
+      AccessLogRecord r = fullRecord();
+      r.connection_id = next_id_++;
+      log_->write(r);
+    }
+    uv_run(&loop_, UV_RUN_DEFAULT);
+  }
+  // One line per pass, 2 ms apart so that the check comes due, until done() holds (bounded:
+  // false after 10 s of passes).
+  bool writeUntil(const std::function<bool()>& done) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      writeLines(1);
+      if (done()) return true;
+    }
+    return false;
+  }
+  // Every id 0..next_id_-1 exactly once over `parts` (in order, each part ascending: nothing
+  // lost, duplicated or reordered across the rotation), and every line whole.
+  void expectAllOnce(const std::vector<std::string>& parts) {
+    std::vector<uint64_t> all;
+    for (size_t p = 0; p < parts.size(); ++p) {
+      int bad = 0;
+      auto ids = idsIn(parts[p], &bad);
+      EXPECT_EQ(bad, 0) << "part " << p << " has a partial or foreign line";
+      all.insert(all.end(), ids.begin(), ids.end());
+    }
+    ASSERT_EQ(all.size(), next_id_) << "lines lost or duplicated";
+    for (uint64_t i = 0; i < all.size(); ++i) ASSERT_EQ(all[i], i) << "at line " << i;
+  }
+
+  std::string dir_, path_;
+  AccessLogPtr log_;
+  uint64_t next_id_ = 0;
+};
+
+// logrotate's default (create): a.log renamed to a.log.1. The next check reopens a.log; what was
+// written before went to a.log.1, everything after to the new a.log.
+TEST_F(AccessLogRotationTest, RenamedFileIsReopenedAtThePath) {
+  openLog(1);
+  writeLines(100);
+  ASSERT_EQ(rename(path_.c_str(), (path_ + ".1").c_str()), 0);
+  ASSERT_TRUE(writeUntil([&] { return log_->stats().reopens == 1; }))
+      << "never reopened after the rename";
+  writeLines(100);
+  EXPECT_EQ(log_->stats().reopens, 1u);
+  EXPECT_EQ(log_->stats().reopen_errors, 0u);
+  EXPECT_EQ(log_->stats().lines, next_id_);
+  log_.reset();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  std::string old_text = fileText(path_ + ".1"), new_text = fileText(path_);
+  int bad = 0;
+  EXPECT_GE(idsIn(old_text, &bad).size(), 100u);
+  EXPECT_GE(idsIn(new_text, &bad).size(), 100u);
+  expectAllOnce({old_text, new_text});
+  struct stat st {};
+  ASSERT_EQ(stat(path_.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0640u) << "the new file is created 0640 like the first";
+}
+
+// The file deleted (rm): recreated at the path; the lines written to the deleted inode before
+// the check noticed are still in it (read through a descriptor kept open), none twice.
+TEST_F(AccessLogRotationTest, DeletedFileIsRecreated) {
+  openLog(1);
+  writeLines(50);
+  int old_fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(old_fd, 0);
+  ASSERT_EQ(unlink(path_.c_str()), 0);
+  ASSERT_TRUE(writeUntil([&] { return log_->stats().reopens == 1; }));
+  writeLines(50);
+  EXPECT_TRUE(std::filesystem::exists(path_));
+  EXPECT_EQ(log_->stats().reopen_errors, 0u);
+  log_.reset();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  expectAllOnce({fdText(old_fd), fileText(path_)});
+  close(old_fd);
+}
+
+// copytruncate: a.log copied to a.log.1 and truncated in place. Same inode, so no reopen; with
+// O_APPEND the next lines start at offset 0 of the truncated file (no hole of NULs).
+TEST_F(AccessLogRotationTest, CopytruncateWritesFromTheStart) {
+  openLog(1);
+  writeLines(50);
+  std::filesystem::copy_file(path_, path_ + ".1");
+  ASSERT_EQ(truncate(path_.c_str(), 0), 0);
+  // Several passes, so the rotation check runs (and must find the same file).
+  ASSERT_TRUE(writeUntil([&] { return next_id_ >= 60; }));
+  log_.reset();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  std::string copy = fileText(path_ + ".1"), now = fileText(path_);
+  EXPECT_EQ(now.find('\0'), std::string::npos) << "a hole before the new lines";
+  int bad = 0;
+  auto ids = idsIn(now, &bad);
+  ASSERT_FALSE(ids.empty());
+  EXPECT_EQ(ids.front(), 50u) << "the truncated file starts with the first line after it";
+  EXPECT_EQ(now.rfind("2025-11-26T", 0), 0u) << now.substr(0, 40);  // a line at offset 0
+  expectAllOnce({copy, now});
+}
+
+// The directory removed: the reopen fails, is counted (every check) and the lines keep going to
+// the old file; once the directory is back, the next check reopens there.
+TEST_F(AccessLogRotationTest, ReopenFailureKeepsTheOldFileAndRetries) {
+  std::string sub = dir_ + "/logs";
+  ASSERT_EQ(mkdir(sub.c_str(), 0755), 0);
+  path_ = sub + "/a.log";
+  openLog(1);
+  writeLines(20);
+  int old_fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(old_fd, 0);
+  ASSERT_EQ(unlink(path_.c_str()), 0);
+  ASSERT_EQ(rmdir(sub.c_str()), 0);
+  ASSERT_TRUE(writeUntil([&] { return log_->stats().reopen_errors >= 2; }))
+      << "the failed reopen was not counted and retried";
+  EXPECT_EQ(log_->stats().reopens, 0u);
+  EXPECT_EQ(log_->stats().write_errors, 0u);
+  EXPECT_EQ(log_->stats().dropped, 0u);
+  EXPECT_EQ(log_->stats().lines, next_id_) << "lines still written (to the old file)";
+  ASSERT_EQ(mkdir(sub.c_str(), 0755), 0);
+  ASSERT_TRUE(writeUntil([&] { return log_->stats().reopens == 1; }))
+      << "not reopened once the directory was back";
+  uint64_t errors = log_->stats().reopen_errors;
+  writeLines(20);
+  EXPECT_EQ(log_->stats().reopen_errors, errors);
+  log_.reset();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  expectAllOnce({fdText(old_fd), fileText(path_)});
+  close(old_fd);
+}
+
+// SIGHUP (a real signal to this process, handled on the loop as weft-ztunnel does) reopens at
+// once, even with no line waiting; without automatic checks the renamed file kept the lines.
+TEST_F(AccessLogRotationTest, ReopenOnSighup) {
+  openLog(0);  // no automatic check: only reopen()
+  writeLines(10);
+  ASSERT_EQ(rename(path_.c_str(), (path_ + ".1").c_str()), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  writeLines(10);
+  EXPECT_FALSE(std::filesystem::exists(path_)) << "reopened without a check or a signal";
+  uv_signal_t hup;
+  ASSERT_EQ(uv_signal_init(&loop_, &hup), 0);
+  hup.data = log_.get();
+  ASSERT_EQ(uv_signal_start(
+                &hup, [](uv_signal_t* h, int) { static_cast<AccessLog*>(h->data)->reopen(); },
+                SIGHUP),
+            0);
+  ASSERT_EQ(kill(getpid(), SIGHUP), 0);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (log_->stats().reopens == 0 && std::chrono::steady_clock::now() < deadline) {
+    uv_run(&loop_, UV_RUN_NOWAIT);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  uv_close(reinterpret_cast<uv_handle_t*>(&hup), nullptr);
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  ASSERT_EQ(log_->stats().reopens, 1u);
+  EXPECT_TRUE(std::filesystem::exists(path_)) << "reopen with no lines waiting creates the file";
+  EXPECT_EQ(std::filesystem::file_size(path_), 0u);
+  writeLines(10);
+  log_->reopen();  // again, with nothing renamed: a new descriptor on the same file
+  writeLines(10);
+  EXPECT_EQ(log_->stats().reopens, 2u);
+  log_.reset();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  expectAllOnce({fileText(path_ + ".1"), fileText(path_)});
 }
 
 }  // namespace
