@@ -230,10 +230,6 @@ nlohmann::json Balancer::toJson() const {
   return out;
 }
 
-}  // namespace weft::ztunnel
-
-namespace weft::ztunnel {
-
 void Balancer::shareBetweenThreads() {
   if (shared_->locking) return;
   shared_ = std::make_shared<const EndpointLease::Shared>(shared_->options, shared_->clock, true);
