@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "common/netns.h"
+#include "tests/unit/ztunnel/pod_netns.h"
 #include "ztunnel/ztunnel.h"
 
 namespace weft::ztunnel {
@@ -25,47 +26,7 @@ namespace {
 using Bytes = std::vector<uint8_t>;
 constexpr const char* kUpstream = "127.0.0.1:5300";
 
-int sh(const std::string& cmd) {
-  return system((cmd + " >/dev/null 2>&1").c_str());
-}
-
-class TestNetns {
- public:
-  TestNetns() {
-    const std::string prefix = "weft-zt-dns-";
-    if (DIR* d = opendir("/run/netns")) {  // leftovers of crashed runs (their pid is gone)
-      while (dirent* e = readdir(d)) {
-        std::string n = e->d_name;
-        if (n.rfind(prefix, 0) != 0) continue;
-        pid_t pid = static_cast<pid_t>(atoi(n.c_str() + prefix.size()));
-        if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) sh("ip netns del " + n);
-      }
-      closedir(d);
-    }
-    name_ = prefix + std::to_string(getpid());
-    sh("ip netns del " + name_);
-    ok_ = sh("ip netns add " + name_) == 0 && sh("ip -n " + name_ + " link set lo up") == 0 &&
-          sh("ip -n " + name_ + " addr add 10.250.0.5/32 dev lo") == 0 &&
-          sh("ip -n " + name_ + " addr add fd00:250::5/128 dev lo nodad") == 0;
-    if (ok_) {
-      auto fd = openNetns("/run/netns/" + name_);
-      ok_ = fd.isOk();
-      if (ok_) fd_ = std::move(fd.value());
-    }
-  }
-  ~TestNetns() {
-    fd_.reset();
-    sh("ip netns del " + name_);
-  }
-  bool ok() const { return ok_; }
-  int fd() const { return fd_.get(); }
-  UniqueFd dupFd() const { return UniqueFd(fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0)); }
-
- private:
-  std::string name_;
-  UniqueFd fd_;
-  bool ok_ = false;
-};
+using podtest::PodNetns;
 
 void put16(Bytes& b, uint16_t v) {
   b.push_back(static_cast<uint8_t>(v >> 8));
@@ -247,7 +208,8 @@ class DnsServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (geteuid() != 0) GTEST_SKIP() << "needs root: creates a network namespace";
-    netns_ = std::make_unique<TestNetns>();
+    netns_ = std::make_unique<PodNetns>(
+        "weft-zt-dns-", std::vector<std::string>{"10.250.0.5/32", "fd00:250::5/128"});
     ASSERT_TRUE(netns_->ok()) << "could not create a test netns";
     ASSERT_EQ(uv_loop_init(&loop_), 0);
     loop_ok_ = true;
@@ -293,7 +255,7 @@ class DnsServerTest : public ::testing::Test {
 
   uv_loop_t loop_;
   bool loop_ok_ = false;
-  std::unique_ptr<TestNetns> netns_;
+  std::unique_ptr<PodNetns> netns_;
   std::unique_ptr<Ztunnel> zt_;
   std::vector<DnsQueryOrigin> origins_;  // touched on the loop thread only
 };

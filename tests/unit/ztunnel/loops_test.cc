@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "common/netns.h"
+#include "tests/unit/ztunnel/pod_netns.h"
 #include "ztunnel/ztunnel.h"
 
 namespace weft::ztunnel {
@@ -26,82 +27,10 @@ namespace {
 
 constexpr const char* kPodV4 = "10.251.0.5";
 
-int sh(const std::string& cmd) { return system((cmd + " >/dev/null 2>&1").c_str()); }
-
-// A named netns with lo up carrying the pod's address; removed on destruction (and leftovers
-// of crashed runs, whose pid is gone, on the next construction).
-class LoopsNetns {
- public:
-  LoopsNetns() {
-    const std::string prefix = "weft-zt-loops-";
-    if (DIR* d = opendir("/run/netns")) {
-      while (dirent* e = readdir(d)) {
-        std::string n = e->d_name;
-        if (n.rfind(prefix, 0) != 0) continue;
-        pid_t pid = static_cast<pid_t>(atoi(n.c_str() + prefix.size()));
-        if (pid > 0 && kill(pid, 0) != 0 && errno == ESRCH) sh("ip netns del " + n);
-      }
-      closedir(d);
-    }
-    name_ = prefix + std::to_string(getpid());
-    sh("ip netns del " + name_);
-    ok_ = sh("ip netns add " + name_) == 0 && sh("ip -n " + name_ + " link set lo up") == 0 &&
-          sh("ip -n " + name_ + " addr add " + kPodV4 + "/32 dev lo") == 0;
-    if (ok_) {
-      auto fd = openNetns("/run/netns/" + name_);
-      ok_ = fd.isOk();
-      if (ok_) fd_ = std::move(fd.value());
-    }
-  }
-  ~LoopsNetns() {
-    fd_.reset();
-    sh("ip netns del " + name_);
-  }
-  bool ok() const { return ok_; }
-  int fd() const { return fd_.get(); }
-  UniqueFd dupFd() const { return UniqueFd(fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0)); }
-
- private:
-  std::string name_;
-  UniqueFd fd_;
-  bool ok_ = false;
-};
-
-int connectIn(int netns, const std::string& addr) {
-  auto a = SocketAddress::parse(addr);
-  auto s = socketIn(netns, a->family(), SOCK_STREAM);
-  if (!s) return -1;
-  sockaddr_storage ss;
-  socklen_t len = a->toSockaddr(&ss);
-  if (connect(s->get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) return -errno;
-  return s->release();
-}
-
-std::string readToEof(int fd, int* err = nullptr) {
-  std::string out;
-  char buf[16384];
-  for (int i = 0; i < 100; i++) {
-    pollfd p{fd, POLLIN, 0};
-    if (poll(&p, 1, 100) <= 0) continue;
-    ssize_t n = recv(fd, buf, sizeof(buf), 0);
-    if (n <= 0) {
-      if (n < 0 && err) *err = errno;
-      break;
-    }
-    out.append(buf, static_cast<size_t>(n));
-  }
-  return out;
-}
-
-bool sendAll(int fd, const std::string& data) {
-  size_t off = 0;
-  while (off < data.size()) {
-    ssize_t n = send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL);
-    if (n <= 0) return false;
-    off += static_cast<size_t>(n);
-  }
-  return true;
-}
+using podtest::connectIn;
+using podtest::PodNetns;
+using podtest::readToEof;
+using podtest::sendAll;
 
 // The app in the pod: accepts up to `max` connections (each on its own thread), answers each
 // with every byte it read, after the client's EOF; `hold` = read nothing, answer never.
@@ -179,7 +108,8 @@ class LoopsTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (geteuid() != 0) GTEST_SKIP() << "needs root: creates a network namespace";
-    netns_ = std::make_unique<LoopsNetns>();
+    netns_ = std::make_unique<PodNetns>("weft-zt-loops-",
+                                        std::vector<std::string>{std::string(kPodV4) + "/32"});
     ASSERT_TRUE(netns_->ok()) << "could not create a test netns";
     ASSERT_EQ(uv_loop_init(&loop_), 0);
     loop_ok_ = true;
@@ -248,7 +178,7 @@ class LoopsTest : public ::testing::Test {
   }
   uv_loop_t loop_;
   bool loop_ok_ = false;
-  std::unique_ptr<LoopsNetns> netns_;
+  std::unique_ptr<PodNetns> netns_;
   std::unique_ptr<Ztunnel> zt_;
   std::filesystem::path log_path_;
 };
