@@ -24,6 +24,8 @@ struct Chunk {
 // thread_local and needs no lock. At most kKeep chunks are kept (8 MiB); the rest are freed.
 // Freed chunks come back as fresh pages (page faults, the most expensive thing on this data
 // path), so the pool covers several busy tunnels' bounds (each at most 4 chunks in use).
+// Once the loop stops taking chunks for a while, release() gives them all back
+// (ztunnel/memory_trim.h): an idle node keeps none.
 class ChunkPool {
  public:
   static constexpr size_t kKeep = 32;
@@ -32,6 +34,7 @@ class ChunkPool {
     return pool;
   }
   Chunk take() {
+    takes_++;  // the idle check's only cost on the data path (one per 256 KiB chunk)
     Chunk c;
     if (!free_.empty()) {
       c.data = std::move(free_.back());
@@ -46,9 +49,18 @@ class ChunkPool {
     c.data.reset();
   }
   size_t freeChunks() const { return free_.size(); }
+  size_t pooledBytes() const { return free_.size() * Chunk::kBytes; }
+  uint64_t takes() const { return takes_; }
+  // Frees every pooled chunk (chunks in use are not the pool's); returns the bytes freed.
+  size_t release() {
+    size_t bytes = pooledBytes();
+    std::vector<std::unique_ptr<uint8_t[]>>().swap(free_);
+    return bytes;
+  }
 
  private:
   std::vector<std::unique_ptr<uint8_t[]>> free_;
+  uint64_t takes_ = 0;
 };
 
 }  // namespace weft::hbone
