@@ -4,6 +4,8 @@
 #include <malloc.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include "ztunnel/hbone/buffer_pools.h"
 
 namespace weft::ztunnel {
@@ -73,32 +75,43 @@ void LoopMemory::close() {
 
 size_t LoopMemory::pooledBytes() { return hbone::localBufferPoolUsage().pooledBytes(); }
 
+namespace {
+
+// Records this tick's low-water mark; once a whole idle period is recorded, frees the buffers
+// that stayed free through all of it. Returns the bytes freed.
+template <typename Pool>
+size_t releaseUnused(Pool& pool, std::deque<size_t>& lows, size_t ticks) {
+  lows.push_back(pool.lowWaterAndReset());
+  if (lows.size() > ticks) lows.pop_front();
+  if (lows.size() < ticks) return 0;
+  size_t unused = *std::min_element(lows.begin(), lows.end());
+  if (unused == 0) return 0;
+  for (size_t& l : lows) l -= unused;
+  return pool.release(unused);
+}
+
+}  // namespace
+
 void LoopMemory::tick(uint64_t now_ms) {
-  hbone::BufferPoolUsage usage = hbone::localBufferPoolUsage();
   ConnectionCounts c = counts_ ? counts_() : ConnectionCounts{};
   if (!looked_) {
-    // The first look is the baseline: idle periods count from here.
-    looked_ = true;
-    takes_ = usage.takes;
-    last_take_ms_ = now_ms;
-    counts_seen_ = c;
+    looked_ = true;  // the first look is the baseline
   } else {
-    bool busy = c.begun != counts_seen_.begun;
-    if (usage.takes != takes_) {
-      takes_ = usage.takes;
-      last_take_ms_ = now_ms;
-      busy = true;
-    }
+    if (c.begun != counts_seen_.begun) activity_->noteBusy(now_ms);
     if (c.ended > counts_seen_.ended) activity_->addEnded(c.ended - counts_seen_.ended);
-    counts_seen_ = c;
-    if (busy) activity_->noteBusy(now_ms);
   }
-  if (options_.pool_idle.count() > 0 && usage.pooledBytes() > 0 &&
-      now_ms - last_take_ms_ >= static_cast<uint64_t>(options_.pool_idle.count())) {
-    size_t freed = hbone::releaseLocalBufferPools();
-    activity_->addRelease(freed);
-    spdlog::debug("buffer pools unused for {} ms: freed {} KiB", now_ms - last_take_ms_,
-                  freed / 1024);
+  counts_seen_ = c;
+  if (options_.pool_idle.count() > 0) {
+    auto ticks = static_cast<size_t>(
+        std::max<int64_t>(1, (options_.pool_idle.count() + options_.tick.count() - 1) /
+                                 std::max<int64_t>(1, options_.tick.count())));
+    size_t freed = releaseUnused(hbone::CipherBufferPool::local(), cipher_lows_, ticks) +
+                   releaseUnused(hbone::ChunkPool::local(), chunk_lows_, ticks);
+    if (freed > 0) {
+      activity_->addRelease(freed);
+      spdlog::debug("buffer pools: freed {} KiB no take needed for {} ms", freed / 1024,
+                    options_.pool_idle.count());
+    }
   }
   if (trims_heap_) maybeTrimHeap(now_ms);
 }

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <string>
 
@@ -18,17 +19,20 @@
 namespace weft::ztunnel {
 
 struct MemoryTrimOptions {
-  // A loop's pools are freed once no buffer was taken from them for this long (0: never).
-  // 10 s: far longer than any gap inside a transfer or between a client's requests (a pool
-  // that is freed and refilled costs page faults on the data path again), short enough that a
-  // node is back to its idle size within seconds of a burst.
+  // A loop frees the pooled buffers that no take needed for this long (0: never): those that
+  // stayed free through every tick of the period. Not "no take at all": each pooled HBONE
+  // connection writes a PING every 10 s, which takes a ciphertext buffer, so a node with peers
+  // is never without takes; what its pings need (one buffer) stays. 10 s: far longer than any
+  // gap inside a transfer or between a client's requests (a pool freed and refilled costs page
+  // faults on the data path again), short enough that a node is back to its idle size soon
+  // after a burst.
   std::chrono::milliseconds pool_idle{10'000};
   // How often each loop looks (one timer per loop; the data path only counts takes).
   std::chrono::milliseconds tick{1'000};
   // malloc_trim at most this often (it locks and walks every arena: a few ms on a heap of
   // hundreds of MiB; ARCHITECTURE "ztunnel memory" has the measured cost).
   std::chrono::milliseconds trim_interval{5'000};
-  // ... and only when no loop saw a new connection or a buffer taken within this long.
+  // ... and only when no loop saw a new connection within this long.
   std::chrono::milliseconds quiet{1'000};
   // ... and only when some pool was freed or at least this many connections ended since the
   // last trim (what a closed connection leaves is free heap, not pooled buffers).
@@ -39,7 +43,7 @@ struct MemoryTrimOptions {
 // loop threads: atomics, written once per tick, never on the data path.
 class MemoryActivity {
  public:
-  void noteBusy(uint64_t now_ms);  // a loop saw a new connection or a take (loop clock, ms)
+  void noteBusy(uint64_t now_ms);  // a loop saw a new connection (loop clock, ms)
   void addEnded(uint64_t n) { ended_.fetch_add(n, std::memory_order_relaxed); }
   void addRelease(size_t bytes);
   void addTrim(uint64_t micros);
@@ -62,8 +66,9 @@ class MemoryActivity {
   std::atomic<uint64_t> last_trim_us_{0};
 };
 
-// One per loop, on that loop's thread: a repeating unref'd timer that frees the thread's pools
-// after `pool_idle` without a take; the main loop's (trims_heap) also decides the malloc_trim.
+// One per loop, on that loop's thread: a repeating unref'd timer that frees the thread's pooled
+// buffers no take needed for `pool_idle`; the main loop's (trims_heap) also decides the
+// malloc_trim.
 class LoopMemory {
  public:
   struct ConnectionCounts {
@@ -102,10 +107,11 @@ class LoopMemory {
   TrimFn trim_;
   UvHandle<uv_timer_t> timer_;
   bool started_ = false;
-  // This loop's last look.
+  // This loop's last looks: per tick of the idle period, the fewest free buffers of each pool
+  // (oldest first); what stayed free through all of them is freed.
   bool looked_ = false;
-  uint64_t takes_ = 0;
-  uint64_t last_take_ms_ = 0;  // when a change of takes_ was seen
+  std::deque<size_t> cipher_lows_;
+  std::deque<size_t> chunk_lows_;
   ConnectionCounts counts_seen_;
   // Main loop: the activity at the last trim.
   uint64_t last_trim_ms_ = 0;

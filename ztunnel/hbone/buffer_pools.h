@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -23,7 +24,7 @@ class CipherBufferPool {
     return pool;
   }
   std::vector<char> take() {
-    takes_++;  // the idle check's only cost on the data path (one per buffer)
+    takes_++;  // the idle trim's only cost on the data path (one per buffer)
     std::vector<char> v;
     if (!free_.empty()) {
       v = std::move(free_.back());
@@ -31,6 +32,7 @@ class CipherBufferPool {
     } else {
       v.reserve(kBytes);
     }
+    if (free_.size() < low_) low_ = free_.size();
     return v;
   }
   void give(std::vector<char>&& v) {
@@ -48,16 +50,28 @@ class CipherBufferPool {
     return n;
   }
   uint64_t takes() const { return takes_; }
-  // Frees every pooled buffer (buffers in use are not the pool's); returns the bytes freed.
-  size_t release() {
-    size_t bytes = pooledBytes();
-    std::vector<std::vector<char>>().swap(free_);
+  // The fewest free buffers since the last call (so many no take needed), then starts over.
+  size_t lowWaterAndReset() {
+    size_t low = low_;
+    low_ = free_.size();
+    return low;
+  }
+  // Frees up to n pooled buffers (buffers in use are not the pool's); returns the bytes freed.
+  size_t release(size_t n = SIZE_MAX) {
+    size_t bytes = 0;
+    for (; n > 0 && !free_.empty(); --n) {
+      bytes += free_.back().capacity();
+      free_.pop_back();
+    }
+    if (free_.empty()) std::vector<std::vector<char>>().swap(free_);
+    low_ = std::min(low_, free_.size());
     return bytes;
   }
 
  private:
   std::vector<std::vector<char>> free_;
   uint64_t takes_ = 0;
+  size_t low_ = 0;
 };
 
 // This thread's pools.
@@ -72,7 +86,7 @@ inline BufferPoolUsage localBufferPoolUsage() {
   const ChunkPool& k = ChunkPool::local();
   return {c.takes() + k.takes(), c.pooledBytes(), k.pooledBytes()};
 }
-// Frees this thread's pooled buffers; returns the bytes freed.
+// Frees all of this thread's pooled buffers; returns the bytes freed.
 inline size_t releaseLocalBufferPools() {
   return CipherBufferPool::local().release() + ChunkPool::local().release();
 }

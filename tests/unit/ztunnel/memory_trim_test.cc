@@ -81,32 +81,51 @@ TEST(BufferPools, ReleaseFreesWhatIsPooledOnly) {
 TEST(LoopMemory, FreesPoolsAfterTheIdlePeriodAndKeepsThemWhileInUse) {
   onFreshThread([] {
     MemoryActivity activity;
-    MemoryTrimOptions o = fastOptions();
+    MemoryTrimOptions o = fastOptions();  // 100 ms idle period, a look every 10 ms
     LoopMemory m(nullptr, o, &activity, nullptr, false);
     fillPools(2, 3);
     size_t pooled = hbone::localBufferPoolUsage().pooledBytes();
     ASSERT_GT(pooled, 0u);
-    // In use: a take between every two looks, for ten idle periods.
+    // In use: every buffer taken between every two looks, for ten idle periods.
     uint64_t now = 1000;
     m.tick(now);
     for (int i = 0; i < 100; ++i) {
-      useOnce();
-      now += 10;
-      m.tick(now);
+      fillPools(2, 3);
+      m.tick(now += 10);
     }
     EXPECT_EQ(hbone::localBufferPoolUsage().pooledBytes(), pooled);
     EXPECT_EQ(activity.poolReleases(), 0u);
-    EXPECT_EQ(activity.lastBusyMs(), now);
-    // Unused for just under the idle period: still kept.
-    m.tick(now + 99);
+    // Unused for nine looks (90 ms): still kept.
+    for (int i = 0; i < 9; ++i) m.tick(now += 10);
     EXPECT_EQ(hbone::localBufferPoolUsage().pooledBytes(), pooled);
-    // Unused for the idle period: freed, counted once.
-    m.tick(now + 100);
+    // Unused through a whole idle period: freed, counted once.
+    m.tick(now += 10);
     EXPECT_EQ(hbone::localBufferPoolUsage().pooledBytes(), 0u);
     EXPECT_EQ(activity.poolReleases(), 1u);
     EXPECT_EQ(activity.releasedBytes(), pooled);
-    m.tick(now + 300);
+    for (int i = 0; i < 30; ++i) m.tick(now += 10);
     EXPECT_EQ(activity.poolReleases(), 1u);  // nothing more to free
+    EXPECT_EQ(activity.lastBusyMs(), 0u);    // no connection began
+  });
+}
+
+// A light steady use (an HBONE PING every few looks takes one ciphertext buffer) keeps what
+// it needs; the rest of the pools goes.
+TEST(LoopMemory, KeepsWhatALightUseNeedsAndFreesTheRest) {
+  onFreshThread([] {
+    MemoryActivity activity;
+    LoopMemory m(nullptr, fastOptions(), &activity, nullptr, false);
+    fillPools(4, 6);
+    uint64_t now = 1000;
+    m.tick(now);
+    for (int i = 0; i < 50; ++i) {
+      if (i % 3 == 0) CipherBufferPool::local().give(CipherBufferPool::local().take());
+      m.tick(now += 10);
+    }
+    hbone::BufferPoolUsage u = hbone::localBufferPoolUsage();
+    EXPECT_EQ(u.cipher_bytes, CipherBufferPool::kBytes);
+    EXPECT_EQ(u.chunk_bytes, 0u);
+    EXPECT_EQ(activity.releasedBytes(), 3 * CipherBufferPool::kBytes + 6 * Chunk::kBytes);
   });
 }
 
@@ -158,9 +177,8 @@ TEST(LoopMemory, HeapTrimOnlyWhenQuietAndSomethingWasFreed) {
     // Nothing new since: no second trim however long it stays quiet.
     for (int i = 0; i < 20; ++i) m.tick(now += 10);
     EXPECT_EQ(trims, 1);
-    // Pools released on a loop (this one): a trim, but not within trim_interval of the last.
+    // Pools released on a loop (this one): a trim once they are freed (after the idle period).
     fillPools(1, 0);
-    m.tick(now += 10);  // the fill was a take: busy; freed after the idle period (100 ms)
     for (int i = 0; i < 20 && trims == 1; ++i) m.tick(now += 10);
     EXPECT_EQ(activity.poolReleases(), 1u);
     EXPECT_EQ(trims, 2);
