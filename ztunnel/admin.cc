@@ -141,7 +141,8 @@ nlohmann::json Ztunnel::configDump() {
           {"endpoint_load", proxy_.balancer().toJson()},
           {"authorization_policies", policies},
           {"events", events_ ? events_->statsJson() : nlohmann::json(nullptr)},
-          {"fast_path", fast_path_->statusJson()}};
+          {"fast_path", fast_path_->statusJson()},
+          {"memory", memoryJson()}};
 }
 
 HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {

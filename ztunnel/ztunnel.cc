@@ -449,6 +449,17 @@ std::string Ztunnel::renderMemoryMetrics(const std::vector<LoopSnapshot>& worker
   return ztunnel::renderMemoryMetrics(m);
 }
 
+nlohmann::json Ztunnel::memoryJson() const {
+  const MemoryActivity& a = *memory_activity_;
+  return {{"buffer_idle_ms", options_.memory_trim.pool_idle.count()},
+          {"trims", a.trims()},
+          {"trim_microseconds_total", a.trimMicrosTotal()},
+          {"last_trim_microseconds", a.lastTrimMicros()},
+          {"pool_releases", a.poolReleases()},
+          {"pool_released_bytes", a.releasedBytes()},
+          {"connections_ended", a.ended()}};
+}
+
 nlohmann::json Ztunnel::accessLogJson() const {
   if (!access_log_) return {{"sink", "off"}};
   AccessLogStats a = access_log_->stats();

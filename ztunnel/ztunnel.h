@@ -102,6 +102,7 @@ class Ztunnel : public AgentHandler {
   std::string renderWeftMetrics();
   // weft_ztunnel_memory_*: the trims, and the pooled buffers of every loop.
   std::string renderMemoryMetrics(const std::vector<LoopSnapshot>& workers);
+  nlohmann::json memoryJson() const;  // the idle trim's settings and counters
   nlohmann::json accessLogJson() const;
 
   uv_loop_t* loop_;

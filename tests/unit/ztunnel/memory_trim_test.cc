@@ -260,6 +260,13 @@ TEST(LoopMemory, MetricsShowTheTrimsAndThePooledBytes) {
                 std::string::npos);
       EXPECT_NE(body.find("# TYPE weft_ztunnel_memory_pool_releases_total counter"),
                 std::string::npos);
+      auto dump = nlohmann::json::parse(zt.handleAdmin({"GET", "/config_dump", "", ""}).body);
+      EXPECT_EQ(dump["memory"]["trims"], 0);
+      EXPECT_EQ(dump["memory"]["buffer_idle_ms"], 10'000);
+      ASSERT_EQ(dump["loops"].size(), 2u);
+      EXPECT_EQ(dump["loops"][0]["pooled_buffer_bytes"],
+                CipherBufferPool::kBytes + 2 * Chunk::kBytes);
+      EXPECT_EQ(dump["loops"][1]["pooled_buffer_bytes"], 0);
       zt.shutdown();
       uv_run(&loop, UV_RUN_DEFAULT);
     }
