@@ -115,6 +115,7 @@ nlohmann::json Ztunnel::configDump() {
   nlohmann::json loops = nlohmann::json::array();
   loops.push_back({{"loop", 0},
                    {"active_connections", proxy_.activeConnections()},
+                   {"pooled_buffer_bytes", LoopMemory::pooledBytes()},
                    {"stats", proxy_.stats().toJson()}});
   for (LoopSnapshot& w : workerSnapshots()) {
     loops.push_back({{"loop", w.loop},
@@ -123,6 +124,7 @@ nlohmann::json Ztunnel::configDump() {
                      {"hbone_pool_connections", w.mtls.pool_connections},
                      {"hbone_client_handshakes", w.mtls.client_handshakes},
                      {"hbone_server_handshakes", w.mtls.server.handshakes},
+                     {"pooled_buffer_bytes", w.pooled_cipher_bytes + w.pooled_chunk_bytes},
                      {"stats", w.stats.toJson()}});
   }
   return {{"node_config", node},
@@ -139,7 +141,8 @@ nlohmann::json Ztunnel::configDump() {
           {"endpoint_load", proxy_.balancer().toJson()},
           {"authorization_policies", policies},
           {"events", events_ ? events_->statsJson() : nlohmann::json(nullptr)},
-          {"fast_path", fast_path_->statusJson()}};
+          {"fast_path", fast_path_->statusJson()},
+          {"memory", memoryJson()}};
 }
 
 HttpResponse Ztunnel::handleAdmin(const HttpRequest& req) {
@@ -259,7 +262,7 @@ HttpResponse Ztunnel::handleMetrics(const HttpRequest& req) {
                           mergedStats(workers).renderPrometheus() +
                           proxy_.verdicts().renderPrometheus() +
                           (mesh_tls_ ? MeshTls::renderRefusals(mtls) : std::string()) +
-                          renderWeftMetrics()};
+                          renderWeftMetrics() + renderMemoryMetrics(workers)};
 }
 
 HttpResponse Ztunnel::handleReadiness(const HttpRequest& req) {

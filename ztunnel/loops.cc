@@ -7,6 +7,8 @@
 
 #include <algorithm>
 
+#include "ztunnel/hbone/buffer_pools.h"
+
 namespace weft::ztunnel {
 
 unsigned defaultLoopCount() {
@@ -233,6 +235,23 @@ Status LoopWorker::start() {
           });
       proxy_->setFastPath(fast_path_.get());
       workloads_ = std::make_unique<LocalWorkloads>(*proxy_, options_.ports);
+      if (options_.memory) {
+        Proxy* proxy = proxy_.get();
+        memory_ = std::make_unique<LoopMemory>(
+            &loop_, options_.memory_trim, options_.memory.get(),
+            [proxy] {
+              return LoopMemory::ConnectionCounts{proxy->connectionsBegun(),
+                                                  proxy->connectionsEnded()};
+            },
+            false);
+        // Without it the loop still serves; it only keeps its pools (logged, not fatal: the
+        // failure path below could not close the handles made so far).
+        Status ms = memory_->start();
+        if (!ms) {
+          spdlog::error("loop {}: {}", options_.index, ms.message());
+          memory_.reset();
+        }
+      }
     }
     {
       std::lock_guard<std::mutex> lk(ready.mu);
@@ -263,6 +282,7 @@ Status LoopWorker::start() {
 void LoopWorker::run() {
   uv_run(&loop_, UV_RUN_DEFAULT);
   // teardown() closed every handle; what remains are objects without handles.
+  memory_.reset();
   workloads_.reset();
   proxy_->setFastPath(nullptr);
   fast_path_.reset();
@@ -276,6 +296,7 @@ void LoopWorker::run() {
 void LoopWorker::teardown() {
   if (drain_timer_) drain_timer_->close();
   drain_done_ = nullptr;
+  if (memory_) memory_->close();
   workloads_->closeAllListeners();
   // As Ztunnel::shutdown: connections first (certificate waits cancelled, tunnels reset), then
   // the HBONE side (its sessions end the tunnels still open), then the certificates.
@@ -366,6 +387,9 @@ std::optional<LoopSnapshot> LoopWorker::snapshot() {
     s.connections = proxy_->connectionsJson();
     s.active_connections = proxy_->activeConnections();
     s.certificate_waits = certs_ ? certs_->pendingWaits() : 0;
+    hbone::BufferPoolUsage pools = hbone::localBufferPoolUsage();
+    s.pooled_cipher_bytes = pools.cipher_bytes;
+    s.pooled_chunk_bytes = pools.chunk_bytes;
     return s;
   });
 }

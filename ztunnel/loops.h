@@ -23,6 +23,7 @@
 #include "common/uv_handle.h"
 #include "ztunnel/fast_path.h"
 #include "ztunnel/identity.h"
+#include "ztunnel/memory_trim.h"
 #include "ztunnel/mesh_tls.h"
 #include "ztunnel/proxy.h"
 #include "ztunnel/workloads.h"
@@ -106,6 +107,9 @@ struct LoopSnapshot {
   nlohmann::json connections = nlohmann::json::array();
   size_t active_connections = 0;
   size_t certificate_waits = 0;
+  // The loop thread's pooled (free) HBONE buffers (ztunnel/memory_trim.h).
+  size_t pooled_cipher_bytes = 0;
+  size_t pooled_chunk_bytes = 0;
 };
 // Counters of `from` added to `into` (not the gauges).
 void addCounters(ZtunnelStats& into, const ZtunnelStats& from);
@@ -117,6 +121,9 @@ struct LoopWorkerOptions {
   std::chrono::milliseconds cert_wait{5000};
   uint64_t drain_timeout_ms = 5000;
   Balancer* balancer = nullptr;  // the main loop's, shareBetweenThreads()'d; null = its own
+  // The idle trim of this loop's buffer pools, reporting to the main loop's; null = none.
+  std::shared_ptr<MemoryActivity> memory;
+  MemoryTrimOptions memory_trim;
 };
 
 // What a worker sends to the main loop (through the main loop's mailbox, bounded).
@@ -178,6 +185,7 @@ class LoopWorker {
   std::unique_ptr<LocalWorkloads> workloads_;
   std::unique_ptr<UvHandle<uv_timer_t>> drain_timer_;
   std::function<void()> drain_done_;
+  std::unique_ptr<LoopMemory> memory_;
 };
 
 template <typename T>

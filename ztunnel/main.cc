@@ -33,16 +33,15 @@ std::optional<weft::SocketAddress> parseAddr(const std::string& flag, const std:
 // Memory behaviour of the process (ARCHITECTURE "ztunnel memory"): fixed malloc thresholds, so
 // the per-connection buffers neither go through mmap/munmap nor make free() shrink the heap
 // only for the next connection to grow it again (brk + page faults were ~8% of a ztunnel's CPU
-// under a connection-per-request load), and a periodic malloc_trim that gives what stays free
-// back to the kernel. The thread pool serves only the access log's one write in flight.
+// under a connection-per-request load); what stays free goes back to the kernel through the
+// Ztunnel's idle trim (ztunnel/memory_trim.h). The thread pool serves only the access log's one
+// write in flight.
 void tuneMemory() {
   mallopt(M_ARENA_MAX, 1);                  // per loop thread; main() sets it from --loops
   mallopt(M_MMAP_THRESHOLD, 1 << 20);       // relay/TLS/DNS buffers come from the heap
   mallopt(M_TRIM_THRESHOLD, 4 << 20);       // free() never trims under load; the timer does
   setenv("UV_THREADPOOL_SIZE", "1", 0);     // each pool thread's stack is resident
 }
-
-constexpr uint64_t kTrimIntervalMs = 10'000;
 
 int main(int argc, char** argv) {
   tuneMemory();
@@ -88,6 +87,12 @@ int main(int argc, char** argv) {
                  "(default: the CPUs this process may run on)")
       ->capture_default_str()
       ->check(CLI::Range(1u, weft::ztunnel::kMaxLoops));
+  double buffer_idle = 10.0;
+  app.add_option("--buffer-idle", buffer_idle,
+                 "seconds a loop's HBONE buffer pools may go unused before they are freed and "
+                 "free heap is given back to the kernel (0: pools are never freed)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 3600.0));
   app.set_version_flag("--version", WEFT_VERSION);
   CLI11_PARSE(app, argc, argv);
 
@@ -120,6 +125,7 @@ int main(int argc, char** argv) {
   opts.access_log.sink = access_log;
   opts.fast_path = fast_path == "on";
   opts.loops = loops;
+  opts.memory_trim.pool_idle = std::chrono::milliseconds(static_cast<int64_t>(buffer_idle * 1000));
   opts.access_log.format = *weft::ztunnel::parseAccessLogFormat(access_log_format);
 
   uv_loop_t* loop = uv_default_loop();
@@ -137,19 +143,9 @@ int main(int argc, char** argv) {
 
     struct Signals {
       weft::UvHandle<uv_signal_t> term, intr, hup;
-      weft::UvHandle<uv_timer_t> trim;
       weft::ztunnel::Ztunnel* zt;
     } sig;
     sig.zt = &zt;
-    // Free heap pages go back every kTrimIntervalMs (a no-op when nothing is free); unref'd so
-    // that it never keeps the loop alive.
-    if (sig.trim.init(uv_timer_init(loop, sig.trim.get())) != 0 ||
-        uv_timer_start(sig.trim.get(), [](uv_timer_t*) { malloc_trim(0); }, kTrimIntervalMs,
-                       kTrimIntervalMs) != 0) {
-      spdlog::error("cannot start the malloc trim timer");
-      return 1;
-    }
-    uv_unref(sig.trim.handle());
     auto on_signal = [](uv_signal_t* h, int signum) {
       auto* s = static_cast<Signals*>(h->data);
       spdlog::info("signal {}: draining", signum);
@@ -160,7 +156,6 @@ int main(int argc, char** argv) {
         // libuv restored SIGHUP's default (terminate): a late one (logrotate racing the
         // shutdown) must not kill the process before the access log's last lines are out.
         signal(SIGHUP, SIG_IGN);
-        s->trim.close();
         s->zt->shutdown();  // the loop ends once every handle closed
       });
     };

@@ -44,7 +44,7 @@ void Proxy::acceptHbone(uv_stream_t* listener, const LocalPodPtr& pod) {
 }
 
 void Proxy::untrack(ProxyConnection* c) {
-  connections_.erase(c);
+  if (connections_.erase(c) != 0) connections_ended_++;
   if (connections_.empty() && on_idle_) {
     auto cb = std::move(on_idle_);
     on_idle_ = nullptr;

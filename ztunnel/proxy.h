@@ -86,6 +86,9 @@ class Proxy {
   void setFastPath(FastPath* f) { fast_path_ = f; }
 
   size_t activeConnections() const { return connections_.size(); }
+  // Connections begun and ended since the start (the idle memory trim's view of activity).
+  uint64_t connectionsBegun() const { return connections_begun_; }
+  uint64_t connectionsEnded() const { return connections_ended_; }
   // Cuts every connection (drain timeout).
   void abortAll(const std::string& why);
   // Runs once the last connection is gone (drain); replaces an earlier one.
@@ -104,7 +107,10 @@ class Proxy {
   const DestinationHook& destinationHook() const { return destination_hook_; }
 
   // Called by ProxyConnection.
-  void track(ProxyConnection* c) { connections_.insert(c); }
+  void track(ProxyConnection* c) {
+    connections_.insert(c);
+    connections_begun_++;
+  }
   void untrack(ProxyConnection* c);
   // A connection ended: its access-log line, and istio_tcp_connections_failed_total when it
   // never got established.
@@ -130,6 +136,8 @@ class Proxy {
   TcpMetrics tcp_metrics_;
   VerdictLog verdicts_;
   std::unordered_set<ProxyConnection*> connections_;
+  uint64_t connections_begun_ = 0;
+  uint64_t connections_ended_ = 0;
   std::function<void()> on_idle_;
   DestinationHook destination_hook_;
   MeshTls* mesh_tls_ = nullptr;

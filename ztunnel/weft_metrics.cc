@@ -51,4 +51,26 @@ std::string renderBuildInfo(const std::string& version) {
   return p.take();
 }
 
+std::string renderMemoryMetrics(const MemoryMetrics& m) {
+  PromText p;
+  p.family("weft_ztunnel_memory_trims_total", "counter",
+           "Times free heap was returned to the kernel (malloc_trim) after idle buffer pools "
+           "were freed or connections ended");
+  p.sample("weft_ztunnel_memory_trims_total", {}, m.trims);
+  p.family("weft_ztunnel_memory_trim_microseconds_total", "counter",
+           "Time spent in those heap trims (microseconds)");
+  p.sample("weft_ztunnel_memory_trim_microseconds_total", {}, m.trim_microseconds);
+  p.family("weft_ztunnel_memory_pool_releases_total", "counter",
+           "Times a loop freed its HBONE buffer pools after they went unused");
+  p.sample("weft_ztunnel_memory_pool_releases_total", {}, m.pool_releases);
+  p.family("weft_ztunnel_memory_pool_released_bytes_total", "counter",
+           "Bytes of pooled HBONE buffers freed by those releases");
+  p.sample("weft_ztunnel_memory_pool_released_bytes_total", {}, m.released_bytes);
+  p.family("weft_ztunnel_memory_pooled_bytes", "gauge",
+           "Bytes of free HBONE buffers kept in the loops' pools now (summed over loops)");
+  p.sample("weft_ztunnel_memory_pooled_bytes", {{"pool", "ciphertext"}}, m.pooled_cipher_bytes);
+  p.sample("weft_ztunnel_memory_pooled_bytes", {{"pool", "chunk"}}, m.pooled_chunk_bytes);
+  return p.take();
+}
+
 }  // namespace weft::ztunnel

@@ -25,4 +25,19 @@ std::string renderDnsOutcomes(const ZtunnelStats& s);
 // weft_build_info{component="ztunnel",version}, both 1.
 std::string renderBuildInfo(const std::string& version);
 
+// What the idle memory trim did (ztunnel/memory_trim.h) and what the loops' HBONE buffer pools
+// hold now (summed over loops).
+struct MemoryMetrics {
+  uint64_t trims = 0;               // malloc_trim calls
+  uint64_t trim_microseconds = 0;   // time spent in them
+  uint64_t pool_releases = 0;       // a loop freed its idle pools
+  uint64_t released_bytes = 0;      // bytes those releases freed
+  uint64_t pooled_cipher_bytes = 0;
+  uint64_t pooled_chunk_bytes = 0;
+};
+// weft_ztunnel_memory_trims_total, weft_ztunnel_memory_trim_microseconds_total,
+// weft_ztunnel_memory_pool_releases_total, weft_ztunnel_memory_pool_released_bytes_total and
+// weft_ztunnel_memory_pooled_bytes{pool="ciphertext"|"chunk"}.
+std::string renderMemoryMetrics(const MemoryMetrics& m);
+
 }  // namespace weft::ztunnel

@@ -9,6 +9,7 @@
 #include "common/netns.h"
 #include "weft/version.h"
 #include "ztunnel/bpf_map_fill.h"
+#include "ztunnel/hbone/buffer_pools.h"
 #include "ztunnel/weft_metrics.h"
 
 namespace weft::ztunnel {
@@ -79,6 +80,8 @@ Status Ztunnel::startLoops() {
     wo.cert_wait = std::chrono::milliseconds(options_.cert_wait_ms);
     wo.drain_timeout_ms = options_.drain_timeout_ms;
     wo.balancer = &proxy_.balancer();
+    wo.memory = memory_activity_;
+    wo.memory_trim = options_.memory_trim;
     auto w = std::make_unique<LoopWorker>(wo, sinks);
     Status st = w->start();
     if (!st) return st;
@@ -128,6 +131,14 @@ void Ztunnel::loopDrained() {
 Status Ztunnel::start() {
   Status loops = startLoops();
   if (!loops) return loops;
+  memory_ = std::make_unique<LoopMemory>(
+      loop_, options_.memory_trim, memory_activity_.get(),
+      [this] {
+        return LoopMemory::ConnectionCounts{proxy_.connectionsBegun(), proxy_.connectionsEnded()};
+      },
+      true);
+  Status mem = memory_->start();
+  if (!mem) return mem;
   auto serve = [this](const std::optional<SocketAddress>& addr, HttpAdminServerPtr* out,
                       HttpResponse (Ztunnel::*fn)(const HttpRequest&), const char* what) {
     if (!addr) return Status::ok();
@@ -219,6 +230,7 @@ void Ztunnel::shutdown() {
   metrics_.reset();
   readiness_.reset();
   drain_timer_.close();
+  if (memory_) memory_->close();
   workloads_.closeAllListeners();
 }
 
@@ -421,6 +433,34 @@ std::string Ztunnel::renderWeftMetrics() {
   out += renderDnsOutcomes(proxy_.stats());
   out += renderBuildInfo(WEFT_VERSION);
   return out;
+}
+
+std::string Ztunnel::renderMemoryMetrics(const std::vector<LoopSnapshot>& workers) {
+  MemoryMetrics m;
+  m.trims = memory_activity_->trims();
+  m.trim_microseconds = memory_activity_->trimMicrosTotal();
+  m.pool_releases = memory_activity_->poolReleases();
+  m.released_bytes = memory_activity_->releasedBytes();
+  // The main loop's pools are this thread's; the workers' came with their snapshots.
+  hbone::BufferPoolUsage own = hbone::localBufferPoolUsage();
+  m.pooled_cipher_bytes = own.cipher_bytes;
+  m.pooled_chunk_bytes = own.chunk_bytes;
+  for (const LoopSnapshot& w : workers) {
+    m.pooled_cipher_bytes += w.pooled_cipher_bytes;
+    m.pooled_chunk_bytes += w.pooled_chunk_bytes;
+  }
+  return ztunnel::renderMemoryMetrics(m);
+}
+
+nlohmann::json Ztunnel::memoryJson() const {
+  const MemoryActivity& a = *memory_activity_;
+  return {{"buffer_idle_ms", options_.memory_trim.pool_idle.count()},
+          {"trims", a.trims()},
+          {"trim_microseconds_total", a.trimMicrosTotal()},
+          {"last_trim_microseconds", a.lastTrimMicros()},
+          {"pool_releases", a.poolReleases()},
+          {"pool_released_bytes", a.releasedBytes()},
+          {"connections_ended", a.ended()}};
 }
 
 nlohmann::json Ztunnel::accessLogJson() const {

@@ -20,6 +20,7 @@
 #include "ztunnel/fast_path.h"
 #include "ztunnel/identity.h"
 #include "ztunnel/loops.h"
+#include "ztunnel/memory_trim.h"
 #include "ztunnel/mesh_tls.h"
 #include "ztunnel/proxy.h"
 #include "ztunnel/workloads.h"
@@ -39,6 +40,8 @@ struct ZtunnelOptions {
   // Event loops serving connections: the main loop plus loops-1 worker threads, each with its
   // own SO_REUSEPORT listeners per pod (1 = everything on the main loop).
   unsigned loops = 1;
+  // Freeing idle buffer pools and returning free heap to the kernel (ztunnel/memory_trim.h).
+  MemoryTrimOptions memory_trim;
 };
 
 class Ztunnel : public AgentHandler {
@@ -97,6 +100,9 @@ class Ztunnel : public AgentHandler {
   // Weft's metric families beyond the counter list: BPF map fill, certificates, DNS
   // outcomes, build info.
   std::string renderWeftMetrics();
+  // weft_ztunnel_memory_*: the trims, and the pooled buffers of every loop.
+  std::string renderMemoryMetrics(const std::vector<LoopSnapshot>& workers);
+  nlohmann::json memoryJson() const;  // the idle trim's settings and counters
   nlohmann::json accessLogJson() const;
 
   uv_loop_t* loop_;
@@ -128,6 +134,9 @@ class Ztunnel : public AgentHandler {
   LoopMailboxPtr main_inbox_;
   std::vector<std::unique_ptr<LoopWorker>> workers_;
   size_t drain_pending_ = 0;
+  // Every loop's idle trim reports here; the main loop's LoopMemory also trims the heap.
+  std::shared_ptr<MemoryActivity> memory_activity_ = std::make_shared<MemoryActivity>();
+  std::unique_ptr<LoopMemory> memory_;
 };
 
 }  // namespace weft::ztunnel

@@ -10,6 +10,8 @@
 #include <cstring>
 #include <vector>
 
+#include "ztunnel/hbone/buffer_pools.h"
+
 namespace weft::hbone {
 namespace {
 
@@ -169,40 +171,6 @@ ReadBuffers& readBuffers() {
 
 // Output smaller than this waits while a socket write is in flight (flushCiphertext).
 constexpr size_t kDeferBelow = 256 * 1024;
-
-// Ciphertext buffers of one size, recycled through the loop thread's free list: a vector grown
-// record by record (reallocating, touching fresh pages) cost more than the encryption itself.
-// At most kKeep are kept (4 MiB); a connection holds one only while it has ciphertext.
-class CipherBufferPool {
- public:
-  static constexpr size_t kBytes = 512 * 1024;  // one flush batch (256 KiB) + a DATA frame
-  static constexpr size_t kKeep = 8;
-  static CipherBufferPool& local() {
-    static thread_local CipherBufferPool pool;
-    return pool;
-  }
-  std::vector<char> take() {
-    std::vector<char> v;
-    if (!free_.empty()) {
-      v = std::move(free_.back());
-      free_.pop_back();
-    } else {
-      v.reserve(kBytes);
-    }
-    return v;
-  }
-  void give(std::vector<char>&& v) {
-    // One that outgrew the size (a burst before a flush) is freed, not kept.
-    if (v.capacity() >= kBytes && v.capacity() <= 2 * kBytes && free_.size() < kKeep) {
-      v.clear();
-      free_.push_back(std::move(v));
-    }
-    std::vector<char>().swap(v);
-  }
-
- private:
-  std::vector<std::vector<char>> free_;
-};
 
 }  // namespace
 
