@@ -311,6 +311,7 @@ void HboneClient::onTcpConnected(uint64_t serial, int status, UniqueFd fd, Outbo
     later(loop_, [done = std::move(done), why]() { done(0, why); });
   };
   cb.onClosed = [this, serial](const Status& why) { fail(serial, why); };
+  cb.isSpare = [this, serial]() { return isSpare(serial); };
   TlsStream::PeerCheck check;
   check.expectedIdentity = req.destinationIdentity;
   check.onRefused = [this](TlsRefusal why) { ++refused_[static_cast<size_t>(why)]; };
@@ -323,6 +324,21 @@ void HboneClient::onTcpConnected(uint64_t serial, int status, UniqueFd fd, Outbo
   c->session = std::move(s.value());
   Status st = c->session->start();
   if (!st) fail(serial, st);
+}
+
+bool HboneClient::isSpare(uint64_t serial) const {
+  auto it = conns_.find(serial);
+  if (it == conns_.end()) return false;
+  // Another established connection to the same peer that was dialled first: pick() offers new
+  // streams to it before this one (conns_ is in serial order), so this one only serves bursts.
+  // The first one is never a spare and stays for the idle timeout.
+  for (const auto& [other, c] : conns_) {
+    if (other >= serial) break;
+    if (c->key == it->second->key && c->ready && !c->dead && c->session &&
+        c->session->acceptingStreams())
+      return true;
+  }
+  return false;
 }
 
 void HboneClient::submitWaiting(Conn* c) {

@@ -102,6 +102,7 @@ class HboneClient {
   Conn* dial(const OutboundConnect& req, Status* err);
   void onTcpConnected(uint64_t serial, int status, UniqueFd fd, OutboundConnect req);
   void submitWaiting(Conn* c);
+  bool isSpare(uint64_t serial) const;
   void fail(uint64_t serial, const Status& why);
   static void later(uv_loop_t* loop, std::function<void()> fn);
 

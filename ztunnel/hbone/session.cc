@@ -380,6 +380,7 @@ Status H2Session::start() {
     flusher_->data = this;
   }
   auto shortest = std::min(settings_.pingInterval, settings_.idleTimeout);
+  if (cb_.isSpare) shortest = std::min(shortest, settings_.spareIdleTimeout);
   uint64_t tick = std::clamp<uint64_t>(static_cast<uint64_t>(shortest.count()) / 4, 10, 1000);
   uv_timer_start(timer_, [](uv_timer_t* t) {
     auto* self = static_cast<H2Session*>(t->data);
@@ -417,12 +418,20 @@ void H2Session::onTimer() {
   if (activeStreams() == 0) {
     if (idleSinceMs_ == 0) {
       idleSinceMs_ = now;
-    } else if (now - idleSinceMs_ >= static_cast<uint64_t>(settings_.idleTimeout.count())) {
+      return;
+    }
+    uint64_t idle = now - idleSinceMs_;
+    bool expired = idle >= static_cast<uint64_t>(settings_.idleTimeout.count());
+    bool spare = !expired && cb_.isSpare &&
+                 idle >= static_cast<uint64_t>(settings_.spareIdleTimeout.count()) &&
+                 cb_.isSpare();
+    if (expired || spare) {
       nghttp2_submit_goaway(h2_, NGHTTP2_FLAG_NONE,
                             nghttp2_session_get_last_proc_stream_id(h2_), NGHTTP2_NO_ERROR,
                             nullptr, 0);
       flush();
-      close(Status::error("idle timeout"));
+      if (closing_) return;
+      close(Status::error(expired ? "idle timeout" : "idle spare connection"));
     }
   } else {
     idleSinceMs_ = 0;

@@ -31,6 +31,10 @@ struct H2Settings {
   std::chrono::milliseconds pingInterval{10000};
   std::chrono::milliseconds pingTimeout{20000};
   std::chrono::milliseconds idleTimeout{300000};  // no streams for this long: close
+  // Client: no streams for this long while the pool holds another connection to the same peer
+  // that would take new streams (Callbacks::isSpare): close. A burst that opened many pooled
+  // connections gives them back within seconds; one stays for the idleTimeout.
+  std::chrono::milliseconds spareIdleTimeout{10000};
   // Bytes read from a tunnel's TCP socket and not yet sent as DATA; reading pauses above this.
   // The kernel's socket buffer behind it holds more; a bigger user-space buffer only spreads
   // the copies over more memory (4 streams at 1 MiB each ran the chunk pool dry).
@@ -148,6 +152,9 @@ class H2Session {
     std::function<void(int32_t streamId, const Status& why)> onStreamFailed;
     std::function<void(const Status&)> onHandshake;
     std::function<void()> onStreamCountChanged;
+    // Client: whether this connection is a spare (see H2Settings::spareIdleTimeout); asked
+    // only while it has no streams.
+    std::function<bool()> isSpare;
     std::function<void(const Status&)> onClosed;  // may destroy the session
   };
 

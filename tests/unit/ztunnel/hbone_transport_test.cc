@@ -477,6 +477,60 @@ TEST_F(HboneTest, BurstOfTunnelsStaysWithinTheServersStreamLimit) {
   EXPECT_EQ(server_->stats().ok200, static_cast<uint64_t>(kBurst + 1));
 }
 
+TEST_F(HboneTest, SpareIdleConnectionsCloseAndTheFirstStaysPooled) {
+  // A burst past the server's stream limit dials a second connection to the same peer. Once
+  // every tunnel has ended, that spare closes after spareIdleTimeout; the first one stays for
+  // the (long) idle timeout and takes the next tunnel without a new handshake.
+  serverMaxStreams_ = 20;
+  startServer("server");
+  ClientConfig cc;
+  cc.settings.spareIdleTimeout = std::chrono::milliseconds(200);
+  client_ = std::make_unique<HboneClient>(&loop_, cc);
+  Listener up;  // never accepts: the kernel completes the upstream connects from its backlog
+  OutboundConnect r = request(up.port());
+  std::string err;
+  auto [first, firstApp] = open(r, &err);  // the first connection is up (the server's limit known)
+  ASSERT_EQ(first, 200) << err;
+  constexpr int kBurst = 30;
+  std::vector<int> statuses(kBurst, -1);
+  std::vector<UniqueFd> apps;
+  apps.push_back(std::move(firstApp));
+  for (int i = 0; i < kBurst; ++i) {
+    auto [local, app] = tcpPair();
+    apps.push_back(std::move(app));
+    client_->open(r, std::move(local), [&statuses, i](int st, const Status&) { statuses[i] = st; });
+  }
+  ASSERT_TRUE(runUntil(&loop_, [&] {
+    return std::count(statuses.begin(), statuses.end(), -1) == 0;
+  }, std::chrono::seconds(10)));
+  ASSERT_EQ(std::count(statuses.begin(), statuses.end(), 200), kBurst);
+  ASSERT_EQ(client_->connections(), 2u);
+  uint64_t handshakes = client_->handshakes();
+  // Held for longer than spareIdleTimeout: busy connections are not spares.
+  auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(600);
+  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  EXPECT_EQ(client_->connections(), 2u) << "a connection with tunnels was closed";
+  // The apps reset their sockets: every tunnel ends (RST_STREAM).
+  for (UniqueFd& a : apps) {
+    linger l{1, 0};
+    ::setsockopt(a.get(), SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    a.reset();
+  }
+  EXPECT_TRUE(runUntil(&loop_, [&] { return client_->connections() == 1; },
+                       std::chrono::seconds(5)))
+      << client_->connections() << " pooled connections";
+  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->connections() == 1; },
+                       std::chrono::seconds(5)))
+      << server_->connections() << " server connections";
+  until = std::chrono::steady_clock::now() + std::chrono::milliseconds(600);
+  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  EXPECT_EQ(client_->connections(), 1u) << "the last pooled connection closed as a spare";
+  auto [status, app] = open(r, &err);
+  EXPECT_EQ(status, 200) << err;
+  EXPECT_EQ(client_->connections(), 1u);
+  EXPECT_EQ(client_->handshakes(), handshakes) << "the next tunnel dialled anew";
+}
+
 TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
   // The upstream does not read for a while: the tunnel must stop taking the sender's bytes
   // after about one stream window plus the kernel socket buffers on the way (tens of MiB on
