@@ -71,4 +71,10 @@ void PromText::sample(std::string_view name, const PromLabels& labels, uint64_t 
   out_ += fmt::format("{}{} {}\n", name, l, value);
 }
 
+void PromText::sample(std::string_view name, const PromLabels& labels, double value) {
+  std::string l = labelText(labels);
+  if (seen(name, l)) return;
+  out_ += fmt::format("{}{} {}\n", name, l, value);  // shortest form that reads back exactly
+}
+
 }  // namespace weft::ztunnel

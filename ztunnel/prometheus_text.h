@@ -26,6 +26,7 @@ class PromText {
   void family(std::string_view name, std::string_view type, std::string_view help);
   void sample(std::string_view name, const PromLabels& labels, int64_t value);
   void sample(std::string_view name, const PromLabels& labels, uint64_t value);
+  void sample(std::string_view name, const PromLabels& labels, double value);
   void sample(std::string_view name, int64_t value) { sample(name, PromLabels{}, value); }
 
   const std::string& text() const { return out_; }

@@ -57,9 +57,10 @@ std::string renderMemoryMetrics(const MemoryMetrics& m) {
            "Times free heap was returned to the kernel (malloc_trim) after idle buffer pools "
            "were freed or connections ended");
   p.sample("weft_ztunnel_memory_trims_total", {}, m.trims);
-  p.family("weft_ztunnel_memory_trim_microseconds_total", "counter",
-           "Time spent in those heap trims (microseconds)");
-  p.sample("weft_ztunnel_memory_trim_microseconds_total", {}, m.trim_microseconds);
+  p.family("weft_ztunnel_memory_trim_seconds_total", "counter",
+           "Time spent in those heap trims");
+  p.sample("weft_ztunnel_memory_trim_seconds_total", {},
+           static_cast<double>(m.trim_microseconds) / 1e6);
   p.family("weft_ztunnel_memory_pool_releases_total", "counter",
            "Times a loop freed its HBONE buffer pools after they went unused");
   p.sample("weft_ztunnel_memory_pool_releases_total", {}, m.pool_releases);

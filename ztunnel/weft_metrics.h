@@ -35,7 +35,7 @@ struct MemoryMetrics {
   uint64_t pooled_cipher_bytes = 0;
   uint64_t pooled_chunk_bytes = 0;
 };
-// weft_ztunnel_memory_trims_total, weft_ztunnel_memory_trim_microseconds_total,
+// weft_ztunnel_memory_trims_total, weft_ztunnel_memory_trim_seconds_total,
 // weft_ztunnel_memory_pool_releases_total, weft_ztunnel_memory_pool_released_bytes_total and
 // weft_ztunnel_memory_pooled_bytes{pool="ciphertext"|"chunk"}.
 std::string renderMemoryMetrics(const MemoryMetrics& m);
