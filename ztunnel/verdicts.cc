@@ -29,6 +29,7 @@ void VerdictLog::record(VerdictEvent e) {
   if (e.verdict.dry_run) (e.verdict.dry_run->allowed ? dry_run_allow_ : dry_run_deny_)++;
   if (!e.verdict.audit.empty()) audit_++;
   if (observer_) observer_(e);
+  if (capacity_ == 0) return;
   events_.push_back(std::move(e));
   while (events_.size() > capacity_) events_.pop_front();
 }

@@ -51,6 +51,12 @@ class VerdictLog {
   void setObserver(std::function<void(const VerdictEvent&)> observer) {
     observer_ = std::move(observer);
   }
+  // How many events the ring keeps; 0 = none (counted and observed only). Drops the oldest.
+  void setCapacity(size_t capacity) {
+    capacity_ = capacity;
+    while (events_.size() > capacity_) events_.pop_front();
+    if (events_.empty()) std::deque<VerdictEvent>().swap(events_);
+  }
 
   uint64_t lastSeq() const { return seq_; }
   size_t size() const { return events_.size(); }
