@@ -24,54 +24,32 @@ class CipherBufferPool {
     return pool;
   }
   std::vector<char> take() {
-    takes_++;  // the idle trim's only cost on the data path (one per buffer)
-    std::vector<char> v;
-    if (!free_.empty()) {
-      v = std::move(free_.back());
-      free_.pop_back();
-    } else {
-      v.reserve(kBytes);
-    }
-    if (free_.size() < low_) low_ = free_.size();
+    std::vector<char> v = free_.take();
+    if (v.capacity() == 0) v.reserve(kBytes);  // none free (a pooled one has kBytes or more)
     return v;
   }
   void give(std::vector<char>&& v) {
     // One that outgrew the size (a burst before a flush) is freed, not kept.
     if (v.capacity() >= kBytes && v.capacity() <= 2 * kBytes && free_.size() < kKeep) {
       v.clear();
-      free_.push_back(std::move(v));
+      free_.put(std::move(v));
     }
     std::vector<char>().swap(v);
   }
   size_t freeBuffers() const { return free_.size(); }
   size_t pooledBytes() const {
     size_t n = 0;
-    for (const auto& v : free_) n += v.capacity();
+    for (const auto& v : free_.buffers()) n += v.capacity();
     return n;
   }
-  uint64_t takes() const { return takes_; }
-  // The fewest free buffers since the last call (so many no take needed), then starts over.
-  size_t lowWaterAndReset() {
-    size_t low = low_;
-    low_ = free_.size();
-    return low;
-  }
-  // Frees up to n pooled buffers (buffers in use are not the pool's); returns the bytes freed.
+  uint64_t takes() const { return free_.takes(); }
+  size_t lowWaterAndReset() { return free_.lowWaterAndReset(); }
   size_t release(size_t n = SIZE_MAX) {
-    size_t bytes = 0;
-    for (; n > 0 && !free_.empty(); --n) {
-      bytes += free_.back().capacity();
-      free_.pop_back();
-    }
-    if (free_.empty()) std::vector<std::vector<char>>().swap(free_);
-    low_ = std::min(low_, free_.size());
-    return bytes;
+    return free_.release(n, [](const std::vector<char>& v) { return v.capacity(); });
   }
 
  private:
-  std::vector<std::vector<char>> free_;
-  uint64_t takes_ = 0;
-  size_t low_ = 0;
+  FreeList<std::vector<char>> free_;
 };
 
 // This thread's pools.
