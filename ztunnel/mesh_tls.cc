@@ -307,6 +307,7 @@ hbone::ServerStats MeshTls::serverStats() const {
 MeshTlsCounters& MeshTlsCounters::operator+=(const MeshTlsCounters& o) {
   client_handshakes += o.client_handshakes;
   client_handshake_failures += o.client_handshake_failures;
+  client_stream_retries += o.client_stream_retries;
   pool_connections += o.pool_connections;
   server.handshakes += o.server.handshakes;
   server.handshakeFailures += o.server.handshakeFailures;
@@ -326,6 +327,7 @@ MeshTlsCounters MeshTls::counters() const {
   MeshTlsCounters c;
   c.client_handshakes = client_.handshakes();
   c.client_handshake_failures = client_.handshakeFailures();
+  c.client_stream_retries = client_.streamRetries();
   c.pool_connections = client_.connections();
   for (size_t i = 0; i < hbone::kTlsRefusalCount; ++i)
     c.client_refused[i] = client_.refusals(static_cast<hbone::TlsRefusal>(i));
@@ -357,7 +359,8 @@ nlohmann::json MeshTls::toJson() const {
           {"cert_wait_ms", options_.cert_wait.count()},
           {"client", {{"pool_connections", client_.connections()},
                       {"handshakes", client_.handshakes()},
-                      {"handshake_failures", client_.handshakeFailures()}}},
+                      {"handshake_failures", client_.handshakeFailures()},
+                      {"stream_retries", client_.streamRetries()}}},
           {"servers", servers},
           {"server_totals", {{"handshakes", s.handshakes},
                              {"handshake_failures", s.handshakeFailures},

@@ -34,6 +34,7 @@ struct MeshTlsOptions {
 struct MeshTlsCounters {
   uint64_t client_handshakes = 0;
   uint64_t client_handshake_failures = 0;
+  uint64_t client_stream_retries = 0;
   uint64_t pool_connections = 0;
   hbone::TlsRefusalCounts client_refused{};
   hbone::ServerStats server;

@@ -39,6 +39,8 @@ namespace weft::ztunnel {
   X(hbone_connect_refused_total, "Outbound HBONE CONNECTs answered with a status other than 200") \
   X(hbone_client_handshakes_total, "TLS handshakes completed by the HBONE client")           \
   X(hbone_client_handshake_failures_total, "TLS handshakes the HBONE client failed or refused") \
+  X(hbone_client_stream_retries_total,                                                       \
+    "Outbound CONNECTs sent again after the server refused them unanswered (REFUSED_STREAM)") \
   X(hbone_server_handshakes_total, "TLS handshakes completed on the pods' HBONE listeners")   \
   X(hbone_server_handshake_failures_total, "TLS handshakes refused on the pods' HBONE listeners") \
   X(cert_waits_total, "New connections that waited for their workload's first certificate")  \

@@ -392,6 +392,7 @@ void Ztunnel::refreshGauges() {
     // Counted by the HBONE objects; copied here when rendered (they only grow).
     s.hbone_client_handshakes_total = mesh_tls_->client().handshakes();
     s.hbone_client_handshake_failures_total = mesh_tls_->client().handshakeFailures();
+    s.hbone_client_stream_retries_total = mesh_tls_->client().streamRetries();
     hbone::ServerStats ss = mesh_tls_->serverStats();
     s.hbone_server_handshakes_total = ss.handshakes;
     s.hbone_server_handshake_failures_total = ss.handshakeFailures;
@@ -408,6 +409,7 @@ ZtunnelStats Ztunnel::mergedStats(const std::vector<LoopSnapshot>& workers) {
     s.active_connections += w.active_connections;
     s.hbone_client_handshakes_total += w.mtls.client_handshakes;
     s.hbone_client_handshake_failures_total += w.mtls.client_handshake_failures;
+    s.hbone_client_stream_retries_total += w.mtls.client_stream_retries;
     s.hbone_server_handshakes_total += w.mtls.server.handshakes;
     s.hbone_server_handshake_failures_total += w.mtls.server.handshakeFailures;
     s.hbone_pool_connections += w.mtls.pool_connections;

@@ -162,30 +162,58 @@ void HboneClient::openLocal(const OutboundConnect& req, LocalSocket local, Conne
   }
   if (!req.baggage.empty()) h.emplace_back("baggage", req.baggage);
   h.emplace_back("traceparent", req.traceparent.empty() ? makeTraceparent() : req.traceparent);
+  route(poolKey(req), req, Waiter{std::move(h), std::move(local), std::move(done), req.watch});
+}
 
-  Conn* c = pick(req);
+void HboneClient::route(const std::string& key, const OutboundConnect& req, Waiter w) {
+  Conn* c = pick(key);
   if (c == nullptr) {
     Status err;
     c = dial(req, &err);
     if (c == nullptr) {
-      later(loop_, [done = std::move(done), err]() { done(0, err); });
+      later(loop_, [done = std::move(w.done), err]() { done(0, err); });
       return;
     }
   }
   if (!c->ready) {
-    c->waiting.push_back(Waiter{std::move(h), std::move(local), std::move(done), req.watch});
+    c->waiting.push_back(std::move(w));
     return;
   }
-  auto id = c->session->submitConnect(h, std::move(local), req.watch);
+  auto id = c->session->submitConnect(w.headers, std::move(w.local), std::move(w.watch));
   if (!id) {
-    later(loop_, [done = std::move(done), err = id.status()]() { done(0, err); });
+    later(loop_, [done = std::move(w.done), err = id.status()]() { done(0, err); });
     return;
   }
-  c->streams[id.value()] = std::move(done);
+  c->streams[id.value()] = Sent{std::move(w.done), std::move(w.headers), w.retries};
 }
 
-HboneClient::Conn* HboneClient::pick(const OutboundConnect& req) {
-  std::string key = poolKey(req);
+void HboneClient::retryRefused(uint64_t serial, int32_t id, LocalSocket local,
+                               TunnelWatchPtr watch) {
+  auto i = conns_.find(serial);
+  if (i == conns_.end()) return;
+  Conn* c = i->second.get();
+  auto s = c->streams.find(id);
+  if (s == c->streams.end()) return;
+  Sent sent = std::move(s->second);
+  c->streams.erase(s);
+  if (sent.retries >= config_.maxRefusedRetries || !c->origin) {
+    later(loop_, [done = std::move(sent.done), n = sent.retries + 1]() {
+      done(0, Status::errorf("HBONE CONNECT refused unanswered by the server ({} times)", n));
+    });
+    return;
+  }
+  ++streamRetries_;
+  // Sent again from the loop, not inside this session's callback: the retry may dial, or go
+  // back onto this connection, whose stream limit is known by now.
+  auto w = std::make_shared<Waiter>(Waiter{std::move(sent.headers), std::move(local),
+                                           std::move(sent.done), std::move(watch),
+                                           sent.retries + 1});
+  later(loop_, [this, alive = alive_, key = c->key, origin = c->origin, w]() {
+    if (*alive) route(key, *origin, std::move(*w));
+  });
+}
+
+HboneClient::Conn* HboneClient::pick(const std::string& key) {
   for (auto& [serial, c] : conns_) {
     if (c->key != key || c->dead) continue;
     if (c->session && !c->session->acceptingStreams()) continue;
@@ -261,6 +289,9 @@ HboneClient::Conn* HboneClient::dial(const OutboundConnect& req, Status* err) {
   auto c = std::make_unique<Conn>();
   c->serial = nextSerial_++;
   c->key = poolKey(req);
+  auto origin = std::make_shared<OutboundConnect>(req);
+  origin->watch = nullptr;  // the connection serves the pool, not that stream
+  c->origin = std::move(origin);
   c->connecting = op->tcp;
   Conn* raw = c.get();
   conns_[c->serial] = std::move(c);
@@ -296,7 +327,7 @@ void HboneClient::onTcpConnected(uint64_t serial, int status, UniqueFd fd, Outbo
     if (i == conns_.end()) return;
     auto s = i->second->streams.find(id);
     if (s == i->second->streams.end()) return;
-    ConnectDone done = std::move(s->second);
+    ConnectDone done = std::move(s->second.done);
     i->second->streams.erase(s);
     Status err = st == 200 ? Status::ok() : Status::errorf("HBONE CONNECT answered {}", st);
     later(loop_, [done = std::move(done), st, err]() { done(st, err); });
@@ -306,9 +337,12 @@ void HboneClient::onTcpConnected(uint64_t serial, int status, UniqueFd fd, Outbo
     if (i == conns_.end()) return;
     auto s = i->second->streams.find(id);
     if (s == i->second->streams.end()) return;
-    ConnectDone done = std::move(s->second);
+    ConnectDone done = std::move(s->second.done);
     i->second->streams.erase(s);
     later(loop_, [done = std::move(done), why]() { done(0, why); });
+  };
+  cb.onStreamRefused = [this, serial](int32_t id, LocalSocket local, TunnelWatchPtr watch) {
+    retryRefused(serial, id, std::move(local), std::move(watch));
   };
   cb.onClosed = [this, serial](const Status& why) { fail(serial, why); };
   cb.isSpare = [this, serial]() { return isSpare(serial); };
@@ -350,7 +384,7 @@ void HboneClient::submitWaiting(Conn* c) {
       later(loop_, [done = std::move(w.done), err = id.status()]() { done(0, err); });
       continue;
     }
-    c->streams[id.value()] = std::move(w.done);
+    c->streams[id.value()] = Sent{std::move(w.done), std::move(w.headers), w.retries};
   }
 }
 
@@ -362,8 +396,8 @@ void HboneClient::fail(uint64_t serial, const Status& why) {
   for (auto& w : c->waiting) {
     later(loop_, [done = std::move(w.done), why]() { done(0, why); });
   }
-  for (auto& [id, done] : c->streams) {
-    later(loop_, [done = std::move(done), why]() { done(0, why); });
+  for (auto& [id, sent] : c->streams) {
+    later(loop_, [done = std::move(sent.done), why]() { done(0, why); });
   }
   c->waiting.clear();
   c->streams.clear();

@@ -47,6 +47,9 @@ struct ClientConfig {
     return s;
   }();
   size_t maxStreamsPerConnection = 100;
+  // How often one CONNECT is sent again after the server refused it unanswered (REFUSED_STREAM,
+  // e.g. a cold burst past a stream limit the server had not announced yet, or a GOAWAY).
+  int maxRefusedRetries = 3;
 };
 
 // status: the server's :status (200 = tunnel up), 0 when no response (error says why).
@@ -69,6 +72,8 @@ class HboneClient {
 
   uint64_t handshakes() const { return handshakes_; }
   uint64_t handshakeFailures() const { return handshakeFailures_; }
+  // CONNECTs sent again after the server refused them unanswered.
+  uint64_t streamRetries() const { return streamRetries_; }
   // Failed handshakes with this reason; over all reasons they add up to handshakeFailures().
   uint64_t refusals(TlsRefusal why) const { return refused_[static_cast<size_t>(why)]; }
   size_t connections() const { return conns_.size(); }
@@ -84,6 +89,13 @@ class HboneClient {
     LocalSocket local;
     ConnectDone done;
     TunnelWatchPtr watch;
+    int retries = 0;  // times the server refused this CONNECT unanswered
+  };
+  // A CONNECT sent, awaiting its response; kept whole so that a refused one can be sent again.
+  struct Sent {
+    ConnectDone done;
+    Headers headers;
+    int retries = 0;
   };
   struct Conn {
     uint64_t serial = 0;
@@ -94,12 +106,17 @@ class HboneClient {
     bool dead = false;
     uv_tcp_t* connecting = nullptr;
     std::vector<Waiter> waiting;
-    std::map<int32_t, ConnectDone> streams;  // awaiting their response
+    std::map<int32_t, Sent> streams;  // awaiting their response
+    // What dialled it (no watch): another connection to the same peer is dialled from it.
+    std::shared_ptr<const OutboundConnect> origin;
     size_t load() const;
   };
   void openLocal(const OutboundConnect& req, LocalSocket local, ConnectDone done);
-  Conn* pick(const OutboundConnect& req);
+  Conn* pick(const std::string& key);
   Conn* dial(const OutboundConnect& req, Status* err);
+  // Puts a CONNECT on a pooled connection with room (dialling one if none has), or fails it.
+  void route(const std::string& key, const OutboundConnect& req, Waiter w);
+  void retryRefused(uint64_t serial, int32_t id, LocalSocket local, TunnelWatchPtr watch);
   void onTcpConnected(uint64_t serial, int status, UniqueFd fd, OutboundConnect req);
   void submitWaiting(Conn* c);
   bool isSpare(uint64_t serial) const;
@@ -113,6 +130,7 @@ class HboneClient {
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   uint64_t handshakes_ = 0;
   uint64_t handshakeFailures_ = 0;
+  uint64_t streamRetries_ = 0;
   TlsRefusalCounts refused_{};
 };
 

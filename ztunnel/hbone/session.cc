@@ -781,6 +781,19 @@ int H2Session::onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorC
   self->headerBytes_.erase(streamId);
   self->responseStatus_.erase(streamId);
   auto local = self->pendingLocal_.find(streamId);
+  if (local != self->pendingLocal_.end() && errorCode == NGHTTP2_REFUSED_STREAM &&
+      self->cb_.onStreamRefused) {
+    LocalSocket sock = std::move(local->second);
+    self->pendingLocal_.erase(local);
+    TunnelWatchPtr watch;
+    if (auto w = self->pendingWatch_.find(streamId); w != self->pendingWatch_.end()) {
+      watch = std::move(w->second);
+      self->pendingWatch_.erase(w);
+    }
+    self->cb_.onStreamRefused(streamId, std::move(sock), std::move(watch));
+    if (self->cb_.onStreamCountChanged) self->cb_.onStreamCountChanged();
+    return 0;
+  }
   if (auto w = self->pendingWatch_.find(streamId); w != self->pendingWatch_.end()) {
     TunnelWatchPtr watch = std::move(w->second);
     self->pendingWatch_.erase(w);

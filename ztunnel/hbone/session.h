@@ -150,6 +150,11 @@ class H2Session {
     std::function<void(int32_t streamId, int status)> onResponse;
     // Client: a stream ended before a response (reset, connection lost).
     std::function<void(int32_t streamId, const Status& why)> onStreamFailed;
+    // Client: the server refused a stream before answering it (RST_STREAM REFUSED_STREAM, or
+    // the stream was above a GOAWAY's last stream id): it was not processed (RFC 9113 §8.7), so
+    // it may be sent again. The local socket and watch come back. Unset: onStreamFailed runs.
+    std::function<void(int32_t streamId, LocalSocket local, TunnelWatchPtr watch)>
+        onStreamRefused;
     std::function<void(const Status&)> onHandshake;
     std::function<void()> onStreamCountChanged;
     // Client: whether this connection is a spare (see H2Settings::spareIdleTimeout); asked

@@ -11,6 +11,8 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/socket.h>
 
 #include "tests/unit/ztunnel/hbone_test_util.h"
 #include "ztunnel/hbone/client.h"
@@ -758,6 +760,70 @@ TEST_F(HboneTest, LargeTransfersKeepByteOrderAndHalfClose) {
   EXPECT_EQ(upHash.load(), sentHash.h) << "client -> upstream bytes differ or are out of order";
   EXPECT_EQ(backGot, kEach);
   EXPECT_EQ(backHash.h, expectBack.h) << "upstream -> client bytes differ or are out of order";
+}
+
+// A cold burst: no connection to the peer yet, so every CONNECT goes onto the first one before
+// the server's SETTINGS announce its stream limit. The server refuses the streams past it
+// unanswered (RST_STREAM REFUSED_STREAM), which were not processed; the client sends them
+// again, on a second connection, and every app gets its tunnel.
+TEST_F(HboneTest, ColdBurstPastTheServersStreamLimitIsSentAgain) {
+  serverMaxStreams_ = 20;
+  startServer("server");
+  Listener up;  // never accepts: the kernel completes the upstream connects from its backlog
+  OutboundConnect r = request(up.port());
+  constexpr int kBurst = 30;
+  std::vector<int> statuses(kBurst, -1);
+  std::vector<UniqueFd> apps;
+  for (int i = 0; i < kBurst; ++i) {
+    auto [local, app] = tcpPair();
+    apps.push_back(std::move(app));
+    client_->open(r, std::move(local), [&statuses, i](int st, const Status&) { statuses[i] = st; });
+  }
+  EXPECT_TRUE(runUntil(&loop_, [&] {
+    return std::count(statuses.begin(), statuses.end(), -1) == 0;
+  }, std::chrono::seconds(10))) << std::count(statuses.begin(), statuses.end(), -1)
+                                << " tunnels never answered";
+  EXPECT_EQ(std::count(statuses.begin(), statuses.end(), 200), kBurst);
+  EXPECT_EQ(client_->streamRetries(), 10u);
+  EXPECT_EQ(client_->connections(), 2u);
+  EXPECT_EQ(server_->stats().ok200, static_cast<uint64_t>(kBurst));
+}
+
+// With no retries left a refused CONNECT fails with the reason, and its app's connection ends.
+TEST_F(HboneTest, RefusedConnectFailsWhenNoRetryIsLeft) {
+  serverMaxStreams_ = 20;
+  startServer("server");
+  ClientConfig cc;
+  cc.maxRefusedRetries = 0;
+  client_ = std::make_unique<HboneClient>(&loop_, cc);
+  Listener up;
+  OutboundConnect r = request(up.port());
+  constexpr int kBurst = 30;
+  std::vector<int> statuses(kBurst, -1);
+  std::vector<std::string> errors(kBurst);
+  std::vector<UniqueFd> apps;
+  for (int i = 0; i < kBurst; ++i) {
+    auto [local, app] = tcpPair();
+    apps.push_back(std::move(app));
+    client_->open(r, std::move(local), [&statuses, &errors, i](int st, const Status& e) {
+      statuses[i] = st;
+      errors[i] = e.message();
+    });
+  }
+  ASSERT_TRUE(runUntil(&loop_, [&] {
+    return std::count(statuses.begin(), statuses.end(), -1) == 0;
+  }, std::chrono::seconds(10)));
+  EXPECT_EQ(std::count(statuses.begin(), statuses.end(), 200), 20);
+  EXPECT_EQ(client_->streamRetries(), 0u);
+  for (int i = 0; i < kBurst; ++i) {
+    if (statuses[i] == 200) continue;
+    EXPECT_EQ(statuses[i], 0);
+    EXPECT_NE(errors[i].find("refused unanswered"), std::string::npos) << errors[i];
+    pollfd p{apps[i].get(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 5000), 1) << "app " << i << " still connected";
+    char byte;
+    EXPECT_LE(::recv(apps[i].get(), &byte, 1, 0), 0) << "app " << i;
+  }
 }
 
 TEST(HboneSpiffe, TrustDomainParsing) {
