@@ -6,6 +6,7 @@
 #include <cctype>
 #include <cerrno>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <set>
 #include <thread>
@@ -24,8 +25,11 @@ using namespace weft::hbone::testing;
 
 class HboneTest : public ::testing::Test {
  protected:
+  // The certificates are made once per run (openssl takes seconds), for this suite and the
+  // parameterized ones below alike, and removed at exit.
   static void SetUpTestSuite() {
-    certs_ = new CertDir();
+    if (certs_ != nullptr) return;
+    certs_ = std::make_unique<CertDir>();
     bool ok = certs_->ok() && certs_->makeLeaf("ca", "server", kServerId) &&
               certs_->makeLeaf("ca", "client", kClientId) &&
               certs_->makeLeaf("ca2", "foreign", kClientId) &&
@@ -36,10 +40,6 @@ class HboneTest : public ::testing::Test {
               certs_->makeLeaf("ca", "impostor", "spiffe://cluster.local/ns/default/sa/impostor") &&
               certs_->makeLeaf("ca", "webserver", "https://server.example/");
     certsOk_ = ok;
-  }
-  static void TearDownTestSuite() {
-    delete certs_;
-    certs_ = nullptr;
   }
 
   void SetUp() override {
@@ -60,7 +60,7 @@ class HboneTest : public ::testing::Test {
     sc.decide = [this](const InboundConnect& req) {
       lastRequest_ = req;
       InboundDecision d;
-      d.verdict = deny_ ? InboundDecision::Verdict::kDeny : InboundDecision::Verdict::kAllow;
+      d.verdict = verdict_;
       return d;
     };
     server_ = std::make_unique<HboneServer>(&loop_, sc);
@@ -75,40 +75,6 @@ class HboneTest : public ::testing::Test {
       c[i] = client_->refusals(static_cast<TlsRefusal>(i));
     }
     return c;
-  }
-
-  // The client presents `leaf`: no tunnel, and the server counts one failed handshake, with
-  // reason `why` and no other.
-  void expectServerRefuses(const std::string& leaf, TlsRefusal why) {
-    TlsRefusalCounts before = server_->stats().refused;
-    Listener up;
-    std::string err;
-    auto [status, app] = open(request(up.port(), leaf), &err);
-    EXPECT_EQ(status, 0) << leaf;
-    EXPECT_FALSE(err.empty());
-    EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
-    EXPECT_EQ(server_->stats().handshakes, 0u);
-    EXPECT_EQ(server_->stats().streams, 0u);
-    expectOneRefusal(before, server_->stats().refused, why);
-    EXPECT_EQ(refusalTotal(server_->stats().refused), server_->stats().handshakeFailures);
-  }
-
-  // The server presents `leaf`; the client expects kServerId: no tunnel, and the client counts
-  // one failed handshake, with reason `why` and no other.
-  void expectClientRefuses(const std::string& leaf, TlsRefusal why) {
-    startServer(leaf);
-    TlsRefusalCounts before = clientRefusals();
-    std::string err;
-    auto [status, app] = open(request(1), &err);
-    EXPECT_EQ(status, 0);
-    EXPECT_FALSE(err.empty());
-    EXPECT_EQ(client_->handshakes(), 0u);
-    EXPECT_EQ(client_->handshakeFailures(), 1u);
-    expectOneRefusal(before, clientRefusals(), why);
-    EXPECT_EQ(refusalTotal(clientRefusals()), client_->handshakeFailures());
-    // The server sees the client's alert: a failed handshake too, of its own kind.
-    EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
-    EXPECT_EQ(server_->stats().refused[static_cast<size_t>(TlsRefusal::kProtocol)], 1u);
   }
 
   void TearDown() override {
@@ -146,6 +112,34 @@ class HboneTest : public ::testing::Test {
     return {status, std::move(app)};
   }
 
+  // n CONNECTs with r, opened back to back without waiting for any :status, and the loop run
+  // until every one has its :status (bounded: 10 s).
+  struct Burst {
+    std::vector<int> statuses;   // -1: no :status yet
+    std::vector<UniqueFd> apps;  // the apps' ends of the tunnels' local sockets
+    bool answered = false;       // every CONNECT got its :status in time
+    long count(int status) const { return std::count(statuses.begin(), statuses.end(), status); }
+  };
+  Burst openBurst(const OutboundConnect& r, int n) {
+    Burst b;
+    b.statuses.assign(n, -1);
+    for (int i = 0; i < n; ++i) {
+      auto [local, app] = tcpPair();
+      b.apps.push_back(std::move(app));
+      // The element, not the vector: its storage stays put when the Burst is returned (moved).
+      int* slot = &b.statuses[i];
+      client_->open(r, std::move(local), [slot](int st, const Status&) { *slot = st; });
+    }
+    b.answered = runUntil(&loop_, [&] { return b.count(-1) == 0; }, std::chrono::seconds(10));
+    return b;
+  }
+
+  // Turns the loop for `d` (timers, idle timeouts).
+  void runLoopFor(std::chrono::milliseconds d) {
+    auto until = std::chrono::steady_clock::now() + d;
+    runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  }
+
   // Runs fn on a thread while the loop turns; waits for it (bounded).
   void withThread(const std::function<void()>& fn) {
     std::atomic<bool> done{false};
@@ -158,18 +152,19 @@ class HboneTest : public ::testing::Test {
     EXPECT_TRUE(finished);
   }
 
-  static CertDir* certs_;
+  static std::unique_ptr<CertDir> certs_;
   static bool certsOk_;
   uv_loop_t loop_{};
   std::unique_ptr<HboneServer> server_;
   std::unique_ptr<HboneClient> client_;
   uint16_t hbonePort_ = 0;
-  bool deny_ = false;
+  // The decision's verdict for every CONNECT.
+  InboundDecision::Verdict verdict_ = InboundDecision::Verdict::kAllow;
   uint32_t serverMaxStreams_ = 0;  // SETTINGS_MAX_CONCURRENT_STREAMS; 0 = the default
   InboundConnect lastRequest_;
 };
 
-CertDir* HboneTest::certs_ = nullptr;
+std::unique_ptr<CertDir> HboneTest::certs_;
 bool HboneTest::certsOk_ = false;
 
 // Upstream that echoes everything until EOF, then closes its write side.
@@ -264,7 +259,7 @@ TEST_F(HboneTest, EightMebibytesBothWays) {
 }
 
 TEST_F(HboneTest, DeniedIs401) {
-  deny_ = true;
+  verdict_ = InboundDecision::Verdict::kDeny;
   Listener up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
@@ -302,7 +297,7 @@ TEST_F(HboneTest, LocalHandleBecomesTheTunnel) {
 // A handle whose stream is refused is reset (the app sees RST, not a clean FIN) and freed (ASan
 // reports a leak otherwise).
 TEST_F(HboneTest, LocalHandleOfARefusedStreamIsReset) {
-  deny_ = true;
+  verdict_ = InboundDecision::Verdict::kDeny;
   Listener up;
   auto [local, app] = tcpPair();
   auto* handle = new uv_tcp_t{};
@@ -341,20 +336,7 @@ TEST_F(HboneTest, UpstreamRefusedIs503) {
 
 TEST_F(HboneTest, MalformedDecisionIs400) {
   // The decision reports the authority is not this pod's: 400 as Istio.
-  server_.reset();
-  auto sctx = makeTlsContext(TlsRole::kServer, certs_->creds("server"));
-  ASSERT_TRUE(sctx);
-  ServerConfig sc;
-  sc.ctx = sctx.value();
-  sc.decide = [](const InboundConnect&) {
-    InboundDecision d;
-    d.verdict = InboundDecision::Verdict::kMalformed;
-    return d;
-  };
-  server_ = std::make_unique<HboneServer>(&loop_, sc);
-  Listener l;
-  hbonePort_ = l.port();
-  ASSERT_TRUE(server_->listen(l.release()));
+  verdict_ = InboundDecision::Verdict::kMalformed;
   auto [status, app] = open(request(1234));
   EXPECT_EQ(status, 400);
 }
@@ -371,35 +353,79 @@ TEST_F(HboneTest, WrongServerIdentityRefusedByClient) {
   expectOneRefusal(TlsRefusalCounts{}, clientRefusals(), TlsRefusal::kWrongIdentity);
 }
 
-// Client-side refusals, counted by HboneClient::refusals().
-TEST_F(HboneTest, ServerWithAnotherIdentityRefusedWrongIdentity) {
-  expectClientRefuses("impostor", TlsRefusal::kWrongIdentity);
+// A certificate (one of the fixture's leaves) that the other side refuses, and the reason it
+// counts. `name` names the case in the test's name.
+struct Refusal {
+  const char* name;
+  const char* leaf;
+  TlsRefusal why;
+};
+
+std::string refusalCaseName(const ::testing::TestParamInfo<Refusal>& info) {
+  return info.param.name;
 }
 
-TEST_F(HboneTest, ServerWithoutSpiffeSanRefusedBadIdentity) {
-  expectClientRefuses("webserver", TlsRefusal::kBadIdentity);
+// Client-side refusals, counted by HboneClient::refusals(). The server presents `leaf`; the
+// client expects kServerId: no tunnel, and the client counts one failed handshake, with reason
+// `why` and no other.
+class HboneClientRefusalTest : public HboneTest, public ::testing::WithParamInterface<Refusal> {};
+
+TEST_P(HboneClientRefusalTest, ServerCertRefused) {
+  const Refusal& c = GetParam();
+  startServer(c.leaf);
+  TlsRefusalCounts before = clientRefusals();
+  std::string err;
+  auto [status, app] = open(request(1), &err);
+  EXPECT_EQ(status, 0);
+  EXPECT_FALSE(err.empty());
+  EXPECT_EQ(client_->handshakes(), 0u);
+  EXPECT_EQ(client_->handshakeFailures(), 1u);
+  expectOneRefusal(before, clientRefusals(), c.why);
+  EXPECT_EQ(refusalTotal(clientRefusals()), client_->handshakeFailures());
+  // The server sees the client's alert: a failed handshake too, of its own kind.
+  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
+  EXPECT_EQ(server_->stats().refused[static_cast<size_t>(TlsRefusal::kProtocol)], 1u);
 }
 
-// Server-side refusals of the client's certificate, counted in ServerStats::refused.
-TEST_F(HboneTest, ClientCertOfAnotherCaRefusedUntrusted) {
-  expectServerRefuses("foreign", TlsRefusal::kUntrusted);
+INSTANTIATE_TEST_SUITE_P(
+    Reasons, HboneClientRefusalTest,
+    ::testing::Values(
+        Refusal{"ServerWithAnotherIdentityRefusedWrongIdentity", "impostor",
+                TlsRefusal::kWrongIdentity},
+        Refusal{"ServerWithoutSpiffeSanRefusedBadIdentity", "webserver", TlsRefusal::kBadIdentity}),
+    refusalCaseName);
+
+// Server-side refusals of the client's certificate, counted in ServerStats::refused. The client
+// presents `leaf`: no tunnel, and the server counts one failed handshake, with reason `why` and
+// no other.
+class HboneServerRefusalTest : public HboneTest, public ::testing::WithParamInterface<Refusal> {};
+
+TEST_P(HboneServerRefusalTest, ClientCertRefused) {
+  const Refusal& c = GetParam();
+  TlsRefusalCounts before = server_->stats().refused;
+  Listener up;
+  std::string err;
+  auto [status, app] = open(request(up.port(), c.leaf), &err);
+  EXPECT_EQ(status, 0) << c.leaf;
+  EXPECT_FALSE(err.empty());
+  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
+  EXPECT_EQ(server_->stats().handshakes, 0u);
+  EXPECT_EQ(server_->stats().streams, 0u);
+  expectOneRefusal(before, server_->stats().refused, c.why);
+  EXPECT_EQ(refusalTotal(server_->stats().refused), server_->stats().handshakeFailures);
 }
 
-TEST_F(HboneTest, ExpiredClientCertRefusedExpired) {
-  expectServerRefuses("expired", TlsRefusal::kExpired);
-}
-
-TEST_F(HboneTest, NotYetValidClientCertRefusedNotYetValid) {
-  expectServerRefuses("notyetvalid", TlsRefusal::kNotYetValid);
-}
-
-TEST_F(HboneTest, ClientCertOfAnotherTrustDomainRefusedTrustDomain) {
-  expectServerRefuses("otherdomain", TlsRefusal::kTrustDomain);
-}
-
-TEST_F(HboneTest, ClientCertWithMalformedSpiffeIdRefusedBadIdentity) {
-  expectServerRefuses("badsan", TlsRefusal::kBadIdentity);
-}
+INSTANTIATE_TEST_SUITE_P(
+    Reasons, HboneServerRefusalTest,
+    ::testing::Values(
+        Refusal{"ClientCertOfAnotherCaRefusedUntrusted", "foreign", TlsRefusal::kUntrusted},
+        Refusal{"ExpiredClientCertRefusedExpired", "expired", TlsRefusal::kExpired},
+        Refusal{"NotYetValidClientCertRefusedNotYetValid", "notyetvalid", TlsRefusal::kNotYetValid},
+        Refusal{"ClientCertOfAnotherTrustDomainRefusedTrustDomain", "otherdomain",
+                TlsRefusal::kTrustDomain},
+        Refusal{"ClientCertWithMalformedSpiffeIdRefusedBadIdentity", "badsan",
+                TlsRefusal::kBadIdentity}),
+    refusalCaseName);
 
 // Refusals leave the counters of a good handshake alone.
 TEST_F(HboneTest, AcceptedHandshakeCountsNoRefusal) {
@@ -461,18 +487,9 @@ TEST_F(HboneTest, BurstOfTunnelsStaysWithinTheServersStreamLimit) {
   auto [first, firstApp] = open(r, &err);
   ASSERT_EQ(first, 200) << err;
   constexpr int kBurst = 30;
-  std::vector<int> statuses(kBurst, -1);
-  std::vector<UniqueFd> apps;
-  for (int i = 0; i < kBurst; ++i) {
-    auto [local, app] = tcpPair();
-    apps.push_back(std::move(app));
-    client_->open(r, std::move(local), [&statuses, i](int st, const Status&) { statuses[i] = st; });
-  }
-  EXPECT_TRUE(runUntil(&loop_, [&] {
-    return std::count(statuses.begin(), statuses.end(), -1) == 0;
-  }, std::chrono::seconds(10))) << std::count(statuses.begin(), statuses.end(), -1)
-                                << " tunnels never answered";
-  EXPECT_EQ(std::count(statuses.begin(), statuses.end(), 200), kBurst);
+  Burst burst = openBurst(r, kBurst);
+  EXPECT_TRUE(burst.answered) << burst.count(-1) << " tunnels never answered";
+  EXPECT_EQ(burst.count(200), kBurst);
   EXPECT_EQ(client_->connections(), 2u);
   EXPECT_EQ(server_->stats().ok200, static_cast<uint64_t>(kBurst + 1));
 }
@@ -492,26 +509,17 @@ TEST_F(HboneTest, SpareIdleConnectionsCloseAndTheFirstStaysPooled) {
   auto [first, firstApp] = open(r, &err);  // the first connection is up (the server's limit known)
   ASSERT_EQ(first, 200) << err;
   constexpr int kBurst = 30;
-  std::vector<int> statuses(kBurst, -1);
-  std::vector<UniqueFd> apps;
-  apps.push_back(std::move(firstApp));
-  for (int i = 0; i < kBurst; ++i) {
-    auto [local, app] = tcpPair();
-    apps.push_back(std::move(app));
-    client_->open(r, std::move(local), [&statuses, i](int st, const Status&) { statuses[i] = st; });
-  }
-  ASSERT_TRUE(runUntil(&loop_, [&] {
-    return std::count(statuses.begin(), statuses.end(), -1) == 0;
-  }, std::chrono::seconds(10)));
-  ASSERT_EQ(std::count(statuses.begin(), statuses.end(), 200), kBurst);
+  Burst burst = openBurst(r, kBurst);
+  ASSERT_TRUE(burst.answered) << burst.count(-1) << " tunnels never answered";
+  ASSERT_EQ(burst.count(200), kBurst);
   ASSERT_EQ(client_->connections(), 2u);
   uint64_t handshakes = client_->handshakes();
   // Held for longer than spareIdleTimeout: busy connections are not spares.
-  auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(600);
-  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  runLoopFor(std::chrono::milliseconds(600));
   EXPECT_EQ(client_->connections(), 2u) << "a connection with tunnels was closed";
   // The apps reset their sockets: every tunnel ends (RST_STREAM).
-  for (UniqueFd& a : apps) {
+  burst.apps.push_back(std::move(firstApp));
+  for (UniqueFd& a : burst.apps) {
     linger l{1, 0};
     ::setsockopt(a.get(), SOL_SOCKET, SO_LINGER, &l, sizeof(l));
     a.reset();
@@ -522,8 +530,7 @@ TEST_F(HboneTest, SpareIdleConnectionsCloseAndTheFirstStaysPooled) {
   EXPECT_TRUE(runUntil(&loop_, [&] { return server_->connections() == 1; },
                        std::chrono::seconds(5)))
       << server_->connections() << " server connections";
-  until = std::chrono::steady_clock::now() + std::chrono::milliseconds(600);
-  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  runLoopFor(std::chrono::milliseconds(600));
   EXPECT_EQ(client_->connections(), 1u) << "the last pooled connection closed as a spare";
   auto [status, app] = open(r, &err);
   EXPECT_EQ(status, 200) << err;
@@ -560,8 +567,7 @@ TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
     ::shutdown(fd, SHUT_WR);
     writerDone = true;
   });
-  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  runLoopFor(std::chrono::seconds(2));
   size_t stalledAt = written;
   std::cout << "accepted while the upstream was stalled: " << stalledAt << " bytes\n";
   EXPECT_LT(stalledAt, 64u << 20) << "bytes accepted while the upstream was not reading";
