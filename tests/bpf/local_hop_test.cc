@@ -288,15 +288,12 @@ bool pumpBothWays(int app, int zt, const std::string& to_zt, const std::string& 
   return true;
 }
 
-class LocalHopTest : public BpfKernelTest {
+class LocalHopTest : public DataplaneTest {
  protected:
   void SetUp() override {
-    BpfKernelTest::SetUp();
+    DataplaneTest::SetUp();
     if (IsSkipped() || HasFailure()) return;
-    auto dp = openDataplane();
-    ASSERT_TRUE(dp.isOk()) << dp.status().message();
-    dp_ = std::move(dp.value());
-    ASSERT_TRUE(dp_->enroll(pod_cookie_, pod_fd_.get(), 9).isOk());
+    ASSERT_NO_FATAL_FAILURE(enrollPod());
     Status st = dp_->setLocalHopAccel(true);
     ASSERT_TRUE(st.isOk()) << st.message();
   }
