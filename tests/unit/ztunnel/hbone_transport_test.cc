@@ -140,6 +140,18 @@ class HboneTest : public ::testing::Test {
     runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
   }
 
+  // The app writes `data` and its FIN into the tunnel and reads until the tunnel's EOF (on a
+  // thread, while the loop turns); returns what came back.
+  std::string sendAndReadToEof(int fd, const std::string& data) {
+    std::string back;
+    withThread([&] {
+      writeAll(fd, data);
+      ::shutdown(fd, SHUT_WR);  // an echo upstream answers only after this FIN (END_STREAM)
+      back = readToEof(fd);     // and its FIN comes back as END_STREAM -> EOF here
+    });
+    return back;
+  }
+
   // Runs fn on a thread while the loop turns; waits for it (bounded).
   void withThread(const std::function<void()>& fn) {
     std::atomic<bool> done{false};
@@ -167,31 +179,59 @@ class HboneTest : public ::testing::Test {
 std::unique_ptr<CertDir> HboneTest::certs_;
 bool HboneTest::certsOk_ = false;
 
-// Upstream that echoes everything until EOF, then closes its write side.
-std::thread echoUpstream(Listener& up) {
-  return std::thread([&up] {
-    UniqueFd c = up.accept();
-    std::string got = readToEof(c.get());
-    writeAll(c.get(), got);
-    ::shutdown(c.get(), SHUT_WR);
-    readToEof(c.get());
-  });
-}
+// An upstream that echoes everything until EOF, then closes its write side. Joined by join()
+// or at scope exit (first unblocking its accept() if no tunnel ever reached it).
+class EchoUpstream {
+ public:
+  EchoUpstream()
+      : thread_([this] {
+          UniqueFd c = listener_.accept();
+          std::string got = readToEof(c.get());
+          writeAll(c.get(), got);
+          ::shutdown(c.get(), SHUT_WR);
+          readToEof(c.get());
+        }) {}
+  uint16_t port() const { return listener_.port(); }
+  void join() { thread_.join(); }
+
+ private:
+  Listener listener_;
+  std::thread thread_;
+  JoinUpstream guard_{listener_, thread_};
+};
+
+// An upstream that takes one connection but reads nothing until startReading(), then reads to
+// EOF; got() is how many bytes arrived. Joined as EchoUpstream (told to read first, so a test
+// that failed before startReading() does not leave it waiting).
+class StalledUpstream {
+ public:
+  StalledUpstream()
+      : thread_([this] {
+          UniqueFd c = listener_.accept();
+          while (!reading_) ::usleep(1000);
+          got_ = readToEof(c.get()).size();
+        }) {}
+  ~StalledUpstream() { reading_ = true; }
+  uint16_t port() const { return listener_.port(); }
+  void startReading() { reading_ = true; }
+  size_t got() const { return got_.load(); }
+  void join() { thread_.join(); }
+
+ private:
+  Listener listener_;
+  std::atomic<bool> reading_{false};
+  std::atomic<size_t> got_{0};
+  std::thread thread_;
+  JoinUpstream guard_{listener_, thread_};
+};
 
 TEST_F(HboneTest, ConnectGets200AndEchoesWithHalfClose) {
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
-  std::string back;
-  withThread([&, fd = app.get()] {
-    writeAll(fd, "hello through hbone");
-    ::shutdown(fd, SHUT_WR);  // the upstream echoes only after this FIN arrived as END_STREAM
-    back = readToEof(fd);     // and its FIN comes back as END_STREAM -> EOF here
-  });
-  upstream.join();
+  std::string back = sendAndReadToEof(app.get(), "hello through hbone");
+  up.join();
   EXPECT_EQ(back, "hello through hbone");
   // Headers and identity seen by the server's decision.
   EXPECT_EQ(lastRequest_.peerIdentity, kClientId);
@@ -235,9 +275,7 @@ TEST_F(HboneTest, UpstreamHalfCloseFirstKeepsTheOtherDirection) {
 }
 
 TEST_F(HboneTest, EightMebibytesBothWays) {
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
@@ -253,7 +291,7 @@ TEST_F(HboneTest, EightMebibytesBothWays) {
     back = readToEof(fd);
     writer.join();
   });
-  upstream.join();
+  up.join();
   EXPECT_EQ(back.size(), payload.size());
   EXPECT_TRUE(back == payload);
 }
@@ -269,9 +307,7 @@ TEST_F(HboneTest, DeniedIs401) {
 
 // The caller's own libuv handle of the local socket becomes the tunnel's socket as it is.
 TEST_F(HboneTest, LocalHandleBecomesTheTunnel) {
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   auto [local, app] = tcpPair();
   auto* handle = new uv_tcp_t{};
   ASSERT_EQ(uv_tcp_init(&loop_, handle), 0);
@@ -284,13 +320,8 @@ TEST_F(HboneTest, LocalHandleBecomesTheTunnel) {
   });
   ASSERT_TRUE(runUntil(&loop_, [&] { return status != -1; }));
   ASSERT_EQ(status, 200) << err.message();
-  std::string back;
-  withThread([&, fd = app.get()] {
-    writeAll(fd, "through the caller's handle");
-    ::shutdown(fd, SHUT_WR);
-    back = readToEof(fd);
-  });
-  upstream.join();
+  std::string back = sendAndReadToEof(app.get(), "through the caller's handle");
+  up.join();
   EXPECT_EQ(back, "through the caller's handle");
 }
 
@@ -429,9 +460,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Refusals leave the counters of a good handshake alone.
 TEST_F(HboneTest, AcceptedHandshakeCountsNoRefusal) {
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
@@ -459,13 +488,7 @@ TEST_F(HboneTest, HundredSequentialStreamsOneHandshake) {
     std::string err;
     auto [status, app] = open(r, &err);
     ASSERT_EQ(status, 200) << i << " " << err;
-    std::string back;
-    withThread([&, fd = app.get()] {
-      writeAll(fd, "n" + std::to_string(i));
-      ::shutdown(fd, SHUT_WR);
-      back = readToEof(fd);
-    });
-    ASSERT_EQ(back, "n" + std::to_string(i));
+    ASSERT_EQ(sendAndReadToEof(app.get(), "n" + std::to_string(i)), "n" + std::to_string(i));
   }
   upstream.join();
   EXPECT_EQ(served.load(), 100);
@@ -543,15 +566,7 @@ TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
   // after about one stream window plus the kernel socket buffers on the way (tens of MiB on
   // loopback), not buffer all 128 MiB.
   constexpr size_t kTotal = 128u << 20;
-  Listener up;
-  std::atomic<bool> startReading{false};
-  std::atomic<size_t> upstreamGot{0};
-  std::thread upstream([&] {
-    UniqueFd c = up.accept();
-    while (!startReading) ::usleep(1000);
-    upstreamGot = readToEof(c.get()).size();
-  });
-  JoinUpstream guard(up, upstream);
+  StalledUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
@@ -572,31 +587,23 @@ TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
   std::cout << "accepted while the upstream was stalled: " << stalledAt << " bytes\n";
   EXPECT_LT(stalledAt, 64u << 20) << "bytes accepted while the upstream was not reading";
   EXPECT_FALSE(writerDone.load());
-  startReading = true;
-  EXPECT_TRUE(runUntil(&loop_, [&] { return upstreamGot.load() != 0 && writerDone.load(); },
+  up.startReading();
+  EXPECT_TRUE(runUntil(&loop_, [&] { return up.got() != 0 && writerDone.load(); },
                        std::chrono::seconds(60)));
   writer.join();
-  upstream.join();
-  EXPECT_EQ(upstreamGot.load(), kTotal);
+  up.join();
+  EXPECT_EQ(up.got(), kTotal);
 }
 
 TEST_F(HboneTest, IdlePooledConnectionDropped) {
   ClientConfig cc;
   cc.settings.idleTimeout = std::chrono::milliseconds(300);
   client_ = std::make_unique<HboneClient>(&loop_, cc);
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
-  std::string back;
-  withThread([&, fd = app.get()] {
-    writeAll(fd, "x");
-    ::shutdown(fd, SHUT_WR);
-    back = readToEof(fd);
-  });
-  EXPECT_EQ(back, "x");
+  EXPECT_EQ(sendAndReadToEof(app.get(), "x"), "x");
   EXPECT_EQ(client_->connections(), 1u);
   // No streams for the idle timeout: GOAWAY and close, on both sides.
   EXPECT_TRUE(runUntil(&loop_, [&] { return client_->connections() == 0; },
@@ -609,15 +616,7 @@ TEST_F(HboneTest, IdlePooledConnectionDropped) {
 // client stops reading its app once its own bound is reached. Neither side holds more than
 // bufferBound() for one tunnel, and the sampled figures show the bound was actually pressed.
 TEST_F(HboneTest, SlowReaderHoldsAtMostTheBufferBound) {
-  Listener up;
-  std::atomic<bool> startReading{false};
-  std::atomic<size_t> upstreamGot{0};
-  std::thread upstream([&] {
-    UniqueFd c = up.accept();
-    while (!startReading) ::usleep(1000);
-    upstreamGot = readToEof(c.get()).size();
-  });
-  JoinUpstream guard(up, upstream);
+  StalledUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
@@ -652,12 +651,12 @@ TEST_F(HboneTest, SlowReaderHoldsAtMostTheBufferBound) {
   // The server really queued part of what its stream window let in (the kernel's socket
   // buffers took the rest, a few MiB on loopback): the measure sees the buffering it bounds.
   EXPECT_GE(serverMax, size_t{512} << 10);
-  startReading = true;
-  EXPECT_TRUE(runUntil(&loop_, [&] { return upstreamGot.load() != 0 && writerDone.load(); },
+  up.startReading();
+  EXPECT_TRUE(runUntil(&loop_, [&] { return up.got() != 0 && writerDone.load(); },
                        std::chrono::seconds(60)));
   writer.join();
-  upstream.join();
-  EXPECT_EQ(upstreamGot.load(), kTotal);
+  up.join();
+  EXPECT_EQ(up.got(), kTotal);
   // Drained: the tunnel gives its chunks back; nothing stays buffered.
   EXPECT_TRUE(runUntil(&loop_, [&] {
     return server_->bufferedBytes() == 0 && client_->bufferedBytes() == 0;
