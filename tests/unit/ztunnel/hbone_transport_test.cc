@@ -671,44 +671,63 @@ struct Fnv {
   }
 };
 
-// 48 MiB each way in writes of random sizes (1 byte to 300 KiB, so chunk, record and frame
-// boundaries fall everywhere): every byte arrives, in order, and each half-close arrives after
-// the last byte of its direction (a FIN ahead of its bytes would cut a count short); the
-// upstream answers only once it has read the client's FIN, so the tunnel must stay half-open.
+// Reads `fd` until EOF (or an error, or 60 s of silence) into `hash`; returns the bytes read.
+size_t hashToEof(int fd, Fnv& hash) {
+  timeval tv{60, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  size_t got = 0;
+  std::string buf(256 * 1024, '\0');
+  while (true) {
+    ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n <= 0) break;
+    hash.add(buf.data(), static_cast<size_t>(n));
+    got += static_cast<size_t>(n);
+  }
+  return got;
+}
+
+// `total` random bytes cut into pieces of random sizes (1 byte to 300 KiB, so chunk, record and
+// frame boundaries fall everywhere); the same bytes and cuts for the same seed.
+class RandomPieces {
+ public:
+  RandomPieces(uint32_t seed, size_t total) : bytes_(seed), sizes_(seed + 1), left_(total) {}
+  // The next piece into `piece`; false once all `total` bytes were given.
+  bool next(std::string& piece) {
+    if (left_ == 0) return false;
+    size_t n = std::min<size_t>(left_, 1 + sizes_() % (300 * 1024));
+    piece.resize(n);
+    for (auto& c : piece) c = static_cast<char>(bytes_());
+    left_ -= n;
+    return true;
+  }
+
+ private:
+  std::mt19937 bytes_;
+  std::mt19937 sizes_;
+  size_t left_;
+};
+
+// 48 MiB each way in writes of random sizes: every byte arrives, in order, and each half-close
+// arrives after the last byte of its direction (a FIN ahead of its bytes would cut a count
+// short); the upstream answers only once it has read the client's FIN, so the tunnel must stay
+// half-open.
 TEST_F(HboneTest, LargeTransfersKeepByteOrderAndHalfClose) {
   constexpr size_t kEach = 48u << 20;
-  auto fill = [](std::mt19937& rng, std::string& buf, size_t n) {
-    buf.resize(n);
-    for (auto& c : buf) c = static_cast<char>(rng());
-  };
+  constexpr uint32_t kRequestSeed = 3;
+  constexpr uint32_t kAnswerSeed = 7;
   Listener up;
   std::atomic<uint64_t> upHash{0};
   std::atomic<size_t> upGot{0};
   std::thread upstream([&] {
     UniqueFd c = up.accept();
-    timeval tv{60, 0};
-    ::setsockopt(c.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     Fnv f;
-    size_t got = 0;
-    std::string buf(256 * 1024, '\0');
-    while (true) {
-      ssize_t n = ::read(c.get(), buf.data(), buf.size());
-      if (n <= 0) break;
-      f.add(buf.data(), static_cast<size_t>(n));
-      got += static_cast<size_t>(n);
-    }
+    upGot = hashToEof(c.get(), f);
     upHash = f.h;
-    upGot = got;
     // Only after the client's FIN: the answer, then our FIN.
-    std::mt19937 rng(7);
-    std::mt19937 sizes(8);
-    size_t sent = 0;
+    RandomPieces answer(kAnswerSeed, kEach);
     std::string piece;
-    while (sent < kEach) {
-      size_t n = std::min<size_t>(kEach - sent, 1 + sizes() % (300 * 1024));
-      fill(rng, piece, n);
+    while (answer.next(piece)) {
       if (!writeAll(c.get(), piece)) break;
-      sent += n;
     }
     ::shutdown(c.get(), SHUT_WR);
   });
@@ -719,43 +738,23 @@ TEST_F(HboneTest, LargeTransfersKeepByteOrderAndHalfClose) {
   Fnv sentHash;
   Fnv expectBack;
   {
-    std::mt19937 rng(7);
-    std::mt19937 sizes(8);
-    size_t n = 0;
+    RandomPieces answer(kAnswerSeed, kEach);
     std::string piece;
-    while (n < kEach) {
-      size_t k = std::min<size_t>(kEach - n, 1 + sizes() % (300 * 1024));
-      fill(rng, piece, k);
-      expectBack.add(piece.data(), k);
-      n += k;
-    }
+    while (answer.next(piece)) expectBack.add(piece.data(), piece.size());
   }
   Fnv backHash;
   size_t backGot = 0;
   withThread([&, fd = app.get()] {
     std::thread w([&] {
-      std::mt19937 rng(3);
-      std::mt19937 sizes(4);
-      size_t sent = 0;
+      RandomPieces request(kRequestSeed, kEach);
       std::string piece;
-      while (sent < kEach) {
-        size_t n = std::min<size_t>(kEach - sent, 1 + sizes() % (300 * 1024));
-        fill(rng, piece, n);
-        sentHash.add(piece.data(), n);
+      while (request.next(piece)) {
+        sentHash.add(piece.data(), piece.size());
         if (!writeAll(fd, piece)) break;
-        sent += n;
       }
       ::shutdown(fd, SHUT_WR);
     });
-    timeval tv{60, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    std::string buf(256 * 1024, '\0');
-    while (true) {
-      ssize_t n = ::read(fd, buf.data(), buf.size());
-      if (n <= 0) break;
-      backHash.add(buf.data(), static_cast<size_t>(n));
-      backGot += static_cast<size_t>(n);
-    }
+    backGot = hashToEof(fd, backHash);
     w.join();
   });
   upstream.join();
