@@ -424,6 +424,19 @@ agent::DataplaneOptions BpfKernelTest::options() const {
   return o;
 }
 
+void DataplaneTest::SetUp() {
+  BpfKernelTest::SetUp();
+  if (IsSkipped() || HasFailure()) return;
+  auto dp = openDataplane();
+  ASSERT_TRUE(dp.isOk()) << dp.status().message();
+  dp_ = std::move(dp.value());
+}
+
+void DataplaneTest::enrollPod() {
+  Status st = dp_->enroll(pod_cookie_, pod_fd_.get(), kPodWorkloadId);
+  ASSERT_TRUE(st.isOk()) << st.message();
+}
+
 Result<agent::DataplanePtr> BpfKernelTest::openDataplane() {
   return agent::Dataplane::open(options());
 }

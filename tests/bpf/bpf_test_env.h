@@ -128,4 +128,17 @@ class BpfKernelTest : public ::testing::Test {
   std::vector<std::string> made_netns_;
 };
 
+// The workload id the pod netns is enrolled as by DataplaneTest::enrollPod().
+inline constexpr uint64_t kPodWorkloadId = 9;
+
+// A BpfKernelTest whose SetUp also opens the dataplane into dp_ (TearDown destroys it, as for
+// any dp_). Fixtures that enroll more in their SetUp call this one first and return if it
+// failed or skipped.
+class DataplaneTest : public BpfKernelTest {
+ protected:
+  void SetUp() override;
+  // Enrolls the pod netns (pod_cookie_) as kPodWorkloadId; a fatal failure if it cannot.
+  void enrollPod();
+};
+
 }  // namespace weft::bpftest

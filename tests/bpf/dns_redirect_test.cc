@@ -183,19 +183,8 @@ int realUdpServer(int out, const std::vector<std::string>& addrs, int wait_ms) {
   return 0;
 }
 
-class DnsRedirectTest : public BpfKernelTest {
+class DnsRedirectTest : public DataplaneTest {
  protected:
-  void SetUp() override {
-    BpfKernelTest::SetUp();
-    if (IsSkipped() || HasFailure()) return;
-    auto dp = openDataplane();
-    ASSERT_TRUE(dp.isOk()) << dp.status().message();
-    dp_ = std::move(dp.value());
-  }
-  void enrollPod() {
-    Status st = dp_->enroll(pod_cookie_, pod_fd_.get(), 9);
-    ASSERT_TRUE(st.isOk()) << st.message();
-  }
   pid_t startProxy(const std::string& listen, int wait_ms = 4000) {
     std::string pins = pin_dir_;
     return spawnServer(pod_fd_.get(), true, [listen, pins, wait_ms](int out) {

@@ -36,16 +36,13 @@ std::string readToEof(int fd, int timeout_ms) {
   return out;
 }
 
-class FastPathTest : public BpfKernelTest {
+class FastPathTest : public DataplaneTest {
  protected:
   // The "pod" netns is the destination, the "peer" netns the source; both enrolled.
   void SetUp() override {
-    BpfKernelTest::SetUp();
+    DataplaneTest::SetUp();
     if (IsSkipped() || HasFailure()) return;
-    auto dp = openDataplane();
-    ASSERT_TRUE(dp.isOk()) << dp.status().message();
-    dp_ = std::move(dp.value());
-    ASSERT_TRUE(dp_->enroll(pod_cookie_, pod_fd_.get(), 9).isOk());
+    ASSERT_NO_FATAL_FAILURE(enrollPod());
     auto cookie = netnsCookie(peer_fd_.get());
     ASSERT_TRUE(cookie.isOk()) << cookie.status().message();
     peer_cookie_ = cookie.value();

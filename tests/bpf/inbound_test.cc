@@ -14,16 +14,12 @@
 namespace weft::bpftest {
 namespace {
 
-class InboundTest : public BpfKernelTest {
+class InboundTest : public DataplaneTest {
  protected:
   void SetUp() override {
-    BpfKernelTest::SetUp();
+    DataplaneTest::SetUp();
     if (IsSkipped() || HasFailure()) return;
-    auto dp = openDataplane();
-    ASSERT_TRUE(dp.isOk()) << dp.status().message();
-    dp_ = std::move(dp.value());
-    Status st = dp_->enroll(pod_cookie_, pod_fd_.get(), 9);
-    ASSERT_TRUE(st.isOk()) << st.message();
+    enrollPod();
   }
 
   // The app in the pod: dual-stack on 8080.

@@ -78,6 +78,14 @@ Hop makeHop(const std::string& listen_addr, const std::string& connect_addr,
   return h;
 }
 
+// In a child: reports why `h` could not be made (key "error", shown with the child's report)
+// and returns false; true if it was made.
+bool hopMade(int out, const Hop& h) {
+  if (h.error.empty()) return true;
+  child::report(out, "error", h.error);
+  return false;
+}
+
 UniqueFd openMap(const std::string& pin_dir, const char* name) {
   return UniqueFd(bpf_obj_get((pin_dir + "/maps/" + name).c_str()));
 }
@@ -288,15 +296,12 @@ bool pumpBothWays(int app, int zt, const std::string& to_zt, const std::string& 
   return true;
 }
 
-class LocalHopTest : public BpfKernelTest {
+class LocalHopTest : public DataplaneTest {
  protected:
   void SetUp() override {
-    BpfKernelTest::SetUp();
+    DataplaneTest::SetUp();
     if (IsSkipped() || HasFailure()) return;
-    auto dp = openDataplane();
-    ASSERT_TRUE(dp.isOk()) << dp.status().message();
-    dp_ = std::move(dp.value());
-    ASSERT_TRUE(dp_->enroll(pod_cookie_, pod_fd_.get(), 9).isOk());
+    ASSERT_NO_FATAL_FAILURE(enrollPod());
     Status st = dp_->setLocalHopAccel(true);
     ASSERT_TRUE(st.isOk()) << st.message();
   }
@@ -326,10 +331,7 @@ TEST_F(LocalHopTest, RedirectedConnectionBothEndsMappedAndRemovedOnClose) {
   uint64_t cookie = pod_cookie_;
   ChildResult r = runInPod([pin, cookie](int out) {
     Hop h = makeHop("127.0.0.1:15001", std::string(kPeerV4) + ":80");
-    if (!h.error.empty()) {
-      child::report(out, "error", h.error);
-      return 1;
-    }
+    if (!hopMade(out, h)) return 1;
     UniqueFd map = openMap(pin, WEFT_MAP_HOP_SOCKS);
     auto keys = hopKeys(map.get());
     child::report(out, "entries", std::to_string(keys.size()));
@@ -378,10 +380,7 @@ TEST_F(LocalHopTest, Ipv6AndInboundHopsOtherLoopbackUntouched) {
                      "127.0.0.6:0", true);
     Hop other = makeHop("127.0.0.1:9000", "127.0.0.1:9000");
     for (Hop* h : {&v6, &in, &other}) {
-      if (!h->error.empty()) {
-        child::report(out, "error", h->error);
-        return 1;
-      }
+      if (!hopMade(out, *h)) return 1;
     }
     child::report(out, "entries", std::to_string(hopKeys(map.get()).size()));
     for (auto [name, h] : {std::pair{"v6", &v6}, {"in", &in}, {"other", &other}}) {
@@ -411,10 +410,7 @@ TEST_F(LocalHopTest, OffLeavesHopsAlone) {
   std::string pin = pin_dir_;
   ChildResult r = runInPod([pin](int out) {
     Hop h = makeHop("127.0.0.1:15001", "127.0.0.1:15001");
-    if (!h.error.empty()) {
-      child::report(out, "error", h.error);
-      return 1;
-    }
+    if (!hopMade(out, h)) return 1;
     UniqueFd map = openMap(pin, WEFT_MAP_HOP_SOCKS);
     child::report(out, "entries", std::to_string(hopKeys(map.get()).size()));
     child::writeAll(h.app.get(), "plain");
@@ -434,10 +430,7 @@ TEST_F(LocalHopTest, UnenrolledPodUntouched) {
   std::string pin = pin_dir_;
   ChildResult r = runInPod([pin](int out) {
     Hop h = makeHop("127.0.0.1:15001", "127.0.0.1:15001");
-    if (!h.error.empty()) {
-      child::report(out, "error", h.error);
-      return 1;
-    }
+    if (!hopMade(out, h)) return 1;
     UniqueFd map = openMap(pin, WEFT_MAP_HOP_SOCKS);
     child::report(out, "entries", std::to_string(hopKeys(map.get()).size()));
     return 0;
@@ -462,10 +455,7 @@ TEST_F(LocalHopTest, IdenticalFourTuplesInTwoPodsNeverCross) {
     }
     Hop b = makeHop("127.0.0.1:15001", "127.0.0.1:15001", "127.0.0.1:41000");
     for (Hop* h : {&a, &b}) {
-      if (!h->error.empty()) {
-        child::report(out, "error", h->error);
-        return 1;
-      }
+      if (!hopMade(out, *h)) return 1;
     }
     UniqueFd map = openMap(pin, WEFT_MAP_HOP_SOCKS);
     child::report(out, "entries", std::to_string(hopKeys(map.get()).size()));
@@ -494,10 +484,7 @@ TEST_F(LocalHopTest, SenderThatUsedTcpStaysOnTcp) {
   std::string pin = pin_dir_;
   ChildResult r = runInPod([pin](int out) {
     Hop h = makeHop("127.0.0.1:15001", "127.0.0.1:15001");
-    if (!h.error.empty()) {
-      child::report(out, "error", h.error);
-      return 1;
-    }
+    if (!hopMade(out, h)) return 1;
     UniqueFd map = openMap(pin, WEFT_MAP_HOP_SOCKS);
     weft_hop_key zt_key{};
     int found = 0;
@@ -537,10 +524,7 @@ TEST_P(LocalHopHalfCloseTest, TailBeforeEofBothWays) {
   ChildResult r = runInPod(
       [app_first](int out) {
         Hop h = makeHop("127.0.0.1:15001", "127.0.0.1:15001");
-        if (!h.error.empty()) {
-          child::report(out, "error", h.error);
-          return 1;
-        }
+        if (!hopMade(out, h)) return 1;
         std::mt19937_64 rng(app_first ? 1 : 2);
         std::string one = randomBytes(rng, 3 << 20), two = randomBytes(rng, 2 << 20);
         int first = app_first ? h.app.get() : h.zt.get();
@@ -598,10 +582,7 @@ TEST_P(LocalHopResetTest, ResetReachesPeer) {
   bool app_resets = GetParam();
   ChildResult r = runInPod([app_resets](int out) {
     Hop h = makeHop("127.0.0.1:15001", "127.0.0.1:15001");
-    if (!h.error.empty()) {
-      child::report(out, "error", h.error);
-      return 1;
-    }
+    if (!hopMade(out, h)) return 1;
     UniqueFd& resetter = app_resets ? h.app : h.zt;
     int peer = app_resets ? h.zt.get() : h.app.get();
     child::writeAll(resetter.get(), "before-reset");
@@ -637,10 +618,7 @@ TEST_P(LocalHopBulkTest, RandomDataBothWaysExact) {
   ChildResult r = runInPod(
       [mode](int out) {
         Hop h = makeHop("127.0.0.1:15001", "127.0.0.1:15001");
-        if (!h.error.empty()) {
-          child::report(out, "error", h.error);
-          return 1;
-        }
+        if (!hopMade(out, h)) return 1;
         std::mt19937_64 rng(42 + static_cast<int>(mode));
         std::string to_zt = randomBytes(rng, (6 << 20) + 12345);
         std::string to_app = randomBytes(rng, (5 << 20) + 777);
@@ -709,10 +687,7 @@ TEST_F(LocalHopTest, WriterToNonReadingPeerIsThrottledAndOrderSurvivesTheMoveToT
     ChildResult r = runInPod(
         [](int out) {
           Hop h = makeHop("127.0.0.1:15001", "127.0.0.1:15001");
-          if (!h.error.empty()) {
-            child::report(out, "error", h.error);
-            return 1;
-          }
+          if (!hopMade(out, h)) return 1;
           std::mt19937_64 rng(7);
           std::string data = randomBytes(rng, kCap);
           setNonblocking(h.app.get(), true);

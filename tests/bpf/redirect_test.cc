@@ -60,7 +60,7 @@ int ztunnelOutbound(int out, const std::string& listen_addr, int level, socklen_
   return 0;
 }
 
-class RedirectTest : public BpfKernelTest {
+class RedirectTest : public DataplaneTest {
  protected:
   // Every event now in the pinned weft_events ring buffer.
   std::vector<weft_event> drainEvents() {
@@ -86,19 +86,6 @@ class RedirectTest : public BpfKernelTest {
     ring_buffer__consume(rb);
     ring_buffer__free(rb);
     return events;
-  }
-
-  void SetUp() override {
-    BpfKernelTest::SetUp();
-    if (IsSkipped() || HasFailure()) return;
-    auto dp = openDataplane();
-    ASSERT_TRUE(dp.isOk()) << dp.status().message();
-    dp_ = std::move(dp.value());
-  }
-
-  void enrollPod() {
-    Status st = dp_->enroll(pod_cookie_, pod_fd_.get(), 7);
-    ASSERT_TRUE(st.isOk()) << st.message();
   }
 
   // The real destination in the peer netns, dual-stack.

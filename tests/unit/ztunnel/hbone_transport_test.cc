@@ -6,6 +6,7 @@
 #include <cctype>
 #include <cerrno>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <set>
 #include <thread>
@@ -26,8 +27,11 @@ using namespace weft::hbone::testing;
 
 class HboneTest : public ::testing::Test {
  protected:
+  // The certificates are made once per run (openssl takes seconds), for this suite and the
+  // parameterized ones below alike, and removed at exit.
   static void SetUpTestSuite() {
-    certs_ = new CertDir();
+    if (certs_ != nullptr) return;
+    certs_ = std::make_unique<CertDir>();
     bool ok = certs_->ok() && certs_->makeLeaf("ca", "server", kServerId) &&
               certs_->makeLeaf("ca", "client", kClientId) &&
               certs_->makeLeaf("ca2", "foreign", kClientId) &&
@@ -38,10 +42,6 @@ class HboneTest : public ::testing::Test {
               certs_->makeLeaf("ca", "impostor", "spiffe://cluster.local/ns/default/sa/impostor") &&
               certs_->makeLeaf("ca", "webserver", "https://server.example/");
     certsOk_ = ok;
-  }
-  static void TearDownTestSuite() {
-    delete certs_;
-    certs_ = nullptr;
   }
 
   void SetUp() override {
@@ -62,7 +62,7 @@ class HboneTest : public ::testing::Test {
     sc.decide = [this](const InboundConnect& req) {
       lastRequest_ = req;
       InboundDecision d;
-      d.verdict = deny_ ? InboundDecision::Verdict::kDeny : InboundDecision::Verdict::kAllow;
+      d.verdict = verdict_;
       return d;
     };
     server_ = std::make_unique<HboneServer>(&loop_, sc);
@@ -77,40 +77,6 @@ class HboneTest : public ::testing::Test {
       c[i] = client_->refusals(static_cast<TlsRefusal>(i));
     }
     return c;
-  }
-
-  // The client presents `leaf`: no tunnel, and the server counts one failed handshake, with
-  // reason `why` and no other.
-  void expectServerRefuses(const std::string& leaf, TlsRefusal why) {
-    TlsRefusalCounts before = server_->stats().refused;
-    Listener up;
-    std::string err;
-    auto [status, app] = open(request(up.port(), leaf), &err);
-    EXPECT_EQ(status, 0) << leaf;
-    EXPECT_FALSE(err.empty());
-    EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
-    EXPECT_EQ(server_->stats().handshakes, 0u);
-    EXPECT_EQ(server_->stats().streams, 0u);
-    expectOneRefusal(before, server_->stats().refused, why);
-    EXPECT_EQ(refusalTotal(server_->stats().refused), server_->stats().handshakeFailures);
-  }
-
-  // The server presents `leaf`; the client expects kServerId: no tunnel, and the client counts
-  // one failed handshake, with reason `why` and no other.
-  void expectClientRefuses(const std::string& leaf, TlsRefusal why) {
-    startServer(leaf);
-    TlsRefusalCounts before = clientRefusals();
-    std::string err;
-    auto [status, app] = open(request(1), &err);
-    EXPECT_EQ(status, 0);
-    EXPECT_FALSE(err.empty());
-    EXPECT_EQ(client_->handshakes(), 0u);
-    EXPECT_EQ(client_->handshakeFailures(), 1u);
-    expectOneRefusal(before, clientRefusals(), why);
-    EXPECT_EQ(refusalTotal(clientRefusals()), client_->handshakeFailures());
-    // The server sees the client's alert: a failed handshake too, of its own kind.
-    EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
-    EXPECT_EQ(server_->stats().refused[static_cast<size_t>(TlsRefusal::kProtocol)], 1u);
   }
 
   void TearDown() override {
@@ -148,6 +114,46 @@ class HboneTest : public ::testing::Test {
     return {status, std::move(app)};
   }
 
+  // n CONNECTs with r, opened back to back without waiting for any :status, and the loop run
+  // until every one has its :status (bounded: 10 s).
+  struct Burst {
+    std::vector<int> statuses;   // -1: no :status yet
+    std::vector<UniqueFd> apps;  // the apps' ends of the tunnels' local sockets
+    bool answered = false;       // every CONNECT got its :status in time
+    long count(int status) const { return std::count(statuses.begin(), statuses.end(), status); }
+  };
+  Burst openBurst(const OutboundConnect& r, int n) {
+    Burst b;
+    b.statuses.assign(n, -1);
+    for (int i = 0; i < n; ++i) {
+      auto [local, app] = tcpPair();
+      b.apps.push_back(std::move(app));
+      // The element, not the vector: its storage stays put when the Burst is returned (moved).
+      int* slot = &b.statuses[i];
+      client_->open(r, std::move(local), [slot](int st, const Status&) { *slot = st; });
+    }
+    b.answered = runUntil(&loop_, [&] { return b.count(-1) == 0; }, std::chrono::seconds(10));
+    return b;
+  }
+
+  // Turns the loop for `d` (timers, idle timeouts).
+  void runLoopFor(std::chrono::milliseconds d) {
+    auto until = std::chrono::steady_clock::now() + d;
+    runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  }
+
+  // The app writes `data` and its FIN into the tunnel and reads until the tunnel's EOF (on a
+  // thread, while the loop turns); returns what came back.
+  std::string sendAndReadToEof(int fd, const std::string& data) {
+    std::string back;
+    withThread([&] {
+      writeAll(fd, data);
+      ::shutdown(fd, SHUT_WR);  // an echo upstream answers only after this FIN (END_STREAM)
+      back = readToEof(fd);     // and its FIN comes back as END_STREAM -> EOF here
+    });
+    return back;
+  }
+
   // Runs fn on a thread while the loop turns; waits for it (bounded).
   void withThread(const std::function<void()>& fn) {
     std::atomic<bool> done{false};
@@ -160,45 +166,74 @@ class HboneTest : public ::testing::Test {
     EXPECT_TRUE(finished);
   }
 
-  static CertDir* certs_;
+  static std::unique_ptr<CertDir> certs_;
   static bool certsOk_;
   uv_loop_t loop_{};
   std::unique_ptr<HboneServer> server_;
   std::unique_ptr<HboneClient> client_;
   uint16_t hbonePort_ = 0;
-  bool deny_ = false;
+  // The decision's verdict for every CONNECT.
+  InboundDecision::Verdict verdict_ = InboundDecision::Verdict::kAllow;
   uint32_t serverMaxStreams_ = 0;  // SETTINGS_MAX_CONCURRENT_STREAMS; 0 = the default
   InboundConnect lastRequest_;
 };
 
-CertDir* HboneTest::certs_ = nullptr;
+std::unique_ptr<CertDir> HboneTest::certs_;
 bool HboneTest::certsOk_ = false;
 
-// Upstream that echoes everything until EOF, then closes its write side.
-std::thread echoUpstream(Listener& up) {
-  return std::thread([&up] {
-    UniqueFd c = up.accept();
-    std::string got = readToEof(c.get());
-    writeAll(c.get(), got);
-    ::shutdown(c.get(), SHUT_WR);
-    readToEof(c.get());
-  });
-}
+// An upstream that echoes everything until EOF, then closes its write side. Joined by join()
+// or at scope exit (first unblocking its accept() if no tunnel ever reached it).
+class EchoUpstream {
+ public:
+  EchoUpstream()
+      : thread_([this] {
+          UniqueFd c = listener_.accept();
+          std::string got = readToEof(c.get());
+          writeAll(c.get(), got);
+          ::shutdown(c.get(), SHUT_WR);
+          readToEof(c.get());
+        }) {}
+  uint16_t port() const { return listener_.port(); }
+  void join() { thread_.join(); }
+
+ private:
+  Listener listener_;
+  std::thread thread_;
+  JoinUpstream guard_{listener_, thread_};
+};
+
+// An upstream that takes one connection but reads nothing until startReading(), then reads to
+// EOF; got() is how many bytes arrived. Joined as EchoUpstream (told to read first, so a test
+// that failed before startReading() does not leave it waiting).
+class StalledUpstream {
+ public:
+  StalledUpstream()
+      : thread_([this] {
+          UniqueFd c = listener_.accept();
+          while (!reading_) ::usleep(1000);
+          got_ = readToEof(c.get()).size();
+        }) {}
+  ~StalledUpstream() { reading_ = true; }
+  uint16_t port() const { return listener_.port(); }
+  void startReading() { reading_ = true; }
+  size_t got() const { return got_.load(); }
+  void join() { thread_.join(); }
+
+ private:
+  Listener listener_;
+  std::atomic<bool> reading_{false};
+  std::atomic<size_t> got_{0};
+  std::thread thread_;
+  JoinUpstream guard_{listener_, thread_};
+};
 
 TEST_F(HboneTest, ConnectGets200AndEchoesWithHalfClose) {
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
-  std::string back;
-  withThread([&, fd = app.get()] {
-    writeAll(fd, "hello through hbone");
-    ::shutdown(fd, SHUT_WR);  // the upstream echoes only after this FIN arrived as END_STREAM
-    back = readToEof(fd);     // and its FIN comes back as END_STREAM -> EOF here
-  });
-  upstream.join();
+  std::string back = sendAndReadToEof(app.get(), "hello through hbone");
+  up.join();
   EXPECT_EQ(back, "hello through hbone");
   // Headers and identity seen by the server's decision.
   EXPECT_EQ(lastRequest_.peerIdentity, kClientId);
@@ -242,9 +277,7 @@ TEST_F(HboneTest, UpstreamHalfCloseFirstKeepsTheOtherDirection) {
 }
 
 TEST_F(HboneTest, EightMebibytesBothWays) {
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
@@ -260,13 +293,13 @@ TEST_F(HboneTest, EightMebibytesBothWays) {
     back = readToEof(fd);
     writer.join();
   });
-  upstream.join();
+  up.join();
   EXPECT_EQ(back.size(), payload.size());
   EXPECT_TRUE(back == payload);
 }
 
 TEST_F(HboneTest, DeniedIs401) {
-  deny_ = true;
+  verdict_ = InboundDecision::Verdict::kDeny;
   Listener up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
@@ -276,9 +309,7 @@ TEST_F(HboneTest, DeniedIs401) {
 
 // The caller's own libuv handle of the local socket becomes the tunnel's socket as it is.
 TEST_F(HboneTest, LocalHandleBecomesTheTunnel) {
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   auto [local, app] = tcpPair();
   auto* handle = new uv_tcp_t{};
   ASSERT_EQ(uv_tcp_init(&loop_, handle), 0);
@@ -291,20 +322,15 @@ TEST_F(HboneTest, LocalHandleBecomesTheTunnel) {
   });
   ASSERT_TRUE(runUntil(&loop_, [&] { return status != -1; }));
   ASSERT_EQ(status, 200) << err.message();
-  std::string back;
-  withThread([&, fd = app.get()] {
-    writeAll(fd, "through the caller's handle");
-    ::shutdown(fd, SHUT_WR);
-    back = readToEof(fd);
-  });
-  upstream.join();
+  std::string back = sendAndReadToEof(app.get(), "through the caller's handle");
+  up.join();
   EXPECT_EQ(back, "through the caller's handle");
 }
 
 // A handle whose stream is refused is reset (the app sees RST, not a clean FIN) and freed (ASan
 // reports a leak otherwise).
 TEST_F(HboneTest, LocalHandleOfARefusedStreamIsReset) {
-  deny_ = true;
+  verdict_ = InboundDecision::Verdict::kDeny;
   Listener up;
   auto [local, app] = tcpPair();
   auto* handle = new uv_tcp_t{};
@@ -343,20 +369,7 @@ TEST_F(HboneTest, UpstreamRefusedIs503) {
 
 TEST_F(HboneTest, MalformedDecisionIs400) {
   // The decision reports the authority is not this pod's: 400 as Istio.
-  server_.reset();
-  auto sctx = makeTlsContext(TlsRole::kServer, certs_->creds("server"));
-  ASSERT_TRUE(sctx);
-  ServerConfig sc;
-  sc.ctx = sctx.value();
-  sc.decide = [](const InboundConnect&) {
-    InboundDecision d;
-    d.verdict = InboundDecision::Verdict::kMalformed;
-    return d;
-  };
-  server_ = std::make_unique<HboneServer>(&loop_, sc);
-  Listener l;
-  hbonePort_ = l.port();
-  ASSERT_TRUE(server_->listen(l.release()));
+  verdict_ = InboundDecision::Verdict::kMalformed;
   auto [status, app] = open(request(1234));
   EXPECT_EQ(status, 400);
 }
@@ -373,41 +386,83 @@ TEST_F(HboneTest, WrongServerIdentityRefusedByClient) {
   expectOneRefusal(TlsRefusalCounts{}, clientRefusals(), TlsRefusal::kWrongIdentity);
 }
 
-// Client-side refusals, counted by HboneClient::refusals().
-TEST_F(HboneTest, ServerWithAnotherIdentityRefusedWrongIdentity) {
-  expectClientRefuses("impostor", TlsRefusal::kWrongIdentity);
+// A certificate (one of the fixture's leaves) that the other side refuses, and the reason it
+// counts. `name` names the case in the test's name.
+struct Refusal {
+  const char* name;
+  const char* leaf;
+  TlsRefusal why;
+};
+
+std::string refusalCaseName(const ::testing::TestParamInfo<Refusal>& info) {
+  return info.param.name;
 }
 
-TEST_F(HboneTest, ServerWithoutSpiffeSanRefusedBadIdentity) {
-  expectClientRefuses("webserver", TlsRefusal::kBadIdentity);
+// Client-side refusals, counted by HboneClient::refusals(). The server presents `leaf`; the
+// client expects kServerId: no tunnel, and the client counts one failed handshake, with reason
+// `why` and no other.
+class HboneClientRefusalTest : public HboneTest, public ::testing::WithParamInterface<Refusal> {};
+
+TEST_P(HboneClientRefusalTest, ServerCertRefused) {
+  const Refusal& c = GetParam();
+  startServer(c.leaf);
+  TlsRefusalCounts before = clientRefusals();
+  std::string err;
+  auto [status, app] = open(request(1), &err);
+  EXPECT_EQ(status, 0);
+  EXPECT_FALSE(err.empty());
+  EXPECT_EQ(client_->handshakes(), 0u);
+  EXPECT_EQ(client_->handshakeFailures(), 1u);
+  expectOneRefusal(before, clientRefusals(), c.why);
+  EXPECT_EQ(refusalTotal(clientRefusals()), client_->handshakeFailures());
+  // The server sees the client's alert: a failed handshake too, of its own kind.
+  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
+  EXPECT_EQ(server_->stats().refused[static_cast<size_t>(TlsRefusal::kProtocol)], 1u);
 }
 
-// Server-side refusals of the client's certificate, counted in ServerStats::refused.
-TEST_F(HboneTest, ClientCertOfAnotherCaRefusedUntrusted) {
-  expectServerRefuses("foreign", TlsRefusal::kUntrusted);
+INSTANTIATE_TEST_SUITE_P(
+    Reasons, HboneClientRefusalTest,
+    ::testing::Values(
+        Refusal{"ServerWithAnotherIdentityRefusedWrongIdentity", "impostor",
+                TlsRefusal::kWrongIdentity},
+        Refusal{"ServerWithoutSpiffeSanRefusedBadIdentity", "webserver", TlsRefusal::kBadIdentity}),
+    refusalCaseName);
+
+// Server-side refusals of the client's certificate, counted in ServerStats::refused. The client
+// presents `leaf`: no tunnel, and the server counts one failed handshake, with reason `why` and
+// no other.
+class HboneServerRefusalTest : public HboneTest, public ::testing::WithParamInterface<Refusal> {};
+
+TEST_P(HboneServerRefusalTest, ClientCertRefused) {
+  const Refusal& c = GetParam();
+  TlsRefusalCounts before = server_->stats().refused;
+  Listener up;
+  std::string err;
+  auto [status, app] = open(request(up.port(), c.leaf), &err);
+  EXPECT_EQ(status, 0) << c.leaf;
+  EXPECT_FALSE(err.empty());
+  EXPECT_TRUE(runUntil(&loop_, [&] { return server_->stats().handshakeFailures == 1; }));
+  EXPECT_EQ(server_->stats().handshakes, 0u);
+  EXPECT_EQ(server_->stats().streams, 0u);
+  expectOneRefusal(before, server_->stats().refused, c.why);
+  EXPECT_EQ(refusalTotal(server_->stats().refused), server_->stats().handshakeFailures);
 }
 
-TEST_F(HboneTest, ExpiredClientCertRefusedExpired) {
-  expectServerRefuses("expired", TlsRefusal::kExpired);
-}
-
-TEST_F(HboneTest, NotYetValidClientCertRefusedNotYetValid) {
-  expectServerRefuses("notyetvalid", TlsRefusal::kNotYetValid);
-}
-
-TEST_F(HboneTest, ClientCertOfAnotherTrustDomainRefusedTrustDomain) {
-  expectServerRefuses("otherdomain", TlsRefusal::kTrustDomain);
-}
-
-TEST_F(HboneTest, ClientCertWithMalformedSpiffeIdRefusedBadIdentity) {
-  expectServerRefuses("badsan", TlsRefusal::kBadIdentity);
-}
+INSTANTIATE_TEST_SUITE_P(
+    Reasons, HboneServerRefusalTest,
+    ::testing::Values(
+        Refusal{"ClientCertOfAnotherCaRefusedUntrusted", "foreign", TlsRefusal::kUntrusted},
+        Refusal{"ExpiredClientCertRefusedExpired", "expired", TlsRefusal::kExpired},
+        Refusal{"NotYetValidClientCertRefusedNotYetValid", "notyetvalid", TlsRefusal::kNotYetValid},
+        Refusal{"ClientCertOfAnotherTrustDomainRefusedTrustDomain", "otherdomain",
+                TlsRefusal::kTrustDomain},
+        Refusal{"ClientCertWithMalformedSpiffeIdRefusedBadIdentity", "badsan",
+                TlsRefusal::kBadIdentity}),
+    refusalCaseName);
 
 // Refusals leave the counters of a good handshake alone.
 TEST_F(HboneTest, AcceptedHandshakeCountsNoRefusal) {
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
@@ -435,13 +490,7 @@ TEST_F(HboneTest, HundredSequentialStreamsOneHandshake) {
     std::string err;
     auto [status, app] = open(r, &err);
     ASSERT_EQ(status, 200) << i << " " << err;
-    std::string back;
-    withThread([&, fd = app.get()] {
-      writeAll(fd, "n" + std::to_string(i));
-      ::shutdown(fd, SHUT_WR);
-      back = readToEof(fd);
-    });
-    ASSERT_EQ(back, "n" + std::to_string(i));
+    ASSERT_EQ(sendAndReadToEof(app.get(), "n" + std::to_string(i)), "n" + std::to_string(i));
   }
   upstream.join();
   EXPECT_EQ(served.load(), 100);
@@ -463,18 +512,9 @@ TEST_F(HboneTest, BurstOfTunnelsStaysWithinTheServersStreamLimit) {
   auto [first, firstApp] = open(r, &err);
   ASSERT_EQ(first, 200) << err;
   constexpr int kBurst = 30;
-  std::vector<int> statuses(kBurst, -1);
-  std::vector<UniqueFd> apps;
-  for (int i = 0; i < kBurst; ++i) {
-    auto [local, app] = tcpPair();
-    apps.push_back(std::move(app));
-    client_->open(r, std::move(local), [&statuses, i](int st, const Status&) { statuses[i] = st; });
-  }
-  EXPECT_TRUE(runUntil(&loop_, [&] {
-    return std::count(statuses.begin(), statuses.end(), -1) == 0;
-  }, std::chrono::seconds(10))) << std::count(statuses.begin(), statuses.end(), -1)
-                                << " tunnels never answered";
-  EXPECT_EQ(std::count(statuses.begin(), statuses.end(), 200), kBurst);
+  Burst burst = openBurst(r, kBurst);
+  EXPECT_TRUE(burst.answered) << burst.count(-1) << " tunnels never answered";
+  EXPECT_EQ(burst.count(200), kBurst);
   EXPECT_EQ(client_->connections(), 2u);
   EXPECT_EQ(server_->stats().ok200, static_cast<uint64_t>(kBurst + 1));
 }
@@ -494,26 +534,17 @@ TEST_F(HboneTest, SpareIdleConnectionsCloseAndTheFirstStaysPooled) {
   auto [first, firstApp] = open(r, &err);  // the first connection is up (the server's limit known)
   ASSERT_EQ(first, 200) << err;
   constexpr int kBurst = 30;
-  std::vector<int> statuses(kBurst, -1);
-  std::vector<UniqueFd> apps;
-  apps.push_back(std::move(firstApp));
-  for (int i = 0; i < kBurst; ++i) {
-    auto [local, app] = tcpPair();
-    apps.push_back(std::move(app));
-    client_->open(r, std::move(local), [&statuses, i](int st, const Status&) { statuses[i] = st; });
-  }
-  ASSERT_TRUE(runUntil(&loop_, [&] {
-    return std::count(statuses.begin(), statuses.end(), -1) == 0;
-  }, std::chrono::seconds(10)));
-  ASSERT_EQ(std::count(statuses.begin(), statuses.end(), 200), kBurst);
+  Burst burst = openBurst(r, kBurst);
+  ASSERT_TRUE(burst.answered) << burst.count(-1) << " tunnels never answered";
+  ASSERT_EQ(burst.count(200), kBurst);
   ASSERT_EQ(client_->connections(), 2u);
   uint64_t handshakes = client_->handshakes();
   // Held for longer than spareIdleTimeout: busy connections are not spares.
-  auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(600);
-  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  runLoopFor(std::chrono::milliseconds(600));
   EXPECT_EQ(client_->connections(), 2u) << "a connection with tunnels was closed";
   // The apps reset their sockets: every tunnel ends (RST_STREAM).
-  for (UniqueFd& a : apps) {
+  burst.apps.push_back(std::move(firstApp));
+  for (UniqueFd& a : burst.apps) {
     linger l{1, 0};
     ::setsockopt(a.get(), SOL_SOCKET, SO_LINGER, &l, sizeof(l));
     a.reset();
@@ -524,8 +555,7 @@ TEST_F(HboneTest, SpareIdleConnectionsCloseAndTheFirstStaysPooled) {
   EXPECT_TRUE(runUntil(&loop_, [&] { return server_->connections() == 1; },
                        std::chrono::seconds(5)))
       << server_->connections() << " server connections";
-  until = std::chrono::steady_clock::now() + std::chrono::milliseconds(600);
-  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  runLoopFor(std::chrono::milliseconds(600));
   EXPECT_EQ(client_->connections(), 1u) << "the last pooled connection closed as a spare";
   auto [status, app] = open(r, &err);
   EXPECT_EQ(status, 200) << err;
@@ -538,15 +568,7 @@ TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
   // after about one stream window plus the kernel socket buffers on the way (tens of MiB on
   // loopback), not buffer all 128 MiB.
   constexpr size_t kTotal = 128u << 20;
-  Listener up;
-  std::atomic<bool> startReading{false};
-  std::atomic<size_t> upstreamGot{0};
-  std::thread upstream([&] {
-    UniqueFd c = up.accept();
-    while (!startReading) ::usleep(1000);
-    upstreamGot = readToEof(c.get()).size();
-  });
-  JoinUpstream guard(up, upstream);
+  StalledUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
@@ -562,37 +584,28 @@ TEST_F(HboneTest, SlowUpstreamBoundsBuffering) {
     ::shutdown(fd, SHUT_WR);
     writerDone = true;
   });
-  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-  runUntil(&loop_, [&] { return std::chrono::steady_clock::now() > until; });
+  runLoopFor(std::chrono::seconds(2));
   size_t stalledAt = written;
   std::cout << "accepted while the upstream was stalled: " << stalledAt << " bytes\n";
   EXPECT_LT(stalledAt, 64u << 20) << "bytes accepted while the upstream was not reading";
   EXPECT_FALSE(writerDone.load());
-  startReading = true;
-  EXPECT_TRUE(runUntil(&loop_, [&] { return upstreamGot.load() != 0 && writerDone.load(); },
+  up.startReading();
+  EXPECT_TRUE(runUntil(&loop_, [&] { return up.got() != 0 && writerDone.load(); },
                        std::chrono::seconds(60)));
   writer.join();
-  upstream.join();
-  EXPECT_EQ(upstreamGot.load(), kTotal);
+  up.join();
+  EXPECT_EQ(up.got(), kTotal);
 }
 
 TEST_F(HboneTest, IdlePooledConnectionDropped) {
   ClientConfig cc;
   cc.settings.idleTimeout = std::chrono::milliseconds(300);
   client_ = std::make_unique<HboneClient>(&loop_, cc);
-  Listener up;
-  std::thread upstream = echoUpstream(up);
-  JoinUpstream guard(up, upstream);
+  EchoUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
-  std::string back;
-  withThread([&, fd = app.get()] {
-    writeAll(fd, "x");
-    ::shutdown(fd, SHUT_WR);
-    back = readToEof(fd);
-  });
-  EXPECT_EQ(back, "x");
+  EXPECT_EQ(sendAndReadToEof(app.get(), "x"), "x");
   EXPECT_EQ(client_->connections(), 1u);
   // No streams for the idle timeout: GOAWAY and close, on both sides.
   EXPECT_TRUE(runUntil(&loop_, [&] { return client_->connections() == 0; },
@@ -605,15 +618,7 @@ TEST_F(HboneTest, IdlePooledConnectionDropped) {
 // client stops reading its app once its own bound is reached. Neither side holds more than
 // bufferBound() for one tunnel, and the sampled figures show the bound was actually pressed.
 TEST_F(HboneTest, SlowReaderHoldsAtMostTheBufferBound) {
-  Listener up;
-  std::atomic<bool> startReading{false};
-  std::atomic<size_t> upstreamGot{0};
-  std::thread upstream([&] {
-    UniqueFd c = up.accept();
-    while (!startReading) ::usleep(1000);
-    upstreamGot = readToEof(c.get()).size();
-  });
-  JoinUpstream guard(up, upstream);
+  StalledUpstream up;
   std::string err;
   auto [status, app] = open(request(up.port()), &err);
   ASSERT_EQ(status, 200) << err;
@@ -648,12 +653,12 @@ TEST_F(HboneTest, SlowReaderHoldsAtMostTheBufferBound) {
   // The server really queued part of what its stream window let in (the kernel's socket
   // buffers took the rest, a few MiB on loopback): the measure sees the buffering it bounds.
   EXPECT_GE(serverMax, size_t{512} << 10);
-  startReading = true;
-  EXPECT_TRUE(runUntil(&loop_, [&] { return upstreamGot.load() != 0 && writerDone.load(); },
+  up.startReading();
+  EXPECT_TRUE(runUntil(&loop_, [&] { return up.got() != 0 && writerDone.load(); },
                        std::chrono::seconds(60)));
   writer.join();
-  upstream.join();
-  EXPECT_EQ(upstreamGot.load(), kTotal);
+  up.join();
+  EXPECT_EQ(up.got(), kTotal);
   // Drained: the tunnel gives its chunks back; nothing stays buffered.
   EXPECT_TRUE(runUntil(&loop_, [&] {
     return server_->bufferedBytes() == 0 && client_->bufferedBytes() == 0;
@@ -668,44 +673,63 @@ struct Fnv {
   }
 };
 
-// 48 MiB each way in writes of random sizes (1 byte to 300 KiB, so chunk, record and frame
-// boundaries fall everywhere): every byte arrives, in order, and each half-close arrives after
-// the last byte of its direction (a FIN ahead of its bytes would cut a count short); the
-// upstream answers only once it has read the client's FIN, so the tunnel must stay half-open.
+// Reads `fd` until EOF (or an error, or 60 s of silence) into `hash`; returns the bytes read.
+size_t hashToEof(int fd, Fnv& hash) {
+  timeval tv{60, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  size_t got = 0;
+  std::string buf(256 * 1024, '\0');
+  while (true) {
+    ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n <= 0) break;
+    hash.add(buf.data(), static_cast<size_t>(n));
+    got += static_cast<size_t>(n);
+  }
+  return got;
+}
+
+// `total` random bytes cut into pieces of random sizes (1 byte to 300 KiB, so chunk, record and
+// frame boundaries fall everywhere); the same bytes and cuts for the same seed.
+class RandomPieces {
+ public:
+  RandomPieces(uint32_t seed, size_t total) : bytes_(seed), sizes_(seed + 1), left_(total) {}
+  // The next piece into `piece`; false once all `total` bytes were given.
+  bool next(std::string& piece) {
+    if (left_ == 0) return false;
+    size_t n = std::min<size_t>(left_, 1 + sizes_() % (300 * 1024));
+    piece.resize(n);
+    for (auto& c : piece) c = static_cast<char>(bytes_());
+    left_ -= n;
+    return true;
+  }
+
+ private:
+  std::mt19937 bytes_;
+  std::mt19937 sizes_;
+  size_t left_;
+};
+
+// 48 MiB each way in writes of random sizes: every byte arrives, in order, and each half-close
+// arrives after the last byte of its direction (a FIN ahead of its bytes would cut a count
+// short); the upstream answers only once it has read the client's FIN, so the tunnel must stay
+// half-open.
 TEST_F(HboneTest, LargeTransfersKeepByteOrderAndHalfClose) {
   constexpr size_t kEach = 48u << 20;
-  auto fill = [](std::mt19937& rng, std::string& buf, size_t n) {
-    buf.resize(n);
-    for (auto& c : buf) c = static_cast<char>(rng());
-  };
+  constexpr uint32_t kRequestSeed = 3;
+  constexpr uint32_t kAnswerSeed = 7;
   Listener up;
   std::atomic<uint64_t> upHash{0};
   std::atomic<size_t> upGot{0};
   std::thread upstream([&] {
     UniqueFd c = up.accept();
-    timeval tv{60, 0};
-    ::setsockopt(c.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     Fnv f;
-    size_t got = 0;
-    std::string buf(256 * 1024, '\0');
-    while (true) {
-      ssize_t n = ::read(c.get(), buf.data(), buf.size());
-      if (n <= 0) break;
-      f.add(buf.data(), static_cast<size_t>(n));
-      got += static_cast<size_t>(n);
-    }
+    upGot = hashToEof(c.get(), f);
     upHash = f.h;
-    upGot = got;
     // Only after the client's FIN: the answer, then our FIN.
-    std::mt19937 rng(7);
-    std::mt19937 sizes(8);
-    size_t sent = 0;
+    RandomPieces answer(kAnswerSeed, kEach);
     std::string piece;
-    while (sent < kEach) {
-      size_t n = std::min<size_t>(kEach - sent, 1 + sizes() % (300 * 1024));
-      fill(rng, piece, n);
+    while (answer.next(piece)) {
       if (!writeAll(c.get(), piece)) break;
-      sent += n;
     }
     ::shutdown(c.get(), SHUT_WR);
   });
@@ -716,43 +740,23 @@ TEST_F(HboneTest, LargeTransfersKeepByteOrderAndHalfClose) {
   Fnv sentHash;
   Fnv expectBack;
   {
-    std::mt19937 rng(7);
-    std::mt19937 sizes(8);
-    size_t n = 0;
+    RandomPieces answer(kAnswerSeed, kEach);
     std::string piece;
-    while (n < kEach) {
-      size_t k = std::min<size_t>(kEach - n, 1 + sizes() % (300 * 1024));
-      fill(rng, piece, k);
-      expectBack.add(piece.data(), k);
-      n += k;
-    }
+    while (answer.next(piece)) expectBack.add(piece.data(), piece.size());
   }
   Fnv backHash;
   size_t backGot = 0;
   withThread([&, fd = app.get()] {
     std::thread w([&] {
-      std::mt19937 rng(3);
-      std::mt19937 sizes(4);
-      size_t sent = 0;
+      RandomPieces request(kRequestSeed, kEach);
       std::string piece;
-      while (sent < kEach) {
-        size_t n = std::min<size_t>(kEach - sent, 1 + sizes() % (300 * 1024));
-        fill(rng, piece, n);
-        sentHash.add(piece.data(), n);
+      while (request.next(piece)) {
+        sentHash.add(piece.data(), piece.size());
         if (!writeAll(fd, piece)) break;
-        sent += n;
       }
       ::shutdown(fd, SHUT_WR);
     });
-    timeval tv{60, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    std::string buf(256 * 1024, '\0');
-    while (true) {
-      ssize_t n = ::read(fd, buf.data(), buf.size());
-      if (n <= 0) break;
-      backHash.add(buf.data(), static_cast<size_t>(n));
-      backGot += static_cast<size_t>(n);
-    }
+    backGot = hashToEof(fd, backHash);
     w.join();
   });
   upstream.join();
