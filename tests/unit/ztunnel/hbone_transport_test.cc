@@ -118,6 +118,7 @@ class HboneTest : public ::testing::Test {
   // until every one has its :status (bounded: 10 s).
   struct Burst {
     std::vector<int> statuses;   // -1: no :status yet
+    std::vector<std::string> errors;  // why, for those without a 200
     std::vector<UniqueFd> apps;  // the apps' ends of the tunnels' local sockets
     bool answered = false;       // every CONNECT got its :status in time
     long count(int status) const { return std::count(statuses.begin(), statuses.end(), status); }
@@ -125,12 +126,17 @@ class HboneTest : public ::testing::Test {
   Burst openBurst(const OutboundConnect& r, int n) {
     Burst b;
     b.statuses.assign(n, -1);
+    b.errors.assign(n, "");
     for (int i = 0; i < n; ++i) {
       auto [local, app] = tcpPair();
       b.apps.push_back(std::move(app));
-      // The element, not the vector: its storage stays put when the Burst is returned (moved).
+      // The elements, not the vectors: their storage stays put when the Burst is returned.
       int* slot = &b.statuses[i];
-      client_->open(r, std::move(local), [slot](int st, const Status&) { *slot = st; });
+      std::string* why = &b.errors[i];
+      client_->open(r, std::move(local), [slot, why](int st, const Status& e) {
+        *slot = st;
+        *why = e.message();
+      });
     }
     b.answered = runUntil(&loop_, [&] { return b.count(-1) == 0; }, std::chrono::seconds(10));
     return b;
@@ -774,20 +780,10 @@ TEST_F(HboneTest, ColdBurstPastTheServersStreamLimitIsSentAgain) {
   serverMaxStreams_ = 20;
   startServer("server");
   Listener up;  // never accepts: the kernel completes the upstream connects from its backlog
-  OutboundConnect r = request(up.port());
   constexpr int kBurst = 30;
-  std::vector<int> statuses(kBurst, -1);
-  std::vector<UniqueFd> apps;
-  for (int i = 0; i < kBurst; ++i) {
-    auto [local, app] = tcpPair();
-    apps.push_back(std::move(app));
-    client_->open(r, std::move(local), [&statuses, i](int st, const Status&) { statuses[i] = st; });
-  }
-  EXPECT_TRUE(runUntil(&loop_, [&] {
-    return std::count(statuses.begin(), statuses.end(), -1) == 0;
-  }, std::chrono::seconds(10))) << std::count(statuses.begin(), statuses.end(), -1)
-                                << " tunnels never answered";
-  EXPECT_EQ(std::count(statuses.begin(), statuses.end(), 200), kBurst);
+  Burst burst = openBurst(request(up.port()), kBurst);
+  EXPECT_TRUE(burst.answered) << burst.count(-1) << " tunnels never answered";
+  EXPECT_EQ(burst.count(200), kBurst);
   EXPECT_EQ(client_->streamRetries(), 10u);
   EXPECT_EQ(client_->connections(), 2u);
   EXPECT_EQ(server_->stats().ok200, static_cast<uint64_t>(kBurst));
@@ -801,32 +797,19 @@ TEST_F(HboneTest, RefusedConnectFailsWhenNoRetryIsLeft) {
   cc.maxRefusedRetries = 0;
   client_ = std::make_unique<HboneClient>(&loop_, cc);
   Listener up;
-  OutboundConnect r = request(up.port());
   constexpr int kBurst = 30;
-  std::vector<int> statuses(kBurst, -1);
-  std::vector<std::string> errors(kBurst);
-  std::vector<UniqueFd> apps;
-  for (int i = 0; i < kBurst; ++i) {
-    auto [local, app] = tcpPair();
-    apps.push_back(std::move(app));
-    client_->open(r, std::move(local), [&statuses, &errors, i](int st, const Status& e) {
-      statuses[i] = st;
-      errors[i] = e.message();
-    });
-  }
-  ASSERT_TRUE(runUntil(&loop_, [&] {
-    return std::count(statuses.begin(), statuses.end(), -1) == 0;
-  }, std::chrono::seconds(10)));
-  EXPECT_EQ(std::count(statuses.begin(), statuses.end(), 200), 20);
+  Burst burst = openBurst(request(up.port()), kBurst);
+  ASSERT_TRUE(burst.answered);
+  EXPECT_EQ(burst.count(200), 20);
   EXPECT_EQ(client_->streamRetries(), 0u);
   for (int i = 0; i < kBurst; ++i) {
-    if (statuses[i] == 200) continue;
-    EXPECT_EQ(statuses[i], 0);
-    EXPECT_NE(errors[i].find("refused unanswered"), std::string::npos) << errors[i];
-    pollfd p{apps[i].get(), POLLIN, 0};
+    if (burst.statuses[i] == 200) continue;
+    EXPECT_EQ(burst.statuses[i], 0);
+    EXPECT_NE(burst.errors[i].find("refused unanswered"), std::string::npos) << burst.errors[i];
+    pollfd p{burst.apps[i].get(), POLLIN, 0};
     ASSERT_EQ(::poll(&p, 1, 5000), 1) << "app " << i << " still connected";
     char byte;
-    EXPECT_LE(::recv(apps[i].get(), &byte, 1, 0), 0) << "app " << i;
+    EXPECT_LE(::recv(burst.apps[i].get(), &byte, 1, 0), 0) << "app " << i;
   }
 }
 
