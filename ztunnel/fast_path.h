@@ -36,6 +36,11 @@ class FastPath {
   // Local pods by netns cookie (identity in the kernel is the netns cookie).
   void addPod(const std::string& uid, uint64_t netns_cookie);
   void removePod(const std::string& uid);
+  // The local pod whose netns has this cookie ("" if none): the one cookie index of the ztunnel.
+  std::string uidByCookie(uint64_t netns_cookie) const {
+    auto it = uid_by_cookie_.find(netns_cookie);
+    return it == uid_by_cookie_.end() ? std::string() : it->second;
+  }
 
   // The cluster state changed (workloads, services, policies): a cached verdict may be stale,
   // so all of them go; the next connection of each pair takes the ztunnel path and decides again.

@@ -77,6 +77,11 @@ class LocalWorkloads {
   void closeAllListeners();
 
   bool contains(const std::string& uid) const { return pods_.count(uid) != 0; }
+  // The held pod with this uid, or null.
+  LocalPodPtr pod(const std::string& uid) const {
+    auto it = pods_.find(uid);
+    return it == pods_.end() ? nullptr : it->second.pod;
+  }
   // The local pod that has `ip`, or null. An index lookup: the HBONE server asks this for
   // every CONNECT stream, so it must not walk the pods.
   LocalPodPtr podByIp(const IpAddr& ip) const;

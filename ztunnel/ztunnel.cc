@@ -27,8 +27,8 @@ Ztunnel::Ztunnel(uv_loop_t* loop, ZtunnelOptions options)
   proxy_.setMeshTls(mesh_tls_.get());
   EventPodResolver resolver;
   resolver.by_cookie = [this](uint64_t cookie) {
-    auto it = pods_by_cookie_.find(cookie);
-    return it == pods_by_cookie_.end() ? std::string() : it->second.second;
+    LocalPodPtr pod = workloads_.pod(fast_path_->uidByCookie(cookie));
+    return pod ? pod->info->namespace_ + "/" + pod->info->name : std::string();
   };
   resolver.by_ip = [this](const IpAddr& ip) {
     WorkloadInfoPtr w = proxy_.state() ? proxy_.state()->workloadByIp(ip) : nullptr;
@@ -293,8 +293,6 @@ Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns
   snapshot_uids_.insert(info->uid);
   if (draining_) return Status::error("draining");
   auto cookie = netnsCookie(netns.get());
-  if (cookie)
-    pods_by_cookie_[cookie.value()] = {info->uid, info->namespace_ + "/" + info->name};
   // Each worker loop opens its own listeners in the pod's netns (one SO_REUSEPORT group per
   // address with the main loop's); the pod is added on every loop or on none.
   bool held = workloads_.contains(info->uid);
@@ -342,7 +340,6 @@ Status Ztunnel::onAddWorkload(const node::v1::Workload& workload, UniqueFd netns
 
 Status Ztunnel::onDelWorkload(const std::string& uid) {
   snapshot_uids_.erase(uid);
-  std::erase_if(pods_by_cookie_, [&](const auto& kv) { return kv.second.first == uid; });
   fast_path_->removePod(uid);
   if (identities_) identities_->removeWorkload(uid);
   for (auto& w : workers_) {

@@ -120,7 +120,6 @@ class Ztunnel : public AgentHandler {
   // naming BPF events: cookie -> (uid, "ns/name").
   std::unique_ptr<EventHub> events_;
   std::unique_ptr<FastPath> fast_path_;
-  std::map<uint64_t, std::pair<std::string, std::string>> pods_by_cookie_;
   HttpAdminServerPtr admin_;
   HttpAdminServerPtr metrics_;
   HttpAdminServerPtr readiness_;
