@@ -15,7 +15,9 @@ namespace {
 
 using nlohmann::json;
 
-SocketAddress addr(const char* text) { return *SocketAddress::parse(text); }
+SocketAddress addr(const char* text) {
+  return *SocketAddress::parse(text);
+}
 
 PolicyOutcome outcome(bool allowed, VerdictReason reason, const std::string& policy, int rule,
                       std::vector<PolicyHit> audit = {}) {
