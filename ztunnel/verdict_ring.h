@@ -37,8 +37,8 @@ class VerdictRing {
   // i = 0 is the oldest event held.
   uint64_t seqAt(size_t i) const { return slot(i).h.seq; }
   VerdictEvent eventAt(size_t i) const;
-  // Slots whose packed event is in a heap block of its own (for tests and /config_dump-like
-  // accounting; 0 for the events a mesh normally sees).
+  // Slots whose packed event is in a heap block of its own (tests; 0 for the events a mesh
+  // normally sees: names of tens of bytes, a few AUDIT hits at most).
   size_t spilled() const;
 
  private:
