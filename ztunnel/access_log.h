@@ -85,6 +85,9 @@ class AccessLog {
   // to the new file; a no-op for stderr. A failure is counted and logged; the old file stays.
   void reopen();
   AccessLogStats stats() const;
+  // Bytes the line buffers hold allocated (their capacity, the batch in flight's included). A
+  // burst's growth is given back once written.
+  size_t bufferCapacity() const;
 
   struct Impl;
 

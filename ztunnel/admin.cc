@@ -116,6 +116,8 @@ nlohmann::json Ztunnel::configDump() {
   loops.push_back({{"loop", 0},
                    {"active_connections", proxy_.activeConnections()},
                    {"pooled_buffer_bytes", LoopMemory::pooledBytes()},
+                   {"verdicts", {{"capacity", proxy_.verdicts().capacity()},
+                                 {"kept", proxy_.verdicts().size()}}},
                    {"stats", proxy_.stats().toJson()}});
   for (LoopSnapshot& w : workerSnapshots()) {
     loops.push_back({{"loop", w.loop},
@@ -125,6 +127,7 @@ nlohmann::json Ztunnel::configDump() {
                      {"hbone_client_handshakes", w.mtls.client_handshakes},
                      {"hbone_server_handshakes", w.mtls.server.handshakes},
                      {"pooled_buffer_bytes", w.pooled_cipher_bytes + w.pooled_chunk_bytes},
+                     {"verdicts", {{"capacity", w.verdict_capacity}, {"kept", w.verdicts_kept}}},
                      {"stats", w.stats.toJson()}});
   }
   return {{"node_config", node},

@@ -394,6 +394,8 @@ std::optional<LoopSnapshot> LoopWorker::snapshot() {
     hbone::BufferPoolUsage pools = hbone::localBufferPoolUsage();
     s.pooled_cipher_bytes = pools.cipher_bytes;
     s.pooled_chunk_bytes = pools.chunk_bytes;
+    s.verdict_capacity = proxy_->verdicts().capacity();
+    s.verdicts_kept = proxy_->verdicts().size();
     return s;
   });
 }

@@ -110,6 +110,9 @@ struct LoopSnapshot {
   // The loop thread's pooled (free) HBONE buffers (ztunnel/memory_trim.h).
   size_t pooled_cipher_bytes = 0;
   size_t pooled_chunk_bytes = 0;
+  // Its VerdictLog's ring: a worker keeps none (capacity 0), it forwards to the main loop's.
+  size_t verdict_capacity = 0;
+  size_t verdicts_kept = 0;
 };
 // Counters of `from` added to `into` (not the gauges).
 void addCounters(ZtunnelStats& into, const ZtunnelStats& from);

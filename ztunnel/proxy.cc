@@ -45,6 +45,12 @@ void Proxy::acceptHbone(uv_stream_t* listener, const LocalPodPtr& pod) {
 
 void Proxy::untrack(ProxyConnection* c) {
   if (connections_.erase(c) != 0) connections_ended_++;
+  // Erasing never shrinks the bucket array a burst grew (~16k buckets, 128 KiB, after 10000
+  // connections): rehash down once the set is an eighth of it. Each shrink divides the array
+  // by 8 or more, so the rehashes cost O(1) per connection overall.
+  if (connections_.bucket_count() > kKeptConnectionBuckets &&
+      connections_.size() * 8 < connections_.bucket_count())
+    connections_.rehash(0);
   if (connections_.empty() && on_idle_) {
     auto cb = std::move(on_idle_);
     on_idle_ = nullptr;

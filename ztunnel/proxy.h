@@ -86,6 +86,9 @@ class Proxy {
   void setFastPath(FastPath* f) { fast_path_ = f; }
 
   size_t activeConnections() const { return connections_.size(); }
+  // The live-connection set's bucket array (shrunk after a burst; see untrack()).
+  size_t connectionBuckets() const { return connections_.bucket_count(); }
+  static constexpr size_t kKeptConnectionBuckets = 1024;
   // Connections begun and ended since the start (the idle memory trim's view of activity).
   uint64_t connectionsBegun() const { return connections_begun_; }
   uint64_t connectionsEnded() const { return connections_ended_; }

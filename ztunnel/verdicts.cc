@@ -29,9 +29,7 @@ void VerdictLog::record(VerdictEvent e) {
   if (e.verdict.dry_run) (e.verdict.dry_run->allowed ? dry_run_allow_ : dry_run_deny_)++;
   if (!e.verdict.audit.empty()) audit_++;
   if (observer_) observer_(e);
-  if (capacity_ == 0) return;
-  events_.push_back(std::move(e));
-  while (events_.size() > capacity_) events_.pop_front();
+  ring_.push(e);
 }
 
 namespace {
@@ -93,12 +91,11 @@ nlohmann::json VerdictLog::eventJson(const VerdictEvent& e) {
 
 nlohmann::json VerdictLog::toJson(uint64_t since, size_t limit) const {
   nlohmann::json list = nlohmann::json::array();
-  size_t newer = 0;
-  for (auto it = events_.rbegin(); it != events_.rend() && it->seq > since; ++it) newer++;
+  size_t n = ring_.size(), newer = 0;
+  while (newer < n && ring_.seqAt(n - 1 - newer) > since) newer++;
   size_t skip = newer > limit ? newer - limit : 0;
-  for (size_t i = events_.size() - newer + skip; i < events_.size(); i++)
-    list.push_back(eventJson(events_[i]));
-  return {{"capacity", capacity_}, {"last_seq", seq_}, {"verdicts", list}};
+  for (size_t i = n - newer + skip; i < n; i++) list.push_back(eventJson(ring_.eventAt(i)));
+  return {{"capacity", ring_.capacity()}, {"last_seq", seq_}, {"verdicts", list}};
 }
 
 std::string VerdictLog::renderPrometheus() const {

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <map>
 #include <string>
@@ -13,6 +12,7 @@
 
 #include "common/address.h"
 #include "ztunnel/policy.h"
+#include "ztunnel/verdict_ring.h"
 
 namespace weft::ztunnel {
 
@@ -32,11 +32,12 @@ struct VerdictEvent {
 };
 
 // Ring of the last `capacity` events plus counters. Per loop (lives in Proxy), like the other
-// mutable proxy state.
+// mutable proxy state. The events are kept packed (VerdictRing): recording one allocates
+// nothing once the ring's array exists.
 class VerdictLog {
  public:
   static constexpr size_t kDefaultCapacity = 4096;
-  explicit VerdictLog(size_t capacity = kDefaultCapacity) : capacity_(capacity) {}
+  explicit VerdictLog(size_t capacity = kDefaultCapacity) : ring_(capacity) {}
 
   void record(VerdictEvent event);
 
@@ -52,23 +53,19 @@ class VerdictLog {
     observer_ = std::move(observer);
   }
   // How many events the ring keeps; 0 = none (counted and observed only). Drops the oldest.
-  void setCapacity(size_t capacity) {
-    capacity_ = capacity;
-    while (events_.size() > capacity_) events_.pop_front();
-    if (events_.empty()) std::deque<VerdictEvent>().swap(events_);
-  }
+  void setCapacity(size_t capacity) { ring_.setCapacity(capacity); }
+  size_t capacity() const { return ring_.capacity(); }
 
   uint64_t lastSeq() const { return seq_; }
-  size_t size() const { return events_.size(); }
+  size_t size() const { return ring_.size(); }
   // (result, action_policy) -> count; action_policy is "none" | "ALLOW" | "DENY".
   const std::map<std::pair<std::string, std::string>, uint64_t>& counts() const {
     return counts_;
   }
 
  private:
-  size_t capacity_;
   uint64_t seq_ = 0;
-  std::deque<VerdictEvent> events_;
+  VerdictRing ring_;
   std::map<std::pair<std::string, std::string>, uint64_t> counts_;
   uint64_t dry_run_allow_ = 0;
   uint64_t dry_run_deny_ = 0;

@@ -1,5 +1,6 @@
 // The idle memory trim (ztunnel/memory_trim.h): a loop's HBONE buffer pools are freed after the
-// idle period and kept while in use; the heap trim runs only when quiet and something was freed.
+// idle period and kept while in use; the heap trim runs only when quiet and something was freed;
+// the live-connection set shrinks after a burst.
 #include "ztunnel/memory_trim.h"
 
 #include <gtest/gtest.h>
@@ -273,6 +274,33 @@ TEST(LoopMemory, MetricsShowTheTrimsAndThePooledBytes) {
     uv_run(&loop, UV_RUN_DEFAULT);
     EXPECT_EQ(uv_loop_close(&loop), 0);
   });
+}
+
+// The live-connection set gives back the bucket array a burst grew once the burst is over,
+// and keeps a small one. (track/untrack only hash the pointers: stand-ins are enough.)
+TEST(ProxyConnections, BucketsShrinkAfterABurst) {
+  uv_loop_t loop;
+  ASSERT_EQ(uv_loop_init(&loop), 0);
+  {
+    Proxy proxy(&loop);
+    auto conn = [](size_t i) { return reinterpret_cast<ProxyConnection*>(64 * (i + 1)); };
+    for (size_t i = 0; i < 10000; ++i) proxy.track(conn(i));
+    EXPECT_EQ(proxy.activeConnections(), 10000u);
+    size_t grown = proxy.connectionBuckets();
+    EXPECT_GE(grown, 10000u);
+    for (size_t i = 0; i < 9990; ++i) proxy.untrack(conn(i));
+    EXPECT_EQ(proxy.activeConnections(), 10u);
+    EXPECT_LE(proxy.connectionBuckets(), Proxy::kKeptConnectionBuckets) << "kept " << grown;
+    for (size_t i = 9990; i < 10000; ++i) proxy.untrack(conn(i));
+    EXPECT_EQ(proxy.connectionsEnded(), 10000u);
+    // Growing again works as before.
+    for (size_t i = 0; i < 3000; ++i) proxy.track(conn(i));
+    EXPECT_EQ(proxy.activeConnections(), 3000u);
+    for (size_t i = 0; i < 3000; ++i) proxy.untrack(conn(i));
+    EXPECT_EQ(proxy.activeConnections(), 0u);
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  EXPECT_EQ(uv_loop_close(&loop), 0);
 }
 
 }  // namespace

@@ -547,6 +547,40 @@ TEST_F(AccessLogWriterTest, StuckSinkDropsInsteadOfBlocking) {
   close(p[1]);
 }
 
+// A burst of lines (10000 connections ending at once) grows the buffers far beyond what
+// steady traffic needs; once written, that capacity is given back, and steady batches then
+// keep the buffers they have.
+TEST_F(AccessLogWriterTest, BurstCapacityIsGivenBackOnceWritten) {
+  char tmpl[] = "/tmp/weft-alog-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  std::string path = std::string(tmpl) + "/a.log";
+  {
+    AccessLogOptions o{path, AccessLogFormat::kText, 8 << 20};
+    auto log = AccessLog::open(&loop_, o);
+    ASSERT_TRUE(log) << log.status().message();
+    // The first flush_bytes go out at once; the rest gathers while that write is in flight.
+    for (int i = 0; i < 10000; ++i) (*log)->write(fullRecord());
+    EXPECT_GT((*log)->bufferCapacity(), size_t{2} << 20) << "the burst is buffered";
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    EXPECT_EQ((*log)->stats().lines, 10000u);
+    EXPECT_EQ((*log)->stats().dropped, 0u);
+    EXPECT_LE((*log)->bufferCapacity(), size_t{256} << 10) << "the burst's capacity is kept";
+    size_t steady = 0;
+    for (int round = 0; round < 5; ++round) {
+      for (int i = 0; i < 100; ++i) (*log)->write(fullRecord());
+      uv_run(&loop_, UV_RUN_DEFAULT);  // the gathering delay, then the write
+      if (round == 1) steady = (*log)->bufferCapacity();
+    }
+    EXPECT_EQ((*log)->stats().lines, 10500u);
+    EXPECT_GT(steady, 0u);
+    EXPECT_EQ((*log)->bufferCapacity(), steady) << "steady batches reallocate their buffers";
+  }
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  std::string line = formatAccessLog(fullRecord(), AccessLogFormat::kText);
+  EXPECT_EQ(std::filesystem::file_size(path), 10500 * line.size());
+  std::filesystem::remove_all(tmpl);
+}
+
 // --- Log rotation. The writer checks the path every reopen_check_ms (1 ms here, so the tests do
 // not wait for the default second) before a batch; lines are counted by connection id.
 
