@@ -32,14 +32,18 @@ void MemoryActivity::addTrim(uint64_t micros) {
 
 void trimHeap() { malloc_trim(0); }
 
+size_t freeHeapBytes() { return mallinfo2().fordblks; }
+
 LoopMemory::LoopMemory(uv_loop_t* loop, MemoryTrimOptions options, MemoryActivity* activity,
-                       CountsFn counts, bool trims_heap, TrimFn trim)
+                       CountsFn counts, bool trims_heap, TrimFn trim,
+                       FreeBytesFn free_bytes)
     : loop_(loop),
       options_(options),
       activity_(activity),
       counts_(std::move(counts)),
       trims_heap_(trims_heap),
-      trim_(trim ? std::move(trim) : TrimFn(trimHeap)) {}
+      trim_(trim ? std::move(trim) : TrimFn(trimHeap)),
+      free_bytes_(free_bytes ? std::move(free_bytes) : FreeBytesFn(freeHeapBytes)) {}
 
 LoopMemory::~LoopMemory() { close(); }
 
@@ -124,20 +128,39 @@ void LoopMemory::maybeTrimHeap(uint64_t now_ms) {
   if (busy != 0 && now_ms < busy + static_cast<uint64_t>(options_.quiet.count())) return;
   uint64_t releases = activity_->poolReleases();
   uint64_t ended = activity_->ended();
-  if (releases == released_at_trim_ && ended - ended_at_trim_ < options_.ended_connections)
-    return;
+  bool grew = false;
+  if (releases == released_at_trim_ && ended - ended_at_trim_ < options_.ended_connections) {
+    // Nothing announced: look whether memory was freed after the last trim anyway (a late
+    // close, a spare HBONE connection's idle timeout), at most once per interval.
+    if (options_.free_growth_bytes == 0 ||
+        now_ms - last_free_look_ms_ < static_cast<uint64_t>(options_.trim_interval.count()))
+      return;
+    last_free_look_ms_ = now_ms;
+    size_t free_now = free_bytes_();
+    if (free_now < free_at_trim_ + options_.free_growth_bytes) {
+      // Reused since (the free bytes shrank): measure growth from here.
+      free_at_trim_ = std::min(free_at_trim_, free_now);
+      return;
+    }
+    grew = true;
+  }
   auto t0 = std::chrono::steady_clock::now();
   trim_();
   auto us = std::chrono::duration_cast<std::chrono::microseconds>(
                 std::chrono::steady_clock::now() - t0)
                 .count();
   activity_->addTrim(static_cast<uint64_t>(us));
-  spdlog::debug("malloc_trim after {} pool releases and {} ended connections: {} us",
-                releases - released_at_trim_, ended - ended_at_trim_, us);
+  spdlog::debug("malloc_trim after {} pool releases and {} ended connections{}: {} us",
+                releases - released_at_trim_, ended - ended_at_trim_,
+                grew ? " (free heap grew)" : "", us);
   trimmed_ = true;
   last_trim_ms_ = now_ms;
   released_at_trim_ = releases;
   ended_at_trim_ = ended;
+  if (options_.free_growth_bytes != 0) {
+    free_at_trim_ = free_bytes_();
+    last_free_look_ms_ = now_ms;
+  }
 }
 
 }  // namespace weft::ztunnel

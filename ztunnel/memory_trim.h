@@ -37,6 +37,11 @@ struct MemoryTrimOptions {
   // ... and only when some pool was freed or at least this many connections ended since the
   // last trim (what a closed connection leaves is free heap, not pooled buffers).
   uint64_t ended_connections = 64;
+  // ... or, looked at no more often than trim_interval while quiet, when the heap's free bytes
+  // (mallinfo2 fordblks) grew by this much since the last trim: memory freed late, after the
+  // trim its burst caused (0: no such look). 1 MiB: well above what a quiet node's own work
+  // frees between two looks.
+  size_t free_growth_bytes = 1u << 20;
 };
 
 // What every loop tells the main loop's trim, and the counters for /metrics. Shared between the
@@ -78,10 +83,13 @@ class LoopMemory {
   using CountsFn = std::function<ConnectionCounts()>;
   // The heap trim (default trimHeap; tests inject one that only counts).
   using TrimFn = std::function<void()>;
+  // The heap's free bytes (default freeHeapBytes; tests inject their own).
+  using FreeBytesFn = std::function<size_t()>;
 
   // `activity` must outlive this. `counts` reads this loop's connection counters.
   LoopMemory(uv_loop_t* loop, MemoryTrimOptions options, MemoryActivity* activity,
-             CountsFn counts, bool trims_heap, TrimFn trim = nullptr);
+             CountsFn counts, bool trims_heap, TrimFn trim = nullptr,
+             FreeBytesFn free_bytes = nullptr);
   ~LoopMemory();
   LoopMemory(const LoopMemory&) = delete;
   LoopMemory& operator=(const LoopMemory&) = delete;
@@ -105,6 +113,7 @@ class LoopMemory {
   CountsFn counts_;
   bool trims_heap_;
   TrimFn trim_;
+  FreeBytesFn free_bytes_;
   UvHandle<uv_timer_t> timer_;
   bool started_ = false;
   // This loop's last looks: per tick of the idle period, the fewest free buffers of each pool
@@ -118,9 +127,14 @@ class LoopMemory {
   bool trimmed_ = false;
   uint64_t released_at_trim_ = 0;
   uint64_t ended_at_trim_ = 0;
+  size_t free_at_trim_ = 0;        // free heap bytes right after the last trim
+  uint64_t last_free_look_ms_ = 0;  // when they were last looked at
 };
 
 // The process's heap trim: malloc_trim(0) (glibc: every arena's free pages, MADV_DONTNEED).
 void trimHeap();
+// Free bytes in the heap's arenas (mallinfo2().fordblks): what a trim could give back, and what
+// trimmed pages still count (they stay free chunks).
+size_t freeHeapBytes();
 
 }  // namespace weft::ztunnel

@@ -52,6 +52,7 @@ MemoryTrimOptions fastOptions() {
   o.trim_interval = milliseconds(50);
   o.quiet = milliseconds(20);
   o.ended_connections = 10;
+  o.free_growth_bytes = 0;  // the free-heap look has its own test (with free bytes injected)
   return o;
 }
 
@@ -189,6 +190,66 @@ TEST(LoopMemory, HeapTrimOnlyWhenQuietAndSomethingWasFreed) {
     EXPECT_EQ(trims, 2);
     for (int i = 0; i < 10; ++i) m.tick(now += 10);
     EXPECT_EQ(trims, 3);
+  });
+}
+
+// Memory freed after the trim its burst caused (nothing announces it: no pool release, no
+// ended connections): the free heap's growth, looked at once per interval while quiet, trims.
+TEST(LoopMemory, HeapTrimWhenTheFreeHeapGrewSinceTheLastTrim) {
+  onFreshThread([] {
+    MemoryActivity activity;
+    MemoryTrimOptions o = fastOptions();  // trim_interval 50 ms, quiet 20 ms
+    o.free_growth_bytes = 1000;
+    LoopMemory::ConnectionCounts counts;
+    int trims = 0, looks = 0;
+    size_t free_bytes = 500;
+    LoopMemory m(
+        nullptr, o, &activity, [&counts] { return counts; }, true, [&trims] { trims++; },
+        [&] {
+          looks++;
+          return free_bytes;
+        });
+    uint64_t now = 1000;
+    m.tick(now);
+    for (int i = 0; i < 10; ++i) m.tick(now += 10);
+    EXPECT_EQ(trims, 0) << "500 free bytes are below the growth that trims";
+    EXPECT_LE(looks, 3) << "looked more often than once per interval";
+    // 10000 connections end: one trim once quiet (announced by the ended count).
+    counts.begun = counts.ended = 10000;
+    m.tick(now += 10);
+    m.tick(now += 30);
+    ASSERT_EQ(trims, 1);
+    // Later frees, nothing announced: trimmed at the next look.
+    free_bytes = 500 + 1500;
+    for (int i = 0; i < 10; ++i) m.tick(now += 10);
+    EXPECT_EQ(trims, 2);
+    // Free bytes reused and freed again by less than the growth: no trim.
+    free_bytes = 1200;
+    for (int i = 0; i < 10; ++i) m.tick(now += 10);
+    free_bytes = 2100;
+    for (int i = 0; i < 10; ++i) m.tick(now += 10);
+    EXPECT_EQ(trims, 2) << "900 bytes more than the low point is below the growth";
+    free_bytes = 2300;
+    for (int i = 0; i < 10; ++i) m.tick(now += 10);
+    EXPECT_EQ(trims, 3);
+    // Not while connections are being opened.
+    free_bytes = 9000;
+    for (int i = 0; i < 10; ++i) {
+      counts.begun += 1;
+      m.tick(now += 10);
+    }
+    EXPECT_EQ(trims, 3) << "trimmed while connections were being opened";
+    // Switched off: never looks.
+    MemoryTrimOptions off = fastOptions();
+    int off_looks = 0;
+    LoopMemory m2(
+        nullptr, off, &activity, [] { return LoopMemory::ConnectionCounts{}; }, true, [] {},
+        [&off_looks] {
+          off_looks++;
+          return size_t{1} << 30;
+        });
+    for (int i = 0; i < 20; ++i) m2.tick(now += 10);
+    EXPECT_EQ(off_looks, 0);
   });
 }
 
