@@ -711,13 +711,7 @@ int H2Session::onFrameRecv(nghttp2_session* h2, const nghttp2_frame* f, void* us
         if (st >= 100 && st < 200) return 0;  // informational: wait for the final one
         auto local = self->pendingLocal_.find(id);
         if (local == self->pendingLocal_.end()) return 0;
-        LocalSocket sock = std::move(local->second);
-        self->pendingLocal_.erase(local);
-        TunnelWatchPtr watch;
-        if (auto w = self->pendingWatch_.find(id); w != self->pendingWatch_.end()) {
-          watch = std::move(w->second);
-          self->pendingWatch_.erase(w);
-        }
+        auto [sock, watch] = self->takePending(local);
         if (st == 200 && !endStream) {
           auto tun = std::make_unique<Tunnel>(self, id);
           Result<uv_tcp_t*> handle = sock.take(self->loop_);
@@ -773,6 +767,18 @@ int H2Session::onDataChunk(nghttp2_session* h2, uint8_t, int32_t streamId, const
   return 0;
 }
 
+std::pair<LocalSocket, TunnelWatchPtr> H2Session::takePending(
+    std::map<int32_t, LocalSocket>::iterator local) {
+  int32_t id = local->first;
+  std::pair<LocalSocket, TunnelWatchPtr> out{std::move(local->second), nullptr};
+  pendingLocal_.erase(local);
+  if (auto w = pendingWatch_.find(id); w != pendingWatch_.end()) {
+    out.second = std::move(w->second);
+    pendingWatch_.erase(w);
+  }
+  return out;
+}
+
 int H2Session::onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorCode,
                              void* user) {
   auto* self = static_cast<H2Session*>(user);
@@ -783,13 +789,7 @@ int H2Session::onStreamClose(nghttp2_session*, int32_t streamId, uint32_t errorC
   auto local = self->pendingLocal_.find(streamId);
   if (local != self->pendingLocal_.end() && errorCode == NGHTTP2_REFUSED_STREAM &&
       self->cb_.onStreamRefused) {
-    LocalSocket sock = std::move(local->second);
-    self->pendingLocal_.erase(local);
-    TunnelWatchPtr watch;
-    if (auto w = self->pendingWatch_.find(streamId); w != self->pendingWatch_.end()) {
-      watch = std::move(w->second);
-      self->pendingWatch_.erase(w);
-    }
+    auto [sock, watch] = self->takePending(local);
     self->cb_.onStreamRefused(streamId, std::move(sock), std::move(watch));
     if (self->cb_.onStreamCountChanged) self->cb_.onStreamCountChanged();
     return 0;

@@ -239,6 +239,10 @@ class H2Session {
   std::map<int32_t, Headers> pending_;        // server: requests awaiting a decision
   std::map<int32_t, LocalSocket> pendingLocal_;  // client: local sockets awaiting the 200
   std::map<int32_t, TunnelWatchPtr> pendingWatch_;  // client: their watches
+  // Takes a client stream's local socket (`local`, in pendingLocal_) and its watch, if any, out
+  // of the pending maps.
+  std::pair<LocalSocket, TunnelWatchPtr> takePending(
+      std::map<int32_t, LocalSocket>::iterator local);
   std::map<int32_t, int> responseStatus_;     // client: :status seen
   std::map<int32_t, bool> pendingEnd_;        // server: request already carried END_STREAM
   std::map<int32_t, size_t> headerBytes_;     // bound on a request header block

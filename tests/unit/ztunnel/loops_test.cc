@@ -156,6 +156,29 @@ class LoopsTest : public ::testing::Test {
   nlohmann::json admin(const std::string& path) {
     return nlohmann::json::parse(zt_->handleAdmin({"GET", path, "", ""}).body);
   }
+  // `conns` connections to `via` in the pod, eight clients at a time: connection i sends
+  // payload(i) and its FIN, then reads to EOF. Returns how many got their payload back whole.
+  int echoInPod(const char* via, int conns, const std::function<std::string(int)>& payload) {
+    std::atomic<int> intact{0};
+    int nfd = netns_->fd();
+    runWithClient([&] {
+      std::vector<std::thread> ts;
+      for (int t = 0; t < 8; ++t) {
+        ts.emplace_back([&, t] {
+          for (int i = t; i < conns; i += 8) {
+            std::string data = payload(i);
+            int fd = connectIn(nfd, via);
+            if (fd < 0) continue;
+            if (sendAll(fd, data) && shutdown(fd, SHUT_WR) == 0 && readToEof(fd) == data)
+              intact++;
+            close(fd);
+          }
+        });
+      }
+      for (auto& th : ts) th.join();
+    });
+    return intact.load();
+  }
   // Runs the main loop (bounded) until no loop has a connection open.
   bool waitIdle() {
     for (int i = 0; i < 100; ++i) {
@@ -188,28 +211,13 @@ TEST_F(LoopsTest, ConnectionsSpreadOverLoopsAndMetricsAreExactSums) {
   constexpr int kConns = 64;
   make(3);
   EchoServer app(netns_->fd(), std::string(kPodV4) + ":7070", kConns);
-  int nfd = netns_->fd();
-  std::atomic<int> intact{0};
   uint64_t bytes = 0;
   for (int i = 0; i < kConns; ++i) bytes += 1000 + 997 * static_cast<uint64_t>(i);
-  // Eight clients at a time, each connection its own payload size and content.
-  runWithClient([&] {
-    std::vector<std::thread> ts;
-    for (int t = 0; t < 8; ++t) {
-      ts.emplace_back([&, t] {
-        for (int i = t; i < kConns; i += 8) {
-          std::string payload(1000 + 997 * static_cast<size_t>(i), static_cast<char>('a' + i % 26));
-          int fd = connectIn(nfd, "127.0.0.1:15001");
-          if (fd < 0) continue;
-          if (sendAll(fd, payload) && shutdown(fd, SHUT_WR) == 0 && readToEof(fd) == payload)
-            intact++;
-          close(fd);
-        }
-      });
-    }
-    for (auto& th : ts) th.join();
+  // Each connection its own payload size and content.
+  int intact = echoInPod("127.0.0.1:15001", kConns, [](int i) {
+    return std::string(1000 + 997 * static_cast<size_t>(i), static_cast<char>('a' + i % 26));
   });
-  EXPECT_EQ(intact.load(), kConns) << "every byte, both ways, on every connection";
+  EXPECT_EQ(intact, kConns) << "every byte, both ways, on every connection";
   ASSERT_TRUE(waitIdle());
 
   // Per loop: who accepted what. More than one loop took connections, and they add up.
@@ -265,25 +273,9 @@ TEST_F(LoopsTest, WorkerLoopsForwardVerdictsAndKeepNoneOfTheirOwn) {
   constexpr int kConns = 48;
   make(3);
   EchoServer app(netns_->fd(), std::string(kPodV4) + ":7070", kConns);
-  int nfd = netns_->fd();
-  std::atomic<int> intact{0};
-  runWithClient([&] {
-    std::vector<std::thread> ts;
-    for (int t = 0; t < 8; ++t) {
-      ts.emplace_back([&, t] {
-        for (int i = t; i < kConns; i += 8) {
-          std::string payload(100 + static_cast<size_t>(i), 'v');
-          int fd = connectIn(nfd, "127.0.0.1:15006");
-          if (fd < 0) continue;
-          if (sendAll(fd, payload) && shutdown(fd, SHUT_WR) == 0 && readToEof(fd) == payload)
-            intact++;
-          close(fd);
-        }
-      });
-    }
-    for (auto& th : ts) th.join();
-  });
-  EXPECT_EQ(intact.load(), kConns);
+  int intact = echoInPod("127.0.0.1:15006", kConns,
+                         [](int i) { return std::string(100 + static_cast<size_t>(i), 'v'); });
+  EXPECT_EQ(intact, kConns);
   ASSERT_TRUE(waitIdle());
   // A worker's events reach the main loop through its mailbox: run the main loop (bounded)
   // until all are there.
