@@ -8,16 +8,14 @@
 #include <deque>
 #include <string>
 
+#include "tests/unit/ztunnel/test_addr.h"
 #include "ztunnel/verdicts.h"
 
 namespace weft::ztunnel {
 namespace {
 
 using nlohmann::json;
-
-SocketAddress addr(const char* text) {
-  return *SocketAddress::parse(text);
-}
+using testutil::addr;
 
 PolicyOutcome outcome(bool allowed, VerdictReason reason, const std::string& policy, int rule,
                       std::vector<PolicyHit> audit = {}) {
