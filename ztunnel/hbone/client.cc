@@ -196,7 +196,7 @@ void HboneClient::retryRefused(uint64_t serial, int32_t id, LocalSocket local,
   if (s == c->streams.end()) return;
   Sent sent = std::move(s->second);
   c->streams.erase(s);
-  if (sent.retries >= config_.maxRefusedRetries || !c->origin) {
+  if (sent.retries >= config_.maxRefusedRetries) {
     later(loop_, [done = std::move(sent.done), n = sent.retries + 1]() {
       done(0, Status::errorf("HBONE CONNECT refused unanswered by the server ({} times)", n));
     });

@@ -107,7 +107,8 @@ class HboneClient {
     uv_tcp_t* connecting = nullptr;
     std::vector<Waiter> waiting;
     std::map<int32_t, Sent> streams;  // awaiting their response
-    // What dialled it (no watch): another connection to the same peer is dialled from it.
+    // What dialled it (no watch; set by dial()): a refused stream that needs another
+    // connection to the same peer dials it from this, as the pool's sharing already does.
     std::shared_ptr<const OutboundConnect> origin;
     size_t load() const;
   };
