@@ -127,7 +127,10 @@ TEST_F(IdentityTest, RenewsAtHalfLifeAndOldCertStaysUsable) {
   advance(1700s);
   EXPECT_TRUE(requests_.empty());
   EXPECT_EQ(only().state, CertState::kValid);
-  advance(100s);
+  // Half life counts from when it arrived (the fake clock) to not_after, which the signer set
+  // from the wall clock in whole seconds, up to a second after the fake clock's start: a
+  // renewal is due within 1800.5 s.
+  advance(101s);
   ASSERT_EQ(requests_.size(), 1u);
   EXPECT_EQ(only().state, CertState::kRenewing);
   EXPECT_EQ(mgr_->current(cart_), first);  // still served while renewing
@@ -146,7 +149,7 @@ TEST_F(IdentityTest, FailedRenewalKeepsCertAndBacksOff) {
   mgr_->addWorkload("uid-1", cart_);
   ASSERT_TRUE(answer().isOk());
   CertificatePtr first = mgr_->current(cart_);
-  advance(1800s);
+  advance(1801s);  // past half life, however the signer's second fell (see above)
   ASSERT_EQ(requests_.size(), 1u);
   // Backoff doubles from 1 s and stops at 30 s.
   std::vector<int> expected_ms = {1000, 2000, 4000, 8000, 16000, 30000, 30000};
